@@ -1,0 +1,835 @@
+//! The engine: every rule of pinkeeper's contract (DESIGN.md section 2), and nothing else.
+//!
+//! It owns the view of the images pinkeeper cares about (the ledger's intents with the labels
+//! last seen), the inventory of the images directory, the sweep episode and the timers. It is
+//! pure and deterministic in the style of `quinn-proto`: no I/O and no clock. Every input
+//! carries its own timestamp ([`Engine::handle`]), every effect is returned as an [`Output`]
+//! value for the daemon (or a replay test) to carry out, and [`Engine::next_wakeup`] says when
+//! to call again with [`Input::Tick`].
+//!
+//! It must not touch containerd, the disk or the clock; `src/containerd/`, `src/ledger/` and
+//! `src/daemon.rs` do that with its outputs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, as given by the caller. The engine never reads a clock.
+pub type Millis = u64;
+
+/// A containerd label map.
+pub type Labels = BTreeMap<String, String>;
+
+/// containerd CRI's pin label (note the hyphen; FACTS.md section 1). The only label pinkeeper
+/// ever writes.
+pub const CRI_PIN: &str = "io.cri-containerd.pinned";
+/// The value both pin labels carry.
+pub const PINNED: &str = "pinned";
+/// K3s's own pin label (`io.cattle.<program>.pinned`). Never written by pinkeeper: an image
+/// carrying it is enrolled in K3s's next sweep (FACTS.md section 2).
+pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
+
+/// Tunables of the engine. Times are in milliseconds.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The label K3s (or RKE2) pins with and sweeps away at start: `io.cattle.k3s.pinned`.
+    pub program_label: String,
+    /// Quiet time after the last image event of a start-up burst before pinkeeper checks that
+    /// K3s re-pinned what it should have (contract rule 3). K3s imports archives one after
+    /// another, so this only needs to outlast the gap between two image events.
+    pub settle: Millis,
+    /// Upper bound on how long a verification can be put off by a steady stream of events.
+    pub settle_max: Millis,
+    /// How long a deleted record may stay away before its intent is released: K3s re-tags an
+    /// alias by deleting and creating it again at once (FACTS.md section 2, `forceCreateTag`).
+    pub churn_window: Millis,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            program_label: K3S_PIN.to_string(),
+            settle: 5_000,
+            settle_max: 120_000,
+            churn_window: 3_000,
+        }
+    }
+}
+
+/// One image record as containerd lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The image name (a reference such as `docker.io/library/app:1`).
+    pub name: String,
+    /// The full label map.
+    #[serde(default)]
+    pub labels: Labels,
+    /// The target descriptor's digest, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// What an image event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// `/images/create`
+    Create,
+    /// `/images/update`
+    Update,
+    /// `/images/delete`
+    Delete,
+}
+
+/// An image event, decoded from containerd's envelope. Create and update carry the full label
+/// map after the change; delete carries none (FACTS.md section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEvent {
+    /// Which topic.
+    pub kind: EventKind,
+    /// The image name.
+    pub name: String,
+    /// The labels after the change (empty for a delete).
+    pub labels: Labels,
+}
+
+/// Why a listing was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListCause {
+    /// After (re)subscribing: events are not replayed, so anything may have happened.
+    Connected,
+    /// The engine asked for it with [`Output::Verify`] once a start-up burst settled.
+    Verify,
+}
+
+/// Why a write to containerd failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The image record no longer exists.
+    NotFound,
+    /// Anything else (containerd down, refused, ...).
+    Failed(String),
+}
+
+/// An observation fed to the engine.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// An image event from the stream.
+    Event(ImageEvent),
+    /// A complete listing of the namespace.
+    Listing {
+        /// Every image record.
+        images: Vec<ImageRecord>,
+        /// Why it was taken.
+        cause: ListCause,
+    },
+    /// What the images directory provides now: image name -> file.
+    Inventory(BTreeMap<String, PathBuf>),
+    /// The answer to an [`Output::Fetch`]: the record, or `None` if it is gone.
+    Fetched {
+        /// The name asked for.
+        name: String,
+        /// The record, if it exists.
+        record: Option<ImageRecord>,
+    },
+    /// The outcome of an [`Output::Pin`].
+    Pinned {
+        /// The image written.
+        name: String,
+        /// What happened.
+        result: Result<(), ApplyError>,
+    },
+    /// The event stream broke; a [`ListCause::Connected`] listing follows the next subscription.
+    Disconnected,
+    /// Time passed (see [`Engine::next_wakeup`]).
+    Tick,
+}
+
+/// Why pinkeeper restores a pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreReason {
+    /// The sweep removed the pins and no file in the images directory provides the image.
+    ArchiveGone,
+    /// The start-up settled and K3s did not pin the image again although a file provides it
+    /// (failed import, `.cache.json` bug k3s-io/k3s#14265, aliases K3s no longer re-pins).
+    NotRepinned,
+}
+
+impl RestoreReason {
+    /// A short human explanation.
+    pub fn explain(self) -> &'static str {
+        match self {
+            RestoreReason::ArchiveGone => {
+                "K3s's startup sweep removed its pins and no file in the images directory provides it any more"
+            }
+            RestoreReason::NotRepinned => {
+                "K3s's startup sweep removed its pins and K3s did not pin it again after the start-up settled"
+            }
+        }
+    }
+}
+
+/// An effect for the caller to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Set `io.cri-containerd.pinned=pinned` on the image with a per-key update
+    /// (`labels.io.cri-containerd.pinned`), then report back with [`Input::Pinned`].
+    Pin {
+        /// The image.
+        name: String,
+        /// Why.
+        reason: RestoreReason,
+    },
+    /// `Images.Get` the image (events carry no digest) and report back with [`Input::Fetched`].
+    Fetch {
+        /// The image.
+        name: String,
+    },
+    /// Rescan the images directory ([`Input::Inventory`]), then list all images
+    /// ([`Input::Listing`] with [`ListCause::Verify`]).
+    Verify,
+    /// Write this ledger record. `new` is true when the intent did not exist (or was released)
+    /// before: it must be durable before any [`Output::Pin`] of the same batch is applied.
+    Save {
+        /// The full record.
+        intent: Intent,
+        /// A newly recorded intent.
+        new: bool,
+    },
+    /// Append this to the ledger's history.
+    History(HistoryEntry),
+    /// A sweep episode ended (after its verification): one log line for the operator.
+    SweepSummary(SweepSummary),
+}
+
+/// The state of an intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntentState {
+    /// The image should stay pinned; the pin was there when last seen, or will be restored.
+    Held,
+    /// K3s's sweep removed the pins; a restore or K3s's re-import is due.
+    Swept,
+    /// Released by an operator's unpin or the record's deletion; kept for history.
+    Released,
+}
+
+/// How an intent came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The record carried a pin label when pinkeeper saw it.
+    SeenPinned,
+    /// An operator ran `pinkeeper pin`.
+    Operator,
+}
+
+/// One image name pinkeeper means to keep pinned: the ledger's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The image name.
+    pub name: String,
+    /// Target digest, from `Images.Get` or a listing.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The file of the images directory that provides (or last provided) the image.
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    /// The labels last seen on the record.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Where the intent stands.
+    pub state: IntentState,
+    /// How it came to be.
+    pub origin: Origin,
+    /// When it was recorded (or last re-recorded after a release).
+    pub since: Millis,
+    /// How many times pinkeeper restored the pin.
+    #[serde(default)]
+    pub restores: u32,
+    /// When pinkeeper last restored the pin.
+    #[serde(default)]
+    pub last_restored: Option<Millis>,
+    /// Why it was released, when it was.
+    #[serde(default)]
+    pub released_because: Option<String>,
+}
+
+/// One line of the ledger's history: what pinkeeper decided and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When.
+    pub at: Millis,
+    /// The image.
+    pub name: String,
+    /// What happened: `recorded`, `swept`, `restored`, `restore-failed`, `released`, ...
+    pub action: String,
+    /// Why, in words an operator understands.
+    pub detail: String,
+}
+
+/// The outcome of one sweep episode, logged once when it ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepSummary {
+    /// When the first swept image was seen.
+    pub started: Millis,
+    /// Whether the sweep was seen live on the event stream or found by a listing afterwards.
+    pub seen_live: bool,
+    /// Images with intent whose pins the sweep removed.
+    pub swept: usize,
+    /// Of those, restored by pinkeeper because their archive is gone.
+    pub restored_archive_gone: usize,
+    /// Of those, restored because K3s had not re-pinned them once the start-up settled.
+    pub restored_not_repinned: usize,
+    /// Of those, pinned again by K3s itself.
+    pub repinned_by_k3s: usize,
+}
+
+/// Which pins a label map carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pins {
+    program: bool,
+    cri: bool,
+}
+
+impl Pins {
+    fn any(self) -> bool {
+        self.program || self.cri
+    }
+}
+
+/// A sweep in progress.
+#[derive(Debug, Default)]
+struct Episode {
+    summary: SweepSummary,
+    /// Images swept in this episode and not yet settled one way or another.
+    open: BTreeSet<String>,
+}
+
+/// The engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    config: Config,
+    /// Every intent, released ones included, by image name.
+    intents: HashMap<String, Intent>,
+    /// Image name -> providing file, from the last inventory; `None` before the first one,
+    /// when no archive can be called gone.
+    provided: Option<BTreeMap<String, PathBuf>>,
+    /// Digest -> providing file for the provided names whose digest is known: K3s's aliases
+    /// (`repo@digest`, extra registries) share the target of the image they alias, so they
+    /// belong to the same archive. Rebuilt lazily.
+    provided_digests: Option<HashMap<String, PathBuf>>,
+    /// Names whose record was deleted, with the time their intent is released unless a create
+    /// comes first (alias churn).
+    deleted: BTreeMap<String, Millis>,
+    /// Pins written and not yet answered, with why: never write the same pin twice at once.
+    pins_in_flight: BTreeMap<String, RestoreReason>,
+    /// Swept images whose archive is still present: K3s should re-pin them; checked at verify.
+    awaiting_k3s: BTreeSet<String>,
+    /// When the verification of a start-up is due.
+    verify_due: Option<Millis>,
+    /// Latest time a verification may be put off to.
+    verify_deadline: Option<Millis>,
+    /// A verification was asked for and its listing has not come yet.
+    verify_in_flight: bool,
+    /// A verification listing is being applied: unpinned intents are restored, not deferred.
+    verifying: bool,
+    episode: Option<Episode>,
+}
+
+impl Engine {
+    /// Starts from the intents in the ledger.
+    pub fn new(config: Config, intents: impl IntoIterator<Item = Intent>) -> Self {
+        let intents: HashMap<String, Intent> =
+            intents.into_iter().map(|i| (i.name.clone(), i)).collect();
+        // Intents swept before a crash wait for the next listing to be settled again.
+        let awaiting_k3s = intents
+            .values()
+            .filter(|i| i.state == IntentState::Swept)
+            .map(|i| i.name.clone())
+            .collect();
+        Engine {
+            config,
+            intents,
+            provided: None,
+            provided_digests: None,
+            deleted: BTreeMap::new(),
+            pins_in_flight: BTreeMap::new(),
+            awaiting_k3s,
+            verify_due: None,
+            verify_deadline: None,
+            verify_in_flight: false,
+            verifying: false,
+            episode: None,
+        }
+    }
+
+    /// The intents, released ones included.
+    pub fn intents(&self) -> impl Iterator<Item = &Intent> {
+        self.intents.values()
+    }
+
+    /// One intent by name.
+    pub fn intent(&self, name: &str) -> Option<&Intent> {
+        self.intents.get(name)
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// When the engine next needs an [`Input::Tick`], if ever.
+    pub fn next_wakeup(&self) -> Option<Millis> {
+        let churn = self.deleted.values().min().copied();
+        match (churn, self.verify_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Feeds one observation made at `now`; returns what to do.
+    pub fn handle(&mut self, now: Millis, input: Input) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Event(event) => self.on_event(now, event, &mut out),
+            Input::Listing { images, cause } => self.on_listing(now, images, cause, &mut out),
+            Input::Inventory(provided) => self.on_inventory(provided, &mut out),
+            Input::Fetched { name, record } => {
+                self.on_fetched(record.filter(|r| r.name == name), &mut out)
+            }
+            Input::Pinned { name, result } => self.on_pinned(now, name, result, &mut out),
+            Input::Disconnected => {
+                self.pins_in_flight.clear();
+                self.verify_in_flight = false;
+            }
+            Input::Tick => self.on_tick(now, &mut out),
+        }
+        out
+    }
+
+    fn pins(&self, labels: &Labels) -> Pins {
+        let has = |key: &str| labels.get(key).map(String::as_str) == Some(PINNED);
+        Pins {
+            program: has(&self.config.program_label),
+            cri: has(CRI_PIN),
+        }
+    }
+
+    fn on_event(&mut self, now: Millis, event: ImageEvent, out: &mut Vec<Output>) {
+        self.note_activity(now);
+        match event.kind {
+            EventKind::Delete => {
+                if self.holds(&event.name) {
+                    // Released at `churn_window` unless K3s creates it again (forceCreateTag).
+                    self.deleted
+                        .entry(event.name)
+                        .or_insert(now + self.config.churn_window);
+                }
+            }
+            EventKind::Create => {
+                let recreated = self.deleted.remove(&event.name).is_some();
+                if recreated && !self.pins(&event.labels).any() {
+                    // K3s re-creates its aliases with both pins; this is someone else's record.
+                    self.release(
+                        now,
+                        &event.name,
+                        "its record was deleted and created again without a pin",
+                        out,
+                    );
+                    return;
+                }
+                let new_target = self.observe(now, &event.name, event.labels, true, out);
+                if new_target {
+                    // A (re)created record may have a new target: events carry no digest.
+                    out.push(Output::Fetch { name: event.name });
+                }
+            }
+            EventKind::Update => {
+                self.observe(now, &event.name, event.labels, true, out);
+            }
+        }
+    }
+
+    /// True while an intent holds for `name` (not released).
+    fn holds(&self, name: &str) -> bool {
+        self.intents
+            .get(name)
+            .is_some_and(|i| i.state != IntentState::Released)
+    }
+
+    /// Applies the labels now seen on `name` (from an event or a listing). Returns true when
+    /// the name holds an intent afterwards and its digest should be refreshed.
+    fn observe(
+        &mut self,
+        now: Millis,
+        name: &str,
+        labels: Labels,
+        live: bool,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let new = self.pins(&labels);
+        let Some(intent) = self
+            .intents
+            .get(name)
+            .filter(|i| i.state != IntentState::Released)
+        else {
+            if new.any() {
+                self.record(now, name, labels, out);
+            }
+            return false;
+        };
+        let old = self.pins(&intent.labels);
+        let was_swept = intent.state == IntentState::Swept;
+        let labels_changed = intent.labels != labels;
+        if new.cri {
+            if was_swept && !self.pins_in_flight.contains_key(name) {
+                self.awaiting_k3s.remove(name);
+                if let Some(ep) = self.episode.as_mut() {
+                    if ep.open.remove(name) {
+                        ep.summary.repinned_by_k3s += 1;
+                    }
+                }
+                self.history(now, name, "repinned", "pinned again by K3s's import", out);
+            }
+            self.update_intent(name, out, |i| {
+                i.labels = labels;
+                i.state = IntentState::Held;
+            });
+            return true;
+        }
+        // The CRI pin is absent now.
+        let sweep_signature = old.program && !new.program;
+        if sweep_signature && !was_swept {
+            self.update_intent(name, out, |i| {
+                i.labels = labels;
+                i.state = IntentState::Swept;
+            });
+            let how = if live {
+                "K3s's startup sweep removed both pins"
+            } else {
+                "both pins were removed while pinkeeper was not watching (a missed K3s sweep)"
+            };
+            self.history(now, name, "swept", how, out);
+            let ep = self.episode.get_or_insert_with(|| Episode {
+                summary: SweepSummary {
+                    started: now,
+                    seen_live: live,
+                    ..SweepSummary::default()
+                },
+                ..Episode::default()
+            });
+            ep.summary.swept += 1;
+            ep.open.insert(name.to_string());
+            // The episode ends with a verification, whatever the archives.
+            self.schedule_verify(now);
+            self.settle(name, now, out);
+        } else if old.cri && !sweep_signature {
+            // Contract rule 6: removing the CRI pin any other way is someone's decision.
+            self.release(
+                now,
+                name,
+                "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)",
+                out,
+            );
+            return false;
+        } else if labels_changed {
+            let was_held = intent.state == IntentState::Held;
+            self.update_intent(name, out, |i| i.labels = labels);
+            if was_held && !was_swept && !new.cri {
+                // Held without the CRI pin (say, only K3s's label): CRI does not consider it
+                // pinned. Settle it like a swept image.
+                self.settle(name, now, out);
+            }
+        } else if intent.state == IntentState::Held && !new.cri {
+            self.settle(name, now, out);
+        }
+        true
+    }
+
+    /// Decides what a swept (or otherwise unpinned) intent needs now: a restore at once when
+    /// no file provides it, else a verification once the start-up has settled.
+    fn settle(&mut self, name: &str, now: Millis, out: &mut Vec<Output>) {
+        if self.pins_in_flight.contains_key(name) {
+            return;
+        }
+        if !self.is_provided(name) {
+            self.awaiting_k3s.remove(name);
+            self.pin(name, RestoreReason::ArchiveGone, out);
+        } else if self.verifying {
+            self.awaiting_k3s.remove(name);
+            self.pin(name, RestoreReason::NotRepinned, out);
+        } else {
+            self.awaiting_k3s.insert(name.to_string());
+            self.schedule_verify(now);
+        }
+    }
+
+    fn pin(&mut self, name: &str, reason: RestoreReason, out: &mut Vec<Output>) {
+        if !self.pins_in_flight.contains_key(name) {
+            self.pins_in_flight.insert(name.to_string(), reason);
+            if let Some(ep) = self.episode.as_mut() {
+                if ep.open.remove(name) {
+                    match reason {
+                        RestoreReason::ArchiveGone => ep.summary.restored_archive_gone += 1,
+                        RestoreReason::NotRepinned => ep.summary.restored_not_repinned += 1,
+                    }
+                }
+            }
+            out.push(Output::Pin {
+                name: name.to_string(),
+                reason,
+            });
+        }
+    }
+
+    fn schedule_verify(&mut self, now: Millis) {
+        let deadline = *self
+            .verify_deadline
+            .get_or_insert(now + self.config.settle_max);
+        self.verify_due = Some((now + self.config.settle).min(deadline));
+    }
+
+    /// Any image event pushes a pending verification back: the burst is not over.
+    fn note_activity(&mut self, now: Millis) {
+        if self.verify_due.is_some() {
+            self.schedule_verify(now);
+        }
+    }
+
+    fn record(&mut self, now: Millis, name: &str, labels: Labels, out: &mut Vec<Output>) {
+        let source = self.source_of(name);
+        let previous = self.intents.get(name);
+        let intent = Intent {
+            name: name.to_string(),
+            digest: previous.and_then(|p| p.digest.clone()),
+            source: source.or_else(|| previous.and_then(|p| p.source.clone())),
+            labels,
+            state: IntentState::Held,
+            origin: Origin::SeenPinned,
+            since: now,
+            restores: previous.map_or(0, |p| p.restores),
+            last_restored: previous.and_then(|p| p.last_restored),
+            released_because: None,
+        };
+        let detail = if intent.labels.contains_key(CRI_PIN) {
+            "seen carrying io.cri-containerd.pinned=pinned"
+        } else {
+            "seen carrying K3s's pin label"
+        };
+        self.intents.insert(name.to_string(), intent.clone());
+        self.provided_digests = None;
+        out.push(Output::Save { intent, new: true });
+        self.history(now, name, "recorded", detail, out);
+        out.push(Output::Fetch {
+            name: name.to_string(),
+        });
+        if !self.pins(&self.intents[name].labels).cri {
+            self.settle(name, now, out);
+        }
+    }
+
+    fn release(&mut self, now: Millis, name: &str, why: &str, out: &mut Vec<Output>) {
+        self.deleted.remove(name);
+        self.awaiting_k3s.remove(name);
+        if let Some(ep) = self.episode.as_mut() {
+            ep.open.remove(name);
+        }
+        if !self.holds(name) {
+            return;
+        }
+        self.update_intent(name, out, |i| {
+            i.state = IntentState::Released;
+            i.released_because = Some(why.to_string());
+        });
+        self.history(now, name, "released", why, out);
+    }
+
+    fn update_intent(
+        &mut self,
+        name: &str,
+        out: &mut Vec<Output>,
+        change: impl FnOnce(&mut Intent),
+    ) {
+        if let Some(intent) = self.intents.get_mut(name) {
+            let before = intent.clone();
+            change(intent);
+            if *intent != before {
+                if intent.digest != before.digest {
+                    self.provided_digests = None;
+                }
+                out.push(Output::Save {
+                    intent: intent.clone(),
+                    new: false,
+                });
+            }
+        }
+    }
+
+    fn history(&self, now: Millis, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
+        out.push(Output::History(HistoryEntry {
+            at: now,
+            name: name.to_string(),
+            action: action.to_string(),
+            detail: detail.to_string(),
+        }));
+    }
+
+    /// Whether a file of the images directory provides `name`. True while no inventory is
+    /// known yet: no archive is called gone before the directory was read.
+    fn is_provided(&mut self, name: &str) -> bool {
+        self.provided.is_none() || self.source_of(name).is_some()
+    }
+
+    /// The file that provides `name`: by name, or (for K3s's aliases) by sharing its digest
+    /// with a provided name.
+    fn source_of(&mut self, name: &str) -> Option<PathBuf> {
+        let provided = self.provided.as_ref()?;
+        if let Some(path) = provided.get(name) {
+            return Some(path.clone());
+        }
+        let digest = self.intents.get(name)?.digest.as_ref()?;
+        let intents = &self.intents;
+        let by_digest = self.provided_digests.get_or_insert_with(|| {
+            provided
+                .iter()
+                .filter_map(|(n, path)| {
+                    let d = intents.get(n)?.digest.clone()?;
+                    Some((d, path.clone()))
+                })
+                .collect()
+        });
+        by_digest.get(digest).cloned()
+    }
+
+    fn on_inventory(&mut self, provided: BTreeMap<String, PathBuf>, out: &mut Vec<Output>) {
+        self.provided = Some(provided);
+        self.provided_digests = None;
+        let names: Vec<String> = self.intents.keys().cloned().collect();
+        for name in names {
+            if let Some(source) = self.source_of(&name) {
+                self.update_intent(&name, out, |i| i.source = Some(source));
+            }
+        }
+    }
+
+    fn on_fetched(&mut self, record: Option<ImageRecord>, out: &mut Vec<Output>) {
+        let Some(record) = record else { return };
+        if record.digest.is_some() && self.holds(&record.name) {
+            self.update_intent(&record.name, out, |i| i.digest = record.digest);
+        }
+    }
+
+    fn on_pinned(
+        &mut self,
+        now: Millis,
+        name: String,
+        result: Result<(), ApplyError>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(reason) = self.pins_in_flight.remove(&name) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.update_intent(&name, out, |i| {
+                    i.state = IntentState::Held;
+                    i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
+                    i.restores += 1;
+                    i.last_restored = Some(now);
+                });
+                self.history(now, &name, "restored", reason.explain(), out);
+            }
+            Err(ApplyError::NotFound) => {
+                // The record went away meanwhile: its delete event settles the intent.
+            }
+            Err(ApplyError::Failed(why)) => {
+                // Tried again at the next verification or the next connection's listing.
+                self.awaiting_k3s.insert(name.clone());
+                self.history(now, &name, "restore-failed", &why, out);
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) {
+        let due: Vec<String> = self
+            .deleted
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.release(now, &name, "its image record was deleted", out);
+        }
+        if self.verify_due.is_some_and(|at| at <= now) && !self.verify_in_flight {
+            self.verify_due = None;
+            self.verify_deadline = None;
+            self.verify_in_flight = true;
+            out.push(Output::Verify);
+        }
+    }
+
+    fn on_listing(
+        &mut self,
+        now: Millis,
+        images: Vec<ImageRecord>,
+        cause: ListCause,
+        out: &mut Vec<Output>,
+    ) {
+        self.verifying = cause == ListCause::Verify;
+        if self.verifying {
+            self.verify_in_flight = false;
+        }
+        let mut seen = BTreeSet::new();
+        for image in images {
+            seen.insert(image.name.clone());
+            if self.deleted.remove(&image.name).is_some() && !self.pins(&image.labels).any() {
+                self.release(
+                    now,
+                    &image.name,
+                    "its record was deleted and created again without a pin",
+                    out,
+                );
+                continue;
+            }
+            if image.digest.is_some() && self.holds(&image.name) {
+                self.update_intent(&image.name, out, |i| i.digest = image.digest.clone());
+            }
+            self.observe(now, &image.name, image.labels, false, out);
+        }
+        // Records that are gone were deleted while pinkeeper was not watching. Released after
+        // the churn window unless created again (K3s may be in the middle of re-tagging).
+        for intent in self.intents.values() {
+            if intent.state != IntentState::Released && !seen.contains(&intent.name) {
+                self.deleted
+                    .entry(intent.name.clone())
+                    .or_insert(now + self.config.churn_window);
+            }
+        }
+        // Swept intents that were waiting (for K3s, or from before pinkeeper restarted).
+        let waiting: Vec<String> = self.awaiting_k3s.iter().cloned().collect();
+        for name in waiting {
+            let unpinned = self
+                .intents
+                .get(&name)
+                .is_some_and(|i| i.state != IntentState::Released && !self.pins(&i.labels).cri);
+            if unpinned && seen.contains(&name) {
+                self.settle(&name, now, out);
+            } else {
+                self.awaiting_k3s.remove(&name);
+            }
+        }
+        if self.verifying && self.verify_due.is_none() {
+            if let Some(ep) = self.episode.take() {
+                out.push(Output::SweepSummary(ep.summary));
+            }
+        }
+        self.verifying = false;
+    }
+}
+
+#[cfg(test)]
+mod tests;

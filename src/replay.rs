@@ -1,0 +1,459 @@
+//! Replaying image event streams through the engine, offline, against an in-memory containerd.
+//!
+//! A replay fixture is a JSON-lines file. Most lines are containerd event envelopes exactly as
+//! `shared/fixtures/containerd-events/` records them (`timestamp`, `namespace`, `topic`,
+//! `type_url`, `payload` with `name` and `labels`); the other lines are directives, one key
+//! each (plus an optional `timestamp`):
+//!
+//! - `{"images": {NAME: {"labels": {..}, "digest": ".."}}}`: the store's records, without events
+//!   (the state before the story starts);
+//! - `{"digests": {NAME: DIGEST}}`: target digests of records the events create;
+//! - `{"files": {FILE: [NAME, ..]}}`: the images directory now (replaces the previous one);
+//! - `{"connect": true}`: pinkeeper (re)subscribes: inventory, then a listing;
+//! - `{"disconnect": true}`: the stream breaks; events until the next `connect` are missed;
+//! - `{"restart": true}`: pinkeeper is killed and started again from its ledger (disconnected);
+//! - `{"advance_ms": N}`: time passes, timers fire;
+//! - `{"expect": {"labels": {NAME: {..} | null}, "intents": {NAME: "held"|"swept"|"released"|null}}}`:
+//!   assertions, checked by [`Replay::run`].
+//!
+//! The store applies each envelope as the state containerd committed, delivers it to the engine
+//! when connected, and carries out the engine's outputs like the daemon does: a pin is a
+//! per-key label update that publishes its own `/images/update`.
+//!
+//! It owns no files and no sockets; the caller reads the fixture.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::engine::{
+    ApplyError, Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent,
+    IntentState, Labels, ListCause, Millis, Output, CRI_PIN, PINNED,
+};
+
+/// A failure while replaying: the line number (1-based) and what went wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ReplayError {
+    /// Line of the fixture.
+    pub line: usize,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The in-memory containerd: image records and the events their changes publish.
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    /// Records by name.
+    pub images: BTreeMap<String, ImageRecord>,
+    /// Digests to give records created by name.
+    pub digests: BTreeMap<String, String>,
+    /// Published and not yet delivered.
+    pub published: VecDeque<ImageEvent>,
+}
+
+impl Store {
+    fn digest_for(&self, name: &str) -> String {
+        if let Some(d) = self.digests.get(name) {
+            return d.clone();
+        }
+        match name.split_once('@') {
+            Some((_, d)) => d.to_string(),
+            None => format!("sha256:{:0>64}", name.len()),
+        }
+    }
+
+    /// Creates or replaces a record (no event).
+    pub fn put(&mut self, record: ImageRecord) {
+        self.images.insert(record.name.clone(), record);
+    }
+
+    /// Applies what an event says containerd committed, and publishes it.
+    pub fn apply(&mut self, event: ImageEvent) {
+        match event.kind {
+            EventKind::Delete => {
+                self.images.remove(&event.name);
+            }
+            EventKind::Create | EventKind::Update => {
+                let digest = self
+                    .images
+                    .get(&event.name)
+                    .and_then(|r| r.digest.clone())
+                    .unwrap_or_else(|| self.digest_for(&event.name));
+                self.images.insert(
+                    event.name.clone(),
+                    ImageRecord {
+                        name: event.name.clone(),
+                        labels: event.labels.clone(),
+                        digest: Some(digest),
+                    },
+                );
+            }
+        }
+        self.published.push_back(event);
+    }
+
+    /// A whole-map label update (`paths = ["labels"]`).
+    pub fn replace_labels(&mut self, name: &str, labels: Labels) -> bool {
+        if !self.images.contains_key(name) {
+            return false;
+        }
+        self.apply(ImageEvent {
+            kind: EventKind::Update,
+            name: name.to_string(),
+            labels,
+        });
+        true
+    }
+
+    /// A per-key label update (`paths = ["labels.KEY"]`); an empty value deletes the key.
+    pub fn set_label(&mut self, name: &str, key: &str, value: &str) -> bool {
+        let Some(record) = self.images.get(name) else {
+            return false;
+        };
+        let mut labels = record.labels.clone();
+        if value.is_empty() {
+            labels.remove(key);
+        } else {
+            labels.insert(key.to_string(), value.to_string());
+        }
+        self.replace_labels(name, labels)
+    }
+
+    /// Labels of a record.
+    pub fn labels(&self, name: &str) -> Option<&Labels> {
+        self.images.get(name).map(|r| &r.labels)
+    }
+}
+
+/// The engine wired to a [`Store`], with the ledger kept in memory.
+#[derive(Debug)]
+pub struct Replay {
+    /// The engine under test.
+    pub engine: Engine,
+    /// The fake containerd.
+    pub store: Store,
+    /// The images directory: file -> names.
+    pub files: BTreeMap<String, Vec<String>>,
+    /// The ledger's records, as the engine saved them.
+    pub ledger: BTreeMap<String, Intent>,
+    /// The ledger's history.
+    pub history: Vec<HistoryEntry>,
+    /// Every output, in order (for `pinkeeper replay` and debugging).
+    pub decisions: Vec<(Millis, Output)>,
+    /// Current time.
+    pub now: Millis,
+    /// Whether pinkeeper is subscribed.
+    pub connected: bool,
+    /// Pins written so far (name, time).
+    pub pins_written: Vec<(String, Millis)>,
+}
+
+impl Replay {
+    /// A replay with an empty store, directory and ledger.
+    pub fn new(config: Config) -> Self {
+        Replay {
+            engine: Engine::new(config, []),
+            store: Store::default(),
+            files: BTreeMap::new(),
+            ledger: BTreeMap::new(),
+            history: Vec::new(),
+            decisions: Vec::new(),
+            now: 0,
+            connected: false,
+            pins_written: Vec::new(),
+        }
+    }
+
+    fn provided(&self) -> BTreeMap<String, PathBuf> {
+        let mut provided = BTreeMap::new();
+        for (file, names) in &self.files {
+            for name in names {
+                provided
+                    .entry(name.clone())
+                    .or_insert_with(|| PathBuf::from(file));
+            }
+        }
+        provided
+    }
+
+    /// Feeds one input and carries out everything it leads to.
+    pub fn feed(&mut self, input: Input) {
+        let mut queue = VecDeque::from([input]);
+        while let Some(input) = queue.pop_front() {
+            let outputs = self.engine.handle(self.now, input);
+            for output in outputs {
+                self.decisions.push((self.now, output.clone()));
+                match output {
+                    Output::Pin { name, .. } => {
+                        let ok = self.store.set_label(&name, CRI_PIN, PINNED);
+                        self.pins_written.push((name.clone(), self.now));
+                        queue.push_back(Input::Pinned {
+                            name,
+                            result: if ok {
+                                Ok(())
+                            } else {
+                                Err(ApplyError::NotFound)
+                            },
+                        });
+                    }
+                    Output::Fetch { name } => {
+                        let record = self.store.images.get(&name).cloned();
+                        queue.push_back(Input::Fetched { name, record });
+                    }
+                    Output::Verify => {
+                        queue.push_back(Input::Inventory(self.provided()));
+                        queue.push_back(Input::Listing {
+                            images: self.store.images.values().cloned().collect(),
+                            cause: ListCause::Verify,
+                        });
+                    }
+                    Output::Save { intent, .. } => {
+                        self.ledger.insert(intent.name.clone(), intent);
+                    }
+                    Output::History(entry) => self.history.push(entry),
+                    Output::SweepSummary(_) => {}
+                }
+            }
+            // Events published by the writes above (and by the story) reach the engine next.
+            while let Some(event) = self.store.published.pop_front() {
+                if self.connected {
+                    queue.push_back(Input::Event(event));
+                }
+            }
+        }
+    }
+
+    /// Delivers everything published so far.
+    pub fn deliver(&mut self) {
+        while let Some(event) = self.store.published.pop_front() {
+            if self.connected {
+                self.feed(Input::Event(event));
+            }
+        }
+    }
+
+    /// pinkeeper subscribes: inventory, then a full listing.
+    pub fn connect(&mut self) {
+        self.store.published.clear();
+        self.connected = true;
+        self.feed(Input::Inventory(self.provided()));
+        let images = self.store.images.values().cloned().collect();
+        self.feed(Input::Listing {
+            images,
+            cause: ListCause::Connected,
+        });
+    }
+
+    /// The stream breaks.
+    pub fn disconnect(&mut self) {
+        self.connected = false;
+        self.feed(Input::Disconnected);
+    }
+
+    /// pinkeeper is killed and starts again from what its ledger holds.
+    pub fn restart(&mut self) {
+        self.connected = false;
+        let config = self.engine.config().clone();
+        self.engine = Engine::new(config, self.ledger.values().cloned());
+    }
+
+    /// Lets time pass to `until`, firing every timer on the way.
+    pub fn advance_to(&mut self, until: Millis) {
+        while let Some(at) = self.engine.next_wakeup() {
+            if at > until {
+                break;
+            }
+            self.now = self.now.max(at);
+            self.feed(Input::Tick);
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Lets time pass until no timer is pending (bounded).
+    pub fn settle(&mut self) {
+        for _ in 0..1000 {
+            match self.engine.next_wakeup() {
+                Some(at) => self.advance_to(at.max(self.now)),
+                None => return,
+            }
+        }
+    }
+
+    /// Runs a fixture; `expect` lines are checked as they come.
+    pub fn run(&mut self, fixture: &str) -> Result<(), ReplayError> {
+        for (index, text) in fixture.lines().enumerate() {
+            let line = index + 1;
+            let text = text.trim();
+            if text.is_empty() || text.starts_with("//") {
+                continue;
+            }
+            let parsed: Line = serde_json::from_str(text).map_err(|e| ReplayError {
+                line,
+                message: format!("not a replay line: {e}"),
+            })?;
+            self.step(parsed)
+                .map_err(|message| ReplayError { line, message })?;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, line: Line) -> Result<(), String> {
+        if let Some(ts) = &line.timestamp {
+            let at = parse_timestamp(ts)?;
+            self.advance_to(at);
+        }
+        if let Some(topic) = &line.topic {
+            let payload = line.payload.unwrap_or_default();
+            let kind = match topic.as_str() {
+                "/images/create" => EventKind::Create,
+                "/images/update" => EventKind::Update,
+                "/images/delete" => EventKind::Delete,
+                other => return Err(format!("unknown topic {other}")),
+            };
+            if line.namespace.as_deref().unwrap_or("k8s.io") != "k8s.io" {
+                return Ok(());
+            }
+            self.store.apply(ImageEvent {
+                kind,
+                name: payload.name,
+                labels: payload.labels,
+            });
+            self.deliver();
+        }
+        if let Some(images) = line.images {
+            for (name, record) in images {
+                let digest = record.digest.or_else(|| Some(self.store.digest_for(&name)));
+                self.store.put(ImageRecord {
+                    name,
+                    labels: record.labels,
+                    digest,
+                });
+            }
+        }
+        if let Some(digests) = line.digests {
+            self.store.digests.extend(digests);
+        }
+        if let Some(files) = line.files {
+            self.files = files;
+        }
+        if line.restart == Some(true) {
+            self.restart();
+        }
+        if line.disconnect == Some(true) {
+            self.disconnect();
+        }
+        if line.connect == Some(true) {
+            self.connect();
+        }
+        if let Some(ms) = line.advance_ms {
+            self.advance_to(self.now + ms);
+        }
+        if let Some(expect) = line.expect {
+            self.check(&expect)?;
+        }
+        Ok(())
+    }
+
+    /// Checks an `expect` directive against the store and the ledger.
+    pub fn check(&self, expect: &Expect) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for (name, want) in &expect.labels {
+            let got = self.store.labels(name);
+            if got != want.as_ref() {
+                problems.push(format!("labels of {name}: want {want:?}, got {got:?}"));
+            }
+        }
+        for (name, want) in &expect.intents {
+            let got = self.ledger.get(name).map(|i| i.state);
+            if got != *want {
+                problems.push(format!("intent of {name}: want {want:?}, got {got:?}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// One fixture line: an envelope or a directive.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    timestamp: Option<String>,
+    namespace: Option<String>,
+    topic: Option<String>,
+    #[allow(dead_code)]
+    type_url: Option<String>,
+    payload: Option<Payload>,
+    images: Option<BTreeMap<String, RecordLine>>,
+    digests: Option<BTreeMap<String, String>>,
+    files: Option<BTreeMap<String, Vec<String>>>,
+    connect: Option<bool>,
+    disconnect: Option<bool>,
+    restart: Option<bool>,
+    advance_ms: Option<u64>,
+    expect: Option<Expect>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Payload {
+    name: String,
+    #[serde(default)]
+    labels: Labels,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordLine {
+    #[serde(default)]
+    labels: Labels,
+    digest: Option<String>,
+}
+
+/// Assertions of an `expect` line.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Image -> exact labels (`null`: no such record).
+    #[serde(default)]
+    pub labels: BTreeMap<String, Option<Labels>>,
+    /// Image -> intent state (`null`: no intent recorded).
+    #[serde(default)]
+    pub intents: BTreeMap<String, Option<IntentState>>,
+}
+
+/// Parses an RFC 3339 UTC timestamp (`2026-11-26T06:33:56.573199093Z`) to milliseconds.
+pub fn parse_timestamp(text: &str) -> Result<Millis, String> {
+    let bad =
+        || format!("bad timestamp {text:?}: want RFC 3339 in UTC, like 2026-11-26T06:33:56.573Z");
+    let text = text.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, time) = text.split_once('T').ok_or_else(bad)?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = match (d.next(), d.next(), d.next()) {
+        (Some(Ok(y)), Some(Ok(m)), Some(Ok(day))) => (y, m, day),
+        _ => return Err(bad()),
+    };
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>());
+    let (hh, mm, ss) = match (t.next(), t.next(), t.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => (a, b, c),
+        _ => return Err(bad()),
+    };
+    let millis: i64 = format!("{:0<3}", &frac[..frac.len().min(3)])
+        .parse()
+        .map_err(|_| bad())?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(secs * 1000 + millis).map_err(|_| bad())
+}
