@@ -6,6 +6,10 @@
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 
+pub mod config;
+pub mod containerd;
+pub mod daemon;
 pub mod engine;
 pub mod inventory;
+pub mod ledger;
 pub mod replay;

@@ -1,1 +1,136 @@
-fn main() {}
+//! The `pinkeeper` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use pinkeeper::config::{FileConfig, Overrides, Settings};
+
+/// Keeps K3s air-gap images pinned in containerd across K3s restarts.
+#[derive(Parser)]
+#[command(name = "pinkeeper", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon next to K3s.
+    Run(RunArgs),
+    /// Replay a fixture (JSON lines of containerd events and directives) through the engine
+    /// offline and print every decision.
+    Replay {
+        /// The fixture file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// containerd's gRPC socket [default: /run/k3s/containerd/containerd.sock]
+    #[arg(long, value_name = "PATH")]
+    containerd_socket: Option<PathBuf>,
+    /// containerd namespace K3s imports into [default: k8s.io]
+    #[arg(long, value_name = "NS")]
+    namespace: Option<String>,
+    /// K3s's images directory [default: /var/lib/rancher/k3s/agent/images]
+    #[arg(long, value_name = "PATH")]
+    images_dir: Option<PathBuf>,
+    /// Directory of the ledger [default: /var/lib/pinkeeper]
+    #[arg(long, value_name = "PATH")]
+    state_dir: Option<PathBuf>,
+    /// The operator API's socket [default: /run/pinkeeper/pinkeeper.sock]
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Replay { file } => replay(&file),
+    }
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PINKEEPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match FileConfig::load(path) {
+            Ok(f) => Some((path.as_path(), f)),
+            Err(e) => return usage_error(&e),
+        },
+        None => None,
+    };
+    let flags = Overrides {
+        containerd_socket: args.containerd_socket,
+        namespace: args.namespace,
+        images_dir: args.images_dir,
+        state_dir: args.state_dir,
+        control_socket: args.control_socket,
+    };
+    let settings = match Settings::resolve(file, flags) {
+        Ok(s) => s,
+        Err(e) => return usage_error(&e),
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pinkeeper: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(pinkeeper::daemon::run(settings, Default::default())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pinkeeper: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("pinkeeper: {e}");
+    ExitCode::from(2)
+}
+
+fn replay(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("pinkeeper: cannot read {}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let mut replay = pinkeeper::replay::Replay::new(Default::default());
+    let result = replay.run(&text);
+    for (at, decision) in &replay.decisions {
+        println!("{at} {decision:?}");
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pinkeeper: {}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}

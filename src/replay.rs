@@ -5,6 +5,8 @@
 //! `type_url`, `payload` with `name` and `labels`); the other lines are directives, one key
 //! each (plus an optional `timestamp`):
 //!
+//! - on an envelope, `"deliver_only": true` delivers it without committing it (a duplicate or a
+//!   late, reordered delivery) and `"store_only": true` commits it without delivering it;
 //! - `{"images": {NAME: {"labels": {..}, "digest": ".."}}}`: the store's records, without events
 //!   (the state before the story starts);
 //! - `{"digests": {NAME: DIGEST}}`: target digests of records the events create;
@@ -13,8 +15,8 @@
 //! - `{"disconnect": true}`: the stream breaks; events until the next `connect` are missed;
 //! - `{"restart": true}`: pinkeeper is killed and started again from its ledger (disconnected);
 //! - `{"advance_ms": N}`: time passes, timers fire;
-//! - `{"expect": {"labels": {NAME: {..} | null}, "intents": {NAME: "held"|"swept"|"released"|null}}}`:
-//!   assertions, checked by [`Replay::run`].
+//! - `{"expect": {"labels": {NAME: {..} | null}, "intents": {NAME: "held"|"swept"|"released"|null},
+//!   "pins_written": N}}`: assertions, checked by [`Replay::run`].
 //!
 //! The store applies each envelope as the state containerd committed, delivers it to the engine
 //! when connected, and carries out the engine's outputs like the daemon does: a pin is a
@@ -315,12 +317,23 @@ impl Replay {
             if line.namespace.as_deref().unwrap_or("k8s.io") != "k8s.io" {
                 return Ok(());
             }
-            self.store.apply(ImageEvent {
+            let event = ImageEvent {
                 kind,
                 name: payload.name,
                 labels: payload.labels,
-            });
-            self.deliver();
+            };
+            if line.deliver_only == Some(true) {
+                if self.connected {
+                    self.feed(Input::Event(event));
+                }
+            } else {
+                self.store.apply(event);
+                if line.store_only == Some(true) {
+                    self.store.published.clear();
+                } else {
+                    self.deliver();
+                }
+            }
         }
         if let Some(images) = line.images {
             for (name, record) in images {
@@ -371,6 +384,14 @@ impl Replay {
                 problems.push(format!("intent of {name}: want {want:?}, got {got:?}"));
             }
         }
+        if let Some(want) = expect.pins_written {
+            if want != self.pins_written.len() {
+                problems.push(format!(
+                    "pins written: want {want}, got {:?}",
+                    self.pins_written
+                ));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -389,6 +410,11 @@ struct Line {
     #[allow(dead_code)]
     type_url: Option<String>,
     payload: Option<Payload>,
+    /// The envelope reaches pinkeeper but changes nothing in the store (a duplicate or late
+    /// delivery of an earlier commit).
+    deliver_only: Option<bool>,
+    /// The envelope's change is committed but its event is not delivered yet.
+    store_only: Option<bool>,
     images: Option<BTreeMap<String, RecordLine>>,
     digests: Option<BTreeMap<String, String>>,
     files: Option<BTreeMap<String, Vec<String>>>,
@@ -424,6 +450,9 @@ pub struct Expect {
     /// Image -> intent state (`null`: no intent recorded).
     #[serde(default)]
     pub intents: BTreeMap<String, Option<IntentState>>,
+    /// How many pins pinkeeper has written so far.
+    #[serde(default)]
+    pub pins_written: Option<usize>,
 }
 
 /// Parses an RFC 3339 UTC timestamp (`2026-11-26T06:33:56.573199093Z`) to milliseconds.

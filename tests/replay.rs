@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use pinkeeper::engine::{Config, Output, CRI_PIN, K3S_PIN};
+use pinkeeper::engine::{Config, Output};
 use pinkeeper::replay::Replay;
 
 fn run_fixture(path: &Path) -> Replay {
@@ -27,12 +27,29 @@ fn check_invariants(path: &Path, replay: &Replay) {
             );
         }
     }
-    // pinkeeper never writes K3s's label: every record carrying it got it from the story.
-    for record in replay.store.images.values() {
-        if record.labels.contains_key(K3S_PIN) {
-            assert!(record.labels.contains_key(CRI_PIN) || true);
-        }
+}
+
+/// Contract rule 8: once a story is over, reconnecting (a listing) and letting every timer fire
+/// changes nothing further.
+fn check_idempotent(path: &Path, replay: &mut Replay) {
+    let store = replay.store.images.clone();
+    let pins = replay.pins_written.len();
+    for _ in 0..2 {
+        replay.connect();
+        replay.settle();
     }
+    assert_eq!(
+        replay.pins_written.len(),
+        pins,
+        "{}: pinned again",
+        path.display()
+    );
+    assert_eq!(
+        replay.store.images,
+        store,
+        "{}: labels changed",
+        path.display()
+    );
 }
 
 #[test]
@@ -46,31 +63,8 @@ fn every_fixture_replays() {
     paths.sort();
     assert!(paths.len() >= 8, "fixtures missing from {}", dir.display());
     for path in &paths {
-        let replay = run_fixture(path);
+        let mut replay = run_fixture(path);
         check_invariants(path, &replay);
-    }
-}
-
-#[test]
-fn debug_print() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    for f in [
-        "restart-1.7-plain.jsonl",
-        "restart-2.1-cachebug.jsonl",
-        "missed-sweep-1.7-plain.jsonl",
-    ] {
-        let r = run_fixture(&dir.join(f));
-        println!("== {f}");
-        for (t, d) in &r.decisions {
-            match d {
-                Output::Pin { .. } | Output::SweepSummary(_) | Output::Verify => {
-                    println!("{t} {d:?}")
-                }
-                _ => {}
-            }
-        }
-        for h in &r.history {
-            println!("  {} {} {} {}", h.at, h.name, h.action, h.detail);
-        }
+        check_idempotent(path, &mut replay);
     }
 }

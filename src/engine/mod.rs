@@ -30,6 +30,9 @@ pub const PINNED: &str = "pinned";
 /// carrying it is enrolled in K3s's next sweep (FACTS.md section 2).
 pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 
+/// Why an intent is released when its CRI pin is removed outside the sweep.
+const UNPIN: &str = "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)";
+
 /// Tunables of the engine. Times are in milliseconds.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -327,6 +330,9 @@ pub struct Engine {
     deleted: BTreeMap<String, Millis>,
     /// Pins written and not yet answered, with why: never write the same pin twice at once.
     pins_in_flight: BTreeMap<String, RestoreReason>,
+    /// Intents whose CRI pin an event says was removed (not by the sweep): released once a Get
+    /// confirms it.
+    unpins_to_confirm: BTreeSet<String>,
     /// Swept images whose archive is still present: K3s should re-pin them; checked at verify.
     awaiting_k3s: BTreeSet<String>,
     /// When the verification of a start-up is due.
@@ -359,6 +365,7 @@ impl Engine {
             deleted: BTreeMap::new(),
             pins_in_flight: BTreeMap::new(),
             awaiting_k3s,
+            unpins_to_confirm: BTreeSet::new(),
             verify_due: None,
             verify_deadline: None,
             verify_in_flight: false,
@@ -399,7 +406,8 @@ impl Engine {
             Input::Listing { images, cause } => self.on_listing(now, images, cause, &mut out),
             Input::Inventory(provided) => self.on_inventory(provided, &mut out),
             Input::Fetched { name, record } => {
-                self.on_fetched(record.filter(|r| r.name == name), &mut out)
+                let record = record.filter(|r| r.name == name);
+                self.on_fetched(now, &name, record, &mut out)
             }
             Input::Pinned { name, result } => self.on_pinned(now, name, result, &mut out),
             Input::Disconnected => {
@@ -477,11 +485,33 @@ impl Engine {
             .get(name)
             .filter(|i| i.state != IntentState::Released)
         else {
-            if new.any() {
+            // A released intent comes back only when a pin is put on again (K3s re-importing
+            // the archive, someone pinning it): the K3s label an operator left behind when
+            // removing the CRI pin is no reason to undo the unpin.
+            let before = self.intents.get(name).map(|i| self.pins(&i.labels));
+            let pinned_again = match before {
+                None => new.any(),
+                Some(old) => (new.program && !old.program) || (new.cri && !old.cri),
+            };
+            if pinned_again {
                 self.record(now, name, labels, out);
+            } else if before.is_some_and(|old| old != new) {
+                self.update_intent(name, out, |i| i.labels = labels);
             }
             return false;
         };
+        if self.unpins_to_confirm.contains(name) {
+            if live {
+                // Decided by the Get under way; later events must not read as a sweep.
+                return true;
+            }
+            // A listing is as good as the Get: the unpin came first.
+            self.unpins_to_confirm.remove(name);
+            if !new.cri {
+                self.release(now, name, UNPIN, out);
+                return false;
+            }
+        }
         let old = self.pins(&intent.labels);
         let was_swept = intent.state == IntentState::Swept;
         let labels_changed = intent.labels != labels;
@@ -528,13 +558,17 @@ impl Engine {
             self.schedule_verify(now);
             self.settle(name, now, out);
         } else if old.cri && !sweep_signature {
-            // Contract rule 6: removing the CRI pin any other way is someone's decision.
-            self.release(
-                now,
-                name,
-                "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)",
-                out,
-            );
+            // Contract rule 6: removing the CRI pin any other way is someone's decision. An
+            // event may be a late or duplicate delivery (FACTS.md section 3), so a live one is
+            // confirmed with a Get before the intent is released.
+            if live {
+                self.unpins_to_confirm.insert(name.to_string());
+                out.push(Output::Fetch {
+                    name: name.to_string(),
+                });
+            } else {
+                self.release(now, name, UNPIN, out);
+            }
             return false;
         } else if labels_changed {
             let was_held = intent.state == IntentState::Held;
@@ -716,10 +750,32 @@ impl Engine {
         }
     }
 
-    fn on_fetched(&mut self, record: Option<ImageRecord>, out: &mut Vec<Output>) {
-        let Some(record) = record else { return };
-        if record.digest.is_some() && self.holds(&record.name) {
-            self.update_intent(&record.name, out, |i| i.digest = record.digest);
+    fn on_fetched(
+        &mut self,
+        now: Millis,
+        name: &str,
+        record: Option<ImageRecord>,
+        out: &mut Vec<Output>,
+    ) {
+        let confirming = self.unpins_to_confirm.remove(name);
+        let Some(record) = record else {
+            // Gone: its delete event (or the next listing) settles the intent.
+            return;
+        };
+        if record.digest.is_some() && self.holds(name) {
+            self.update_intent(name, out, |i| i.digest = record.digest.clone());
+        }
+        if confirming {
+            if self.pins(&record.labels).cri {
+                // The unpin was a stale delivery: the record is pinned now.
+                self.update_intent(name, out, |i| {
+                    i.labels = record.labels;
+                    i.state = IntentState::Held;
+                });
+            } else {
+                self.update_intent(name, out, |i| i.labels = record.labels);
+                self.release(now, name, UNPIN, out);
+            }
         }
     }
 

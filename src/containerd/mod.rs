@@ -1,0 +1,320 @@
+//! The only module that speaks containerd: connect, subscribe with a barrier, list, get, and
+//! the per-key label update. Generated gRPC types stay here; the rest of pinkeeper sees
+//! [`ImageRecord`] and [`ImageEvent`].
+//!
+//! Behaviour of containerd this code relies on is in FACTS.md section 3.
+
+pub mod queue;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_client::services::v1::events_client::EventsClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::services::v1::{
+    GetImageRequest, ImageCreate, ImageDelete, ImageUpdate, ListImagesRequest, PublishRequest,
+    SubscribeRequest, UpdateImageRequest,
+};
+use containerd_client::types::Envelope;
+use prost::Message;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+use crate::engine::{ApplyError, EventKind, ImageEvent, ImageRecord, CRI_PIN, PINNED};
+
+/// Every unary call gives up after this long: nothing may hang the daemon.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// containerd sends listings up to 16 MiB; tonic's default limit is 4 MiB (FACTS.md 3).
+const MAX_MESSAGE: usize = 64 << 20;
+/// The topic of pinkeeper's own barrier events.
+pub const BARRIER_TOPIC: &str = "/pinkeeper/barrier";
+
+/// A failure talking to containerd, naming the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    /// The socket cannot be connected to.
+    #[error("cannot connect to containerd at {socket}: {reason}")]
+    Connect {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A call failed.
+    #[error("containerd at {socket}: {call} failed: {status}")]
+    Call {
+        /// The socket.
+        socket: PathBuf,
+        /// Which call.
+        call: &'static str,
+        /// gRPC status.
+        status: Status,
+    },
+}
+
+impl ContainerdError {
+    /// Whether containerd is (probably) just down or restarting.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ContainerdError::Connect { .. } => true,
+            ContainerdError::Call { status, .. } => matches!(
+                status.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+            ),
+        }
+    }
+}
+
+/// A connection to containerd in one namespace.
+#[derive(Clone, Debug)]
+pub struct Containerd {
+    channel: Channel,
+    socket: PathBuf,
+    namespace: String,
+}
+
+impl Containerd {
+    /// Connects once (fails at once if the socket is missing or refuses).
+    pub async fn connect(socket: &Path, namespace: &str) -> Result<Self, ContainerdError> {
+        let channel = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(socket))
+            .await
+            .map_err(|_| ContainerdError::Connect {
+                socket: socket.to_path_buf(),
+                reason: "timed out".into(),
+            })?
+            .map_err(|e| ContainerdError::Connect {
+                socket: socket.to_path_buf(),
+                reason: format!("{e} ({})", source_chain(&e)),
+            })?;
+        Ok(Containerd {
+            channel,
+            socket: socket.to_path_buf(),
+            namespace: namespace.to_string(),
+        })
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(CALL_TIMEOUT);
+        if let Ok(ns) = self.namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", ns);
+        }
+        request
+    }
+
+    fn call_error(&self, call: &'static str) -> impl FnOnce(Status) -> ContainerdError + '_ {
+        move |status| ContainerdError::Call {
+            socket: self.socket.clone(),
+            call,
+            status,
+        }
+    }
+
+    fn images(&self) -> ImagesClient<Channel> {
+        ImagesClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// containerd's version string (`1.7.24`, `2.1.9`, ...).
+    pub async fn version(&self) -> Result<String, ContainerdError> {
+        let reply = VersionClient::new(self.channel.clone())
+            .version(self.request(()))
+            .await
+            .map_err(self.call_error("Version"))?;
+        Ok(reply.into_inner().version)
+    }
+
+    /// Every image record of the namespace.
+    pub async fn list(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
+        let reply = self
+            .images()
+            .list(self.request(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(self.call_error("Images.List"))?;
+        Ok(reply.into_inner().images.into_iter().map(record).collect())
+    }
+
+    /// One image record, or `None` if it does not exist.
+    pub async fn get(&self, name: &str) -> Result<Option<ImageRecord>, ContainerdError> {
+        match self
+            .images()
+            .get(self.request(GetImageRequest {
+                name: name.to_string(),
+            }))
+            .await
+        {
+            Ok(reply) => Ok(reply.into_inner().image.map(record)),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(self.call_error("Images.Get")(status)),
+        }
+    }
+
+    /// Sets `io.cri-containerd.pinned=pinned` with a per-key update: containerd changes that one
+    /// label atomically and keeps every other one (FACTS.md section 3).
+    pub async fn pin(&self, name: &str) -> Result<(), ApplyError> {
+        let image = containerd_client::services::v1::Image {
+            name: name.to_string(),
+            labels: [(CRI_PIN.to_string(), PINNED.to_string())].into(),
+            ..Default::default()
+        };
+        let update = UpdateImageRequest {
+            image: Some(image),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec![format!("labels.{CRI_PIN}")],
+            }),
+            source_date_epoch: None,
+        };
+        match self.images().update(self.request(update)).await {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == Code::NotFound => Err(ApplyError::NotFound),
+            Err(status) => Err(ApplyError::Failed(
+                self.call_error("Images.Update")(status).to_string(),
+            )),
+        }
+    }
+
+    /// Subscribes to this namespace's image events and returns the stream once it is live:
+    /// `Subscribe` only resolves when a first event arrives, so a barrier event of pinkeeper's
+    /// own is published until it comes back (FACTS.md section 3).
+    pub async fn subscribe(&self) -> Result<Subscription, ContainerdError> {
+        let nonce = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let barrier = format!("{BARRIER_TOPIC}/{nonce}");
+        let filters = vec![
+            format!("topic~=\"^/images/\",namespace=={}", self.namespace),
+            format!("topic==\"{barrier}\""),
+        ];
+        let mut events =
+            EventsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE);
+        // No timeout on the stream itself: it lives as long as containerd does.
+        let mut request = Request::new(SubscribeRequest { filters });
+        if let Ok(ns) = self.namespace.parse() {
+            request.metadata_mut().insert("containerd-namespace", ns);
+        }
+        let mut subscribe = Box::pin(events.subscribe(request));
+        let mut publisher = EventsClient::new(self.channel.clone());
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let give_up = tokio::time::sleep(CALL_TIMEOUT);
+        tokio::pin!(give_up);
+        let mut stream: Streaming<Envelope> = loop {
+            tokio::select! {
+                reply = &mut subscribe => {
+                    break reply.map_err(self.call_error("Events.Subscribe"))?.into_inner();
+                }
+                _ = tick.tick() => {
+                    let publish = PublishRequest {
+                        topic: barrier.clone(),
+                        event: Some(prost_types::Any {
+                            type_url: "google.protobuf.Empty".into(),
+                            value: vec![],
+                        }),
+                    };
+                    publisher
+                        .publish(self.request(publish))
+                        .await
+                        .map_err(self.call_error("Events.Publish"))?;
+                }
+                _ = &mut give_up => {
+                    return Err(self.call_error("Events.Subscribe")(Status::deadline_exceeded(
+                        "the barrier event never came back",
+                    )));
+                }
+            }
+        };
+        // Everything before our barrier is from before the subscription was known live; the
+        // listing that follows covers it.
+        loop {
+            let envelope = stream
+                .message()
+                .await
+                .map_err(self.call_error("Events.Subscribe"))?
+                .ok_or_else(|| {
+                    self.call_error("Events.Subscribe")(Status::unavailable("stream ended"))
+                })?;
+            if envelope.topic == barrier {
+                break;
+            }
+        }
+        Ok(Subscription {
+            stream,
+            socket: self.socket.clone(),
+        })
+    }
+}
+
+/// A live image event stream.
+pub struct Subscription {
+    stream: Streaming<Envelope>,
+    socket: PathBuf,
+}
+
+impl Subscription {
+    /// The next image event; `Ok(None)` for envelopes pinkeeper ignores (barriers, undecodable
+    /// payloads). An error means the stream broke (containerd restarted).
+    pub async fn next(&mut self) -> Result<Option<ImageEvent>, ContainerdError> {
+        let envelope = self
+            .stream
+            .message()
+            .await
+            .map_err(|status| ContainerdError::Call {
+                socket: self.socket.clone(),
+                call: "Events.Subscribe",
+                status,
+            })?
+            .ok_or_else(|| ContainerdError::Call {
+                socket: self.socket.clone(),
+                call: "Events.Subscribe",
+                status: Status::unavailable("stream ended"),
+            })?;
+        Ok(decode(&envelope))
+    }
+}
+
+/// Decodes an image event envelope by its topic (the `Any`'s type URL has no leading `/`,
+/// FACTS.md section 3, so it is not used).
+pub fn decode(envelope: &Envelope) -> Option<ImageEvent> {
+    let value = envelope.event.as_ref()?.value.as_slice();
+    let (kind, name, labels) = match envelope.topic.as_str() {
+        "/images/create" => {
+            let e = ImageCreate::decode(value).ok()?;
+            (EventKind::Create, e.name, e.labels)
+        }
+        "/images/update" => {
+            let e = ImageUpdate::decode(value).ok()?;
+            (EventKind::Update, e.name, e.labels)
+        }
+        "/images/delete" => {
+            let e = ImageDelete::decode(value).ok()?;
+            (EventKind::Delete, e.name, Default::default())
+        }
+        _ => return None,
+    };
+    Some(ImageEvent {
+        kind,
+        name,
+        labels: labels.into_iter().collect(),
+    })
+}
+
+fn record(image: containerd_client::services::v1::Image) -> ImageRecord {
+    ImageRecord {
+        name: image.name,
+        labels: image.labels.into_iter().collect(),
+        digest: image.target.map(|t| t.digest).filter(|d| !d.is_empty()),
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,174 @@
+//! The bounded queue between containerd's event stream and the engine.
+//!
+//! containerd never drops a slow subscriber: it buffers without bound in its own memory
+//! (FACTS.md section 3). So the stream is drained at once into this queue, which coalesces
+//! per image name and is bounded; when it overflows it is emptied and the caller resyncs by
+//! listing. Coalescing keeps every change of an image's pins (the engine tells K3s's sweep
+//! from an operator's unpin by those transitions) and folds everything else into the latest
+//! label map.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::engine::{EventKind, ImageEvent, PINNED};
+
+/// Most events held at once (after coalescing). Past it, the queue overflows.
+pub const MAX_QUEUED_EVENTS: usize = 16_384;
+
+/// A coalescing, bounded queue of image events.
+#[derive(Debug)]
+pub struct EventQueue {
+    program_label: String,
+    /// Names in the order their first pending event arrived.
+    order: VecDeque<String>,
+    /// Pending events per name, oldest first.
+    pending: HashMap<String, Vec<ImageEvent>>,
+    len: usize,
+    overflowed: bool,
+}
+
+impl EventQueue {
+    /// An empty queue; `program_label` is K3s's pin label (its changes are never folded).
+    pub fn new(program_label: &str) -> Self {
+        EventQueue {
+            program_label: program_label.to_string(),
+            order: VecDeque::new(),
+            pending: HashMap::new(),
+            len: 0,
+            overflowed: false,
+        }
+    }
+
+    fn pins(&self, event: &ImageEvent) -> (bool, bool) {
+        let has = |k: &str| event.labels.get(k).map(String::as_str) == Some(PINNED);
+        (has(&self.program_label), has(crate::engine::CRI_PIN))
+    }
+
+    /// Adds an event. Returns false when the queue overflowed (it is then empty, and stays
+    /// refusing until [`EventQueue::take_overflow`]).
+    pub fn push(&mut self, event: ImageEvent) -> bool {
+        if self.overflowed {
+            return false;
+        }
+        let pins = self.pins(&event);
+        let program_label = &self.program_label;
+        if let Some(list) = self.pending.get_mut(&event.name) {
+            if let Some(last) = list.last_mut() {
+                let has =
+                    |e: &ImageEvent, k: &str| e.labels.get(k).map(String::as_str) == Some(PINNED);
+                let last_pins = (has(last, program_label), has(last, crate::engine::CRI_PIN));
+                if last.kind != EventKind::Delete
+                    && event.kind == EventKind::Update
+                    && last_pins == pins
+                {
+                    last.labels = event.labels;
+                    return true;
+                }
+            }
+            list.push(event);
+        } else {
+            self.order.push_back(event.name.clone());
+            self.pending.insert(event.name.clone(), vec![event]);
+        }
+        self.len += 1;
+        if self.len > MAX_QUEUED_EVENTS {
+            self.clear();
+            self.overflowed = true;
+            return false;
+        }
+        true
+    }
+
+    /// Takes every pending event: per name in arrival order, names in order of first arrival.
+    pub fn drain(&mut self) -> Vec<ImageEvent> {
+        let mut out = Vec::with_capacity(self.len);
+        while let Some(name) = self.order.pop_front() {
+            if let Some(list) = self.pending.remove(&name) {
+                out.extend(list);
+            }
+        }
+        self.len = 0;
+        out
+    }
+
+    /// Forgets everything pending (a listing is about to show the same state).
+    pub fn clear(&mut self) {
+        self.order.clear();
+        self.pending.clear();
+        self.len = 0;
+    }
+
+    /// True once after an overflow; the queue accepts events again afterwards.
+    pub fn take_overflow(&mut self) -> bool {
+        std::mem::take(&mut self.overflowed)
+    }
+
+    /// Events pending.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CRI_PIN, K3S_PIN};
+
+    fn ev(kind: EventKind, name: &str, labels: &[&str]) -> ImageEvent {
+        ImageEvent {
+            kind,
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|k| (k.to_string(), PINNED.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn folds_updates_but_keeps_pin_transitions() {
+        let mut q = EventQueue::new(K3S_PIN);
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]));
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN, "other"]));
+        q.push(ev(EventKind::Update, "b", &[]));
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN]));
+        q.push(ev(EventKind::Update, "a", &[]));
+        q.push(ev(EventKind::Update, "a", &["x"]));
+        let out = q.drain();
+        let names: Vec<_> = out
+            .iter()
+            .map(|e| (e.name.as_str(), e.labels.len()))
+            .collect();
+        assert_eq!(names, vec![("a", 3), ("a", 1), ("a", 1), ("b", 0)]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn keeps_delete_then_create() {
+        let mut q = EventQueue::new(K3S_PIN);
+        q.push(ev(EventKind::Delete, "a", &[]));
+        q.push(ev(EventKind::Create, "a", &[K3S_PIN, CRI_PIN]));
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]));
+        let kinds: Vec<_> = q.drain().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec![EventKind::Delete, EventKind::Create]);
+    }
+
+    #[test]
+    fn overflow_empties_and_reports_once() {
+        let mut q = EventQueue::new(K3S_PIN);
+        let mut refused = false;
+        for i in 0..=MAX_QUEUED_EVENTS {
+            refused |= !q.push(ev(EventKind::Create, &format!("n{i}"), &[]));
+        }
+        assert!(refused);
+        assert!(q.is_empty());
+        assert!(!q.push(ev(EventKind::Create, "late", &[])));
+        assert!(q.take_overflow());
+        assert!(!q.take_overflow());
+        assert!(q.push(ev(EventKind::Create, "again", &[])));
+    }
+}

@@ -1,0 +1,441 @@
+//! `pinkeeper run`: wires containerd, the images directory and the ledger to the engine.
+//!
+//! One loop, list-then-watch: wait for containerd, subscribe (with a barrier), read the images
+//! directory, list and reconcile, then follow the stream; on any break, start over. The engine
+//! decides; this file only carries out its outputs, in an order that keeps the contract:
+//! a newly recorded intent is committed to the ledger before any pin of the same batch.
+//! It holds no rule of its own.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::config::Settings;
+use crate::containerd::queue::EventQueue;
+use crate::containerd::{Containerd, ContainerdError};
+use crate::engine::{self, ApplyError, Engine, Input, ListCause, Millis, Output};
+use crate::inventory::Scanner;
+use crate::ledger::{Change, Ledger};
+
+/// First retry delay while containerd is away.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+/// Retry delay cap during the first minute of an outage: K3s sweeps about a second after it
+/// starts containerd, and pinkeeper wants to be subscribed by then.
+const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
+/// Retry delay cap once containerd has been away for a while (K3s stopped).
+const RETRY_MAX_SLOW: Duration = Duration::from_millis(1000);
+/// How long an outage counts as "just restarting".
+const FAST_RETRY_WINDOW: Duration = Duration::from_secs(60);
+/// Events handed to the engine per batch (one ledger commit each).
+const BATCH: usize = 4096;
+
+/// The wall clock, in the engine's unit.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// Events shared between the stream reader task and the main loop.
+struct Shared {
+    queue: Mutex<EventQueue>,
+    /// Set by the reader when the stream broke.
+    broken: Mutex<Option<ContainerdError>>,
+    wake: Notify,
+}
+
+/// The daemon's state.
+struct Daemon {
+    settings: Settings,
+    engine: Engine,
+    ledger: Ledger,
+    /// Taken while a scan runs on the blocking pool.
+    scanner: Option<Scanner>,
+    client: Option<Containerd>,
+    /// Broken files of the images directory already reported (path, error): said once.
+    reported_files: BTreeSet<(PathBuf, String)>,
+}
+
+/// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
+pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
+    let ledger = Ledger::open(&settings.state_dir)?;
+    let intents = ledger.intents()?;
+    info!(
+        ledger = %ledger.path().display(),
+        intents = intents.iter().filter(|i| i.state != engine::IntentState::Released).count(),
+        "pinkeeper started"
+    );
+    let mut daemon = Daemon {
+        scanner: Some(Scanner::new(&settings.images_dir)),
+        engine: Engine::new(config, intents),
+        ledger,
+        client: None,
+        reported_files: BTreeSet::new(),
+        settings,
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot install the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        }
+    };
+    tokio::pin!(shutdown);
+    tokio::select! {
+        result = daemon.serve() => result,
+        signal = &mut shutdown => {
+            info!("{signal}: stopping");
+            Ok(())
+        }
+    }
+}
+
+impl Daemon {
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        // Know the directory before the first listing: no archive is called gone unread.
+        self.rescan().await?;
+        loop {
+            let client = self.wait_for_containerd().await;
+            self.follow(client).await?;
+            self.client = None;
+            self.process(vec![Input::Disconnected]).await?;
+        }
+    }
+
+    /// Connects with capped, jittered backoff; returns once subscribed is possible.
+    async fn wait_for_containerd(&mut self) -> Containerd {
+        let socket = self.settings.containerd_socket.clone();
+        let started = tokio::time::Instant::now();
+        let mut delay = RETRY_MIN;
+        let mut reported = false;
+        loop {
+            match Containerd::connect(&socket, &self.settings.namespace).await {
+                Ok(client) => match client.version().await {
+                    Ok(version) => {
+                        info!(socket = %socket.display(), version, "connected to containerd");
+                        return client;
+                    }
+                    Err(e) => debug!("{e}"),
+                },
+                Err(e) => {
+                    if !reported {
+                        info!("waiting for containerd: {e}");
+                        reported = true;
+                    }
+                }
+            }
+            // Drive timers while waiting (alias-churn releases, verification).
+            self.tick_if_due().await.ok();
+            tokio::time::sleep(jitter(delay)).await;
+            let cap = if started.elapsed() < FAST_RETRY_WINDOW {
+                RETRY_MAX_FAST
+            } else {
+                RETRY_MAX_SLOW
+            };
+            delay = (delay * 2).min(cap);
+        }
+    }
+
+    /// Subscribes, reconciles, then follows the stream until it breaks.
+    async fn follow(&mut self, client: Containerd) -> anyhow::Result<()> {
+        let subscription = match client.subscribe().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("{e}; retrying");
+                tokio::time::sleep(RETRY_MAX_FAST).await;
+                return Ok(());
+            }
+        };
+        let subscribed_at = tokio::time::Instant::now();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(EventQueue::new(&self.engine.config().program_label)),
+            broken: Mutex::new(None),
+            wake: Notify::new(),
+        });
+        let reader = tokio::spawn(read_events(subscription, shared.clone()));
+        let _abort = AbortOnDrop(reader);
+        self.client = Some(client);
+
+        self.resync(&shared, ListCause::Connected).await?;
+        debug!(elapsed = ?subscribed_at.elapsed(), "reconciled after connecting");
+
+        loop {
+            let wakeup = self.engine.next_wakeup().map(|at| {
+                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
+            });
+            tokio::select! {
+                _ = shared.wake.notified() => {}
+                _ = sleep_until(wakeup) => {
+                    self.process(vec![Input::Tick]).await?;
+                    continue;
+                }
+            }
+            let (events, overflowed) = {
+                let mut queue = lock(&shared.queue);
+                let overflowed = queue.take_overflow();
+                (queue.drain(), overflowed)
+            };
+            if overflowed {
+                warn!("more image events than pinkeeper could queue; listing all images instead");
+                self.resync(&shared, ListCause::Connected).await?;
+            } else {
+                for chunk in events.chunks(BATCH) {
+                    self.process(chunk.iter().cloned().map(Input::Event).collect())
+                        .await?;
+                }
+            }
+            if let Some(e) = lock(&shared.broken).take() {
+                warn!("lost containerd's event stream ({e}); reconnecting");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Rescans the directory and lists every image: events before this are covered by it.
+    async fn resync(&mut self, shared: &Shared, cause: ListCause) -> anyhow::Result<()> {
+        self.rescan().await?;
+        lock(&shared.queue).clear();
+        self.list(cause).await
+    }
+
+    async fn list(&mut self, cause: ListCause) -> anyhow::Result<()> {
+        let Some(client) = self.client.clone() else {
+            return Ok(());
+        };
+        match client.list().await {
+            Ok(images) => {
+                debug!(images = images.len(), ?cause, "listed images");
+                self.process(vec![Input::Listing { images, cause }]).await
+            }
+            Err(e) => {
+                // The stream breaks too; the next connection lists again.
+                warn!("{e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the images directory and hands it to the engine.
+    async fn rescan(&mut self) -> anyhow::Result<()> {
+        if let Some(provided) = self.scan().await? {
+            self.process(vec![Input::Inventory(provided)]).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the images directory (blocking I/O, off the async thread). Broken files are
+    /// reported once each; a directory that cannot be read gives `None` (nothing is called
+    /// gone then; K3s's own re-pins and the verification still apply).
+    async fn scan(&mut self) -> anyhow::Result<Option<BTreeMap<String, PathBuf>>> {
+        let Some(mut scanner) = self.scanner.take() else {
+            return Ok(None);
+        };
+        let (scanner, result) = tokio::task::spawn_blocking(move || {
+            let result = scanner.scan();
+            (scanner, result)
+        })
+        .await
+        .context("the images directory scan panicked")?;
+        self.scanner = Some(scanner);
+        match result {
+            Ok(inventory) => {
+                let mut reported = BTreeSet::new();
+                for entry in inventory.errors() {
+                    let error = entry.error.clone().unwrap_or_default();
+                    let key = (entry.path.clone(), error.clone());
+                    if !self.reported_files.contains(&key) {
+                        warn!(file = %entry.path.display(), "skipping a file of the images directory: {error}");
+                    }
+                    reported.insert(key);
+                }
+                self.reported_files = reported;
+                Ok(Some(inventory.provided()))
+            }
+            Err(e) => {
+                warn!("{e}");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn tick_if_due(&mut self) -> anyhow::Result<()> {
+        if self.engine.next_wakeup().is_some_and(|at| at <= now_ms()) {
+            self.process(vec![Input::Tick]).await?;
+        }
+        Ok(())
+    }
+
+    /// Feeds inputs to the engine and carries out everything that follows, until quiet.
+    async fn process(&mut self, inputs: Vec<Input>) -> anyhow::Result<()> {
+        let mut inputs: VecDeque<Input> = inputs.into();
+        let mut changes: Vec<Output> = Vec::new();
+        while !inputs.is_empty() {
+            let mut effects = Vec::new();
+            while let Some(input) = inputs.pop_front() {
+                for output in self.engine.handle(now_ms(), input) {
+                    match output {
+                        Output::Save { .. } | Output::History(_) => changes.push(output),
+                        other => effects.push(other),
+                    }
+                }
+            }
+            let pins_ahead = effects.iter().any(|o| matches!(o, Output::Pin { .. }));
+            let new_intent = changes
+                .iter()
+                .any(|o| matches!(o, Output::Save { new: true, .. }));
+            if pins_ahead && new_intent {
+                // Contract rule 7: an intent is on disk before pinkeeper acts on it.
+                self.commit(&mut changes)?;
+            }
+            for effect in effects {
+                self.carry_out(effect, &mut inputs).await?;
+            }
+        }
+        self.commit(&mut changes)
+    }
+
+    async fn carry_out(
+        &mut self,
+        effect: Output,
+        inputs: &mut VecDeque<Input>,
+    ) -> anyhow::Result<()> {
+        match effect {
+            Output::Pin { name, reason } => {
+                let result = match &self.client {
+                    Some(client) => client.pin(&name).await,
+                    None => Err(ApplyError::Failed("containerd is not connected".into())),
+                };
+                match &result {
+                    Ok(()) => info!(
+                        image = %name,
+                        reason = ?reason,
+                        "restored io.cri-containerd.pinned=pinned: {}",
+                        reason.explain()
+                    ),
+                    Err(ApplyError::NotFound) => {
+                        info!(image = %name, "could not restore the pin: the image record is gone")
+                    }
+                    Err(ApplyError::Failed(why)) => {
+                        warn!(image = %name, "could not restore the pin: {why}; will retry")
+                    }
+                }
+                inputs.push_back(Input::Pinned { name, result });
+            }
+            Output::Fetch { name } => {
+                if let Some(client) = &self.client {
+                    match client.get(&name).await {
+                        Ok(record) => inputs.push_back(Input::Fetched { name, record }),
+                        Err(e) => debug!("{e}"),
+                    }
+                }
+            }
+            Output::Verify => {
+                debug!("start-up settled: checking that every intent is pinned");
+                if let Some(provided) = self.scan().await? {
+                    inputs.push_back(Input::Inventory(provided));
+                }
+                if let Some(client) = self.client.clone() {
+                    match client.list().await {
+                        Ok(images) => inputs.push_back(Input::Listing {
+                            images,
+                            cause: ListCause::Verify,
+                        }),
+                        Err(e) => warn!("{e}"),
+                    }
+                }
+            }
+            Output::SweepSummary(s) => info!(
+                swept = s.swept,
+                restored = s.restored_archive_gone + s.restored_not_repinned,
+                archive_gone = s.restored_archive_gone,
+                not_repinned = s.restored_not_repinned,
+                repinned_by_k3s = s.repinned_by_k3s,
+                seen = if s.seen_live { "live" } else { "after reconnecting" },
+                "K3s startup sweep: {} pinned image(s) swept, {} restored by pinkeeper, {} pinned again by K3s",
+                s.swept,
+                s.restored_archive_gone + s.restored_not_repinned,
+                s.repinned_by_k3s
+            ),
+            Output::Save { .. } | Output::History(_) => {}
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, changes: &mut Vec<Output>) -> anyhow::Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<Change<'_>> = changes
+            .iter()
+            .filter_map(|o| match o {
+                Output::Save { intent, .. } => Some(Change::Save(intent)),
+                Output::History(h) => Some(Change::History(h)),
+                _ => None,
+            })
+            .collect();
+        self.ledger.apply(&batch)?;
+        for change in changes.iter() {
+            if let Output::History(h) = change {
+                match h.action.as_str() {
+                    "released" => info!(image = %h.name, "intent released: {}", h.detail),
+                    "restore-failed" => warn!(image = %h.name, "restore failed: {}", h.detail),
+                    _ => debug!(image = %h.name, action = %h.action, "{}", h.detail),
+                }
+            }
+        }
+        changes.clear();
+        Ok(())
+    }
+}
+
+/// Drains the stream into the queue at once, so containerd never buffers for pinkeeper.
+async fn read_events(mut subscription: crate::containerd::Subscription, shared: Arc<Shared>) {
+    loop {
+        match subscription.next().await {
+            Ok(Some(event)) => {
+                lock(&shared.queue).push(event);
+                shared.wake.notify_one();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                *lock(&shared.broken) = Some(e);
+                shared.wake.notify_one();
+                return;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere; the data is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Up to a quarter more, so a fleet of nodes does not retry in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos() as u64);
+    d + Duration::from_nanos(nanos % (d.as_nanos() as u64 / 4 + 1))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,300 @@
+//! The ledger: pinkeeper's durable record of intents and of what it did, in one redb file
+//! (`<state-dir>/ledger.redb`).
+//!
+//! It owns that file and nothing else. Writes come in batches ([`Ledger::apply`]): one
+//! transaction, one fsync (redb's `Durability::Immediate`, with its copy-on-write commit an
+//! interrupted write leaves the previous state), so a burst of a thousand events costs a
+//! handful of fsyncs. It does not decide anything: records are what the engine says they are.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::engine::{HistoryEntry, Intent};
+
+/// Image name -> JSON of [`Intent`].
+const INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("intents");
+/// Sequence number -> JSON of [`HistoryEntry`].
+const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+/// History kept: older entries are dropped first. About 200 bytes each.
+pub const MAX_HISTORY: u64 = 50_000;
+/// redb's page cache: the ledger is small and read once at start.
+const CACHE_BYTES: usize = 4 << 20;
+/// File name inside the state directory.
+pub const FILE_NAME: &str = "ledger.redb";
+
+/// A ledger failure, naming the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The state directory cannot be created.
+    #[error("cannot create the state directory {path}: {source}; create it (as root) or pass another --state-dir")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process holds the ledger.
+    #[error("the ledger {path} is already open in another process: is another pinkeeper running with this --state-dir? Stop it first")]
+    Busy {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file cannot be opened or is damaged.
+    #[error("cannot open the ledger {path}: {reason}. If the file is damaged, move it aside (mv {path} {path}.broken) and start pinkeeper again: it re-learns every image that is pinned now, but forgets the intents of images that are unpinned right now")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A read or write failed.
+    #[error("ledger {path}: {reason}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One change to write.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// Insert or replace an intent.
+    Save(&'a Intent),
+    /// Append to the history.
+    History(&'a HistoryEntry),
+}
+
+/// The open ledger.
+#[derive(Debug)]
+pub struct Ledger {
+    db: Database,
+    path: PathBuf,
+    /// Next history sequence number.
+    next_seq: u64,
+}
+
+impl Ledger {
+    /// Opens (or creates) `<state_dir>/ledger.redb`.
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join(FILE_NAME);
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    LedgerError::Busy { path: path.clone() }
+                }
+                other => LedgerError::Open {
+                    path: path.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+        let mut ledger = Ledger {
+            db,
+            path,
+            next_seq: 0,
+        };
+        // Create the tables so readers never see them missing.
+        ledger.write(|txn| {
+            txn.open_table(INTENTS)?;
+            txn.open_table(HISTORY)?;
+            Ok(())
+        })?;
+        ledger.next_seq = ledger.read(|txn| {
+            let table = txn.open_table(HISTORY)?;
+            let next = table.last()?.map_or(0, |(k, _)| k.value() + 1);
+            Ok(next)
+        })?;
+        Ok(ledger)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every intent, released ones included. A record that cannot be decoded is an error
+    /// naming it (nothing is dropped silently).
+    pub fn intents(&self) -> Result<Vec<Intent>, LedgerError> {
+        let rows = self.read(|txn| {
+            let table = txn.open_table(INTENTS)?;
+            let mut rows = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                rows.push((k.value().to_string(), v.value().to_vec()))
+            }
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(name, bytes)| {
+                serde_json::from_slice(&bytes).map_err(|e| LedgerError::Io {
+                    path: self.path.clone(),
+                    reason: format!("the record of {name} cannot be decoded ({e})"),
+                })
+            })
+            .collect()
+    }
+
+    /// History entries, newest first, optionally of one image, at most `limit`.
+    pub fn history(
+        &self,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, LedgerError> {
+        self.read(|txn| {
+            let table = txn.open_table(HISTORY)?;
+            let mut out = Vec::new();
+            for row in table.iter()?.rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let (_, v) = row?;
+                if let Ok(entry) = serde_json::from_slice::<HistoryEntry>(v.value()) {
+                    if name.is_none_or(|n| n == entry.name) {
+                        out.push(entry);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Writes a batch in one durable transaction.
+    pub fn apply(&mut self, changes: &[Change<'_>]) -> Result<(), LedgerError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut seq = self.next_seq;
+        self.write(|txn| {
+            let mut intents = txn.open_table(INTENTS)?;
+            let mut history = txn.open_table(HISTORY)?;
+            for change in changes {
+                match change {
+                    Change::Save(intent) => {
+                        let bytes = serde_json::to_vec(intent).map_err(boxed)?;
+                        intents.insert(intent.name.as_str(), bytes.as_slice())?;
+                    }
+                    Change::History(entry) => {
+                        let bytes = serde_json::to_vec(entry).map_err(boxed)?;
+                        history.insert(seq, bytes.as_slice())?;
+                        seq += 1;
+                    }
+                }
+            }
+            let excess = history.len()?.saturating_sub(MAX_HISTORY);
+            for _ in 0..excess {
+                history.pop_first()?;
+            }
+            Ok(())
+        })?;
+        self.next_seq = seq;
+        Ok(())
+    }
+
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, Box<dyn std::error::Error>>,
+    ) -> Result<T, LedgerError> {
+        let io = |e: &dyn std::fmt::Display| LedgerError::Io {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        };
+        let txn = self.db.begin_write().map_err(|e| io(&e))?;
+        let value = f(&txn).map_err(|e| io(&e))?;
+        txn.commit().map_err(|e| io(&e))?;
+        Ok(value)
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, Box<dyn std::error::Error>>,
+    ) -> Result<T, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| LedgerError::Io {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        f(&txn).map_err(|e| LedgerError::Io {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn boxed(e: serde_json::Error) -> Box<dyn std::error::Error> {
+    Box::new(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{IntentState, Origin};
+
+    fn intent(name: &str) -> Intent {
+        Intent {
+            name: name.to_string(),
+            digest: Some("sha256:abc".into()),
+            source: None,
+            labels: Default::default(),
+            state: IntentState::Held,
+            origin: Origin::SeenPinned,
+            since: 1,
+            restores: 0,
+            last_restored: None,
+            released_because: None,
+        }
+    }
+
+    #[test]
+    fn survives_reopen_and_keeps_history_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut ledger = Ledger::open(dir.path()).unwrap();
+            let a = intent("a");
+            let h = HistoryEntry {
+                at: 5,
+                name: "a".into(),
+                action: "recorded".into(),
+                detail: "x".into(),
+            };
+            ledger
+                .apply(&[Change::Save(&a), Change::History(&h), Change::History(&h)])
+                .unwrap();
+        }
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.intents().unwrap(), vec![intent("a")]);
+        assert_eq!(ledger.history(Some("a"), 10).unwrap().len(), 2);
+        assert_eq!(ledger.history(Some("b"), 10).unwrap().len(), 0);
+        assert_eq!(ledger.next_seq, 2);
+    }
+
+    #[test]
+    fn second_open_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Ledger::open(dir.path()).unwrap();
+        let err = Ledger::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("another pinkeeper"), "{err}");
+    }
+
+    #[test]
+    fn garbage_file_is_reported_with_recovery_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(FILE_NAME),
+            b"not a database at all, just bytes",
+        )
+        .unwrap();
+        let err = Ledger::open(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("ledger.redb") && text.contains("move it aside"),
+            "{text}"
+        );
+    }
+}
