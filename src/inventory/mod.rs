@@ -1,0 +1,599 @@
+//! The inventory of the K3s images directory (`<data-dir>/agent/images`): which files K3s
+//! imports at start-up and which image names each of them provides.
+//!
+//! Owns: walking the directory the way K3s's importer does, reading archives the way
+//! containerd's `Import` names their images, reading `.txt` pull lists, and an in-memory cache
+//! keyed by file identity so an unchanged file is read once per process. Pure library code:
+//! std I/O only, no async, no containerd, no clock; it never writes to the directory.
+//!
+//! K3s behaviour this mirrors (FACTS.md §2 "Import"; k3s `pkg/agent/containerd/watcher.go`
+//! `processImageEvent`/`isFileSupported`, `containerd.go` `preloadFile`/`prePullImages`,
+//! rancher/wharfie `pkg/tarfile`):
+//! - A file is considered when its name ends, case-sensitively, in one of
+//!   [`ARCHIVE_SUFFIXES`] or `.txt`. There is no rule about dotfiles: `.cache.json` is ignored
+//!   for its suffix, but a `.hidden.tar` *is* imported by K3s, so it is listed here too.
+//! - Directories are walked recursively in K3s's work-queue order: each directory's entries
+//!   sorted by name, files before the contents of subdirectories (breadth first).
+//! - Symbolic links are followed (K3s `os.Stat`s) only while the target stays inside the
+//!   images directory (a pinkeeper rule: it never reads files elsewhere on the host); links
+//!   out, broken links, loops and non-regular files are reported in [`Inventory::skipped`].
+
+mod archive;
+mod reference;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub use reference::{normalize_reference, ReferenceError};
+
+use archive::{ArchiveError, ReadOptions};
+
+/// The archive suffixes K3s imports (wharfie `tarfile.SupportedExtensions`), matched
+/// case-sensitively as K3s's watcher does.
+pub const ARCHIVE_SUFFIXES: [&str; 8] = [
+    ".tar", ".tar.lz4", ".tar.bz2", ".tbz", ".tar.gz", ".tgz", ".tar.zst", ".tzst",
+];
+
+/// The suffix of a list of image references that K3s pulls through CRI.
+pub const LIST_SUFFIX: &str = ".txt";
+
+/// The largest `.txt` list read into memory (K3s has no limit; ours keeps reads bounded).
+const LIST_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Go's `bufio.MaxScanTokenSize`: K3s's line scanner gives up at a longer line and silently
+/// ignores the rest of the list.
+const MAX_LIST_LINE: usize = 64 * 1024 - 1;
+
+/// How an archive is compressed, from its suffix (wharfie `GetOpener`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    /// `.tar`
+    None,
+    /// `.tar.gz`, `.tgz` (concatenated gzip members are read on, as Go's reader does)
+    Gzip,
+    /// `.tar.bz2`, `.tbz`
+    Bzip2,
+    /// `.tar.zst`, `.tzst`, with K3s's 32 MiB decoder window limit
+    Zstd,
+    /// `.tar.lz4`, the LZ4 frame format
+    Lz4,
+}
+
+impl Compression {
+    fn name(self) -> &'static str {
+        match self {
+            Compression::None => "tar",
+            Compression::Gzip => "gzip",
+            Compression::Bzip2 => "bzip2",
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+        }
+    }
+}
+
+/// The archive format containerd recognised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// `oci-layout` + `index.json` (including `docker save` since Docker 25).
+    Oci,
+    /// `manifest.json` with `RepoTags` (classic `docker save`).
+    DockerSave,
+}
+
+/// What a file in the images directory is to K3s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    /// An image archive; `layout` is `None` until (or unless) the content says which.
+    Archive {
+        /// From the file's suffix.
+        compression: Compression,
+        /// From the file's content.
+        layout: Option<Layout>,
+    },
+    /// A `.txt` list of image references.
+    List,
+}
+
+/// One file K3s would import, and what it provides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// The path as found under the images directory (a link's own path, not its target).
+    pub path: PathBuf,
+    /// What K3s does with it.
+    pub kind: FileKind,
+    /// Image names as containerd records them (archives) or as CRI pulls them (lists),
+    /// in file order, without duplicates.
+    pub names: Vec<String>,
+    /// Why the file provides nothing (archives: the import would fail), or, for a list, which
+    /// lines K3s would skip. Starts with the file's path.
+    pub error: Option<String>,
+}
+
+/// A path in the images directory that was not read, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedPath {
+    /// The path under the images directory.
+    pub path: PathBuf,
+    /// Why it was passed over, and what to do about it.
+    pub reason: String,
+}
+
+/// The result of one scan of the images directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Every considered file, in K3s's import order.
+    pub files: Vec<FileEntry>,
+    /// Paths passed over: links leading out of the directory, broken links, loops,
+    /// non-regular files, unlistable subdirectories.
+    pub skipped: Vec<SkippedPath>,
+}
+
+impl Inventory {
+    /// Every image name some file provides, with the file that provides it (the first in
+    /// import order).
+    pub fn provided(&self) -> BTreeMap<String, PathBuf> {
+        let mut provided = BTreeMap::new();
+        for file in &self.files {
+            for name in &file.names {
+                provided
+                    .entry(name.clone())
+                    .or_insert_with(|| file.path.clone());
+            }
+        }
+        provided
+    }
+
+    /// The file that provides `name`, if any (first in import order).
+    pub fn provider_of(&self, name: &str) -> Option<&Path> {
+        self.files
+            .iter()
+            .find(|f| f.names.iter().any(|n| n == name))
+            .map(|f| f.path.as_path())
+    }
+
+    /// The files that could not be read or provide nothing because they are broken.
+    pub fn errors(&self) -> impl Iterator<Item = &FileEntry> {
+        self.files.iter().filter(|f| f.error.is_some())
+    }
+}
+
+/// A scan that could not happen at all.
+#[derive(Debug, Error)]
+pub enum InventoryError {
+    #[error(
+        "cannot read the K3s images directory {path}: {source}; check that it is \
+         <data-dir>/agent/images and that pinkeeper (root) can list it"
+    )]
+    /// The directory exists but cannot be listed (or its path cannot be examined).
+    Unreadable {
+        /// The images directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Tells what K3s would do with a file, by its name alone: `None` for files K3s ignores.
+pub fn classify(path: &Path) -> Option<FileKind> {
+    let name = path.file_name()?.as_bytes();
+    // K3s's gate (`isFileSupported`) is case-sensitive; its dispatch (`HasSuffixI`) is not,
+    // but after the gate the two agree.
+    if name.ends_with(LIST_SUFFIX.as_bytes()) {
+        return Some(FileKind::List);
+    }
+    let compression = if name.ends_with(b".tar") {
+        Compression::None
+    } else if name.ends_with(b".tar.lz4") {
+        Compression::Lz4
+    } else if name.ends_with(b".tar.bz2") || name.ends_with(b".tbz") {
+        Compression::Bzip2
+    } else if name.ends_with(b".tar.gz") || name.ends_with(b".tgz") {
+        Compression::Gzip
+    } else if name.ends_with(b".tar.zst") || name.ends_with(b".tzst") {
+        Compression::Zstd
+    } else {
+        return None;
+    };
+    Some(FileKind::Archive {
+        compression,
+        layout: None,
+    })
+}
+
+/// Scans the images directory, re-reading only files whose identity changed.
+#[derive(Debug)]
+pub struct Scanner {
+    images_dir: PathBuf,
+    options: ReadOptions,
+    cache: HashMap<CacheKey, CachedRead>,
+    files_read: u64,
+}
+
+/// A file's identity: an unchanged key means unchanged content (as far as K3s can tell,
+/// which also keys its `.cache.json` on size and mtime). The kind is part of it because a
+/// rename can change the suffix and so how the same bytes are read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    kind: FileKind,
+}
+
+#[derive(Debug, Clone)]
+struct CachedRead {
+    kind: FileKind,
+    names: Vec<String>,
+    error: Option<String>,
+}
+
+impl Scanner {
+    /// A scanner of `images_dir` (normally `/var/lib/rancher/k3s/agent/images`) with an
+    /// empty cache.
+    pub fn new(images_dir: impl Into<PathBuf>) -> Self {
+        Scanner {
+            images_dir: images_dir.into(),
+            options: ReadOptions::default(),
+            cache: HashMap::new(),
+            files_read: 0,
+        }
+    }
+
+    /// Read every OCI archive to its end instead of stopping at `index.json`, so that a
+    /// truncated or corrupt tail is reported (K3s's import would fail on it). Slower: the
+    /// layers are decompressed.
+    pub fn verify_whole_archives(mut self, verify: bool) -> Self {
+        self.options.verify_whole_archive = verify;
+        self
+    }
+
+    /// The directory this scanner reads.
+    pub fn images_dir(&self) -> &Path {
+        &self.images_dir
+    }
+
+    /// How many files this scanner has opened and read so far (cache misses).
+    pub fn files_read(&self) -> u64 {
+        self.files_read
+    }
+
+    /// Walks the images directory and reads every new or changed file. A missing directory
+    /// is an empty inventory (K3s imports nothing); one that exists but cannot be listed is
+    /// an error.
+    pub fn scan(&mut self) -> Result<Inventory, InventoryError> {
+        let listing = walk(&self.images_dir)?;
+        let mut next_cache: HashMap<CacheKey, CachedRead> = HashMap::new();
+        let mut files = Vec::with_capacity(listing.files.len());
+        for found in listing.files {
+            let key = CacheKey {
+                dev: found.meta.dev(),
+                ino: found.meta.ino(),
+                size: found.meta.size(),
+                mtime_ns: i128::from(found.meta.mtime()) * 1_000_000_000
+                    + i128::from(found.meta.mtime_nsec()),
+                kind: found.kind,
+            };
+            let cached = self
+                .cache
+                .remove(&key)
+                .or_else(|| next_cache.get(&key).cloned());
+            let read = match cached {
+                Some(read) => read,
+                None => {
+                    self.files_read += 1;
+                    let (read, cacheable) = read_file(&found.path, found.kind, self.options);
+                    if !cacheable {
+                        files.push(entry(found.path, read));
+                        continue;
+                    }
+                    read
+                }
+            };
+            next_cache.insert(key, read.clone());
+            files.push(entry(found.path, read));
+        }
+        // Entries of files that are gone (or changed) are dropped here.
+        self.cache = next_cache;
+        Ok(Inventory {
+            files,
+            skipped: listing.skipped,
+        })
+    }
+}
+
+fn entry(path: PathBuf, read: CachedRead) -> FileEntry {
+    FileEntry {
+        path,
+        kind: read.kind,
+        names: read.names,
+        error: read.error,
+    }
+}
+
+/// Reads one file; the flag says whether the result may be cached (not when the file could
+/// not even be opened, which may be transient).
+fn read_file(path: &Path, kind: FileKind, options: ReadOptions) -> (CachedRead, bool) {
+    // Nothing on disk may take the daemon down: a panic in a decoder becomes an error entry.
+    let outcome = catch_unwind(AssertUnwindSafe(|| match kind {
+        FileKind::List => read_list_file(path),
+        FileKind::Archive { compression, .. } => {
+            let read = archive::read_archive_file(path, compression, options);
+            let cacheable = !matches!(read.error, Some(ArchiveError::Open(_)));
+            let error = read.error.map(|e| {
+                let advice = match e {
+                    ArchiveError::Open(_) => "check the file's permissions",
+                    _ => "K3s cannot import it either: replace it with a good copy or remove it",
+                };
+                format!("{}: {e}; {advice}", path.display())
+            });
+            (
+                CachedRead {
+                    kind: FileKind::Archive {
+                        compression,
+                        layout: read.layout,
+                    },
+                    names: read.names,
+                    error,
+                },
+                cacheable,
+            )
+        }
+    }));
+    outcome.unwrap_or_else(|_| {
+        (
+            CachedRead {
+                kind,
+                names: Vec::new(),
+                error: Some(format!(
+                    "{}: reading the file crashed the decoder (a bug in pinkeeper or a \
+                     library it uses); the file is treated as providing nothing",
+                    path.display()
+                )),
+            },
+            true,
+        )
+    })
+}
+
+fn read_list_file(path: &Path) -> (CachedRead, bool) {
+    let mut bytes = Vec::new();
+    let opened = fs::File::open(path)
+        .and_then(|f| f.take(LIST_LIMIT + 1).read_to_end(&mut bytes).map(|_| ()));
+    if let Err(e) = opened {
+        return (
+            CachedRead {
+                kind: FileKind::List,
+                names: Vec::new(),
+                error: Some(format!(
+                    "{}: cannot read the image list: {e}; check the file's permissions",
+                    path.display()
+                )),
+            },
+            false,
+        );
+    }
+    let mut problems = Vec::new();
+    if bytes.len() as u64 > LIST_LIMIT {
+        bytes.truncate(LIST_LIMIT as usize);
+        problems.push(format!(
+            "the list is over {LIST_LIMIT} bytes; only the start was read"
+        ));
+    }
+    let (names, mut line_problems) = parse_list(&bytes);
+    problems.append(&mut line_problems);
+    let error =
+        (!problems.is_empty()).then(|| format!("{}: {}", path.display(), problems.join("; ")));
+    (
+        CachedRead {
+            kind: FileKind::List,
+            names,
+            error,
+        },
+        true,
+    )
+}
+
+/// K3s's `prePullImages`: one reference a line (`bufio.ScanLines`, so `\r\n` works), trimmed,
+/// blank lines skipped. There is no comment syntax: a `# …` line is an invalid reference,
+/// which K3s logs and skips, as are other unparsable lines. Names are what CRI stores after
+/// the pull (`ParseDockerRef`).
+fn parse_list(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+    let mut names = Vec::new();
+    let mut problems = Vec::new();
+    let mut lines = bytes.split(|&b| b == b'\n').enumerate().peekable();
+    while let Some((index, raw)) = lines.next() {
+        if raw.is_empty() && lines.peek().is_none() {
+            break; // the empty remainder after a final newline is not a line
+        }
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.len() > MAX_LIST_LINE {
+            problems.push(format!(
+                "line {} is longer than 64 KiB, and K3s stops reading the list there",
+                index + 1
+            ));
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        let reference = text.trim();
+        if reference.is_empty() {
+            continue;
+        }
+        match normalize_reference(reference) {
+            Ok(name) => {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            Err(e) => problems.push(format!("line {} skipped by K3s: {e}", index + 1)),
+        }
+    }
+    (names, problems)
+}
+
+struct Found {
+    path: PathBuf,
+    kind: FileKind,
+    meta: fs::Metadata,
+}
+
+#[derive(Default)]
+struct Listing {
+    files: Vec<Found>,
+    skipped: Vec<SkippedPath>,
+}
+
+impl Listing {
+    fn skip(&mut self, path: PathBuf, reason: impl Into<String>) {
+        self.skipped.push(SkippedPath {
+            path,
+            reason: reason.into(),
+        });
+    }
+}
+
+fn walk(root: &Path) -> Result<Listing, InventoryError> {
+    let unreadable = |source| InventoryError::Unreadable {
+        path: root.to_path_buf(),
+        source,
+    };
+    let mut listing = Listing::default();
+    let root_meta = match fs::metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
+        Err(e) => return Err(unreadable(e)),
+    };
+    if !root_meta.is_dir() {
+        listing.skip(
+            root.to_path_buf(),
+            "the images path is not a directory; K3s imports nothing from it",
+        );
+        return Ok(listing);
+    }
+    let canonical_root = fs::canonicalize(root).map_err(unreadable)?;
+    let mut visited = HashSet::from([(root_meta.dev(), root_meta.ino())]);
+    let mut queue = VecDeque::from([root.to_path_buf()]);
+    while let Some(dir) = queue.pop_front() {
+        let is_root = dir.as_path() == root;
+        let names = match list_dir(&dir) {
+            Ok(names) => names,
+            Err(e) if is_root => return Err(unreadable(e)),
+            Err(e) => {
+                listing.skip(
+                    dir,
+                    format!("cannot list this directory ({e}); K3s cannot import from it either"),
+                );
+                continue;
+            }
+        };
+        for name in names {
+            let path = dir.join(&name);
+            visit(
+                path,
+                &canonical_root,
+                &mut visited,
+                &mut queue,
+                &mut listing,
+            );
+        }
+    }
+    Ok(listing)
+}
+
+fn list_dir(dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+    let mut names = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        names.push(entry?.file_name());
+    }
+    // os.ReadDir order: by name, bytewise
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+fn visit(
+    path: PathBuf,
+    canonical_root: &Path,
+    visited: &mut HashSet<(u64, u64)>,
+    queue: &mut VecDeque<PathBuf>,
+    listing: &mut Listing,
+) {
+    let kind = classify(&path);
+    let link_meta = match fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        // removed since it was listed: nothing to import
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            listing.skip(path, format!("cannot stat: {e}"));
+            return;
+        }
+    };
+    let meta = if link_meta.file_type().is_symlink() {
+        let target = match fs::canonicalize(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                if kind.is_some() {
+                    listing.skip(
+                        path,
+                        format!("broken symbolic link ({e}); K3s skips it too"),
+                    );
+                }
+                return;
+            }
+        };
+        if !target.starts_with(canonical_root) {
+            if kind.is_some() || target.is_dir() {
+                listing.skip(
+                    path,
+                    format!(
+                        "symbolic link to {}, outside the images directory: not followed \
+                         (move the file into the images directory)",
+                        target.display()
+                    ),
+                );
+            }
+            return;
+        }
+        match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                listing.skip(path, format!("cannot stat the link's target: {e}"));
+                return;
+            }
+        }
+    } else {
+        link_meta
+    };
+    if meta.is_dir() {
+        if visited.insert((meta.dev(), meta.ino())) {
+            queue.push_back(path);
+        } else {
+            listing.skip(
+                path,
+                "directory already scanned through another path (symbolic link loop or alias)",
+            );
+        }
+        return;
+    }
+    let Some(kind) = kind else {
+        return;
+    };
+    if !meta.is_file() {
+        listing.skip(
+            path,
+            "not a regular file (fifo, socket or device): not read",
+        );
+        return;
+    }
+    listing.files.push(Found { path, kind, meta });
+}
