@@ -59,8 +59,13 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PINKEEPER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The gRPC stack's own debug lines are noise for an operator; PINKEEPER_LOG can still
+    // turn them on by naming them (`h2=debug`).
+    let wanted = std::env::var("PINKEEPER_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(format!(
+        "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,{wanted}"
+    ))
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -450,14 +450,14 @@ impl Engine {
                     );
                     return;
                 }
-                let new_target = self.observe(now, &event.name, event.labels, true, out);
+                let new_target = self.observe(now, &event.name, event.labels, None, out);
                 if new_target {
                     // A (re)created record may have a new target: events carry no digest.
                     out.push(Output::Fetch { name: event.name });
                 }
             }
             EventKind::Update => {
-                self.observe(now, &event.name, event.labels, true, out);
+                self.observe(now, &event.name, event.labels, None, out);
             }
         }
     }
@@ -469,16 +469,23 @@ impl Engine {
             .is_some_and(|i| i.state != IntentState::Released)
     }
 
-    /// Applies the labels now seen on `name` (from an event or a listing). Returns true when
-    /// the name holds an intent afterwards and its digest should be refreshed.
+    /// Applies the labels now seen on `name`: from an event (`listed` is `None`) or from a
+    /// listing (`Some(digest)`, the record's target digest if any). Returns true when the name
+    /// holds an intent afterwards.
     fn observe(
         &mut self,
         now: Millis,
         name: &str,
         labels: Labels,
-        live: bool,
+        listed: Option<Option<String>>,
         out: &mut Vec<Output>,
     ) -> bool {
+        let live = listed.is_none();
+        if let Some(Some(digest)) = &listed {
+            if self.holds(name) {
+                self.update_intent(name, out, |i| i.digest = Some(digest.clone()));
+            }
+        }
         let new = self.pins(&labels);
         let Some(intent) = self
             .intents
@@ -494,7 +501,7 @@ impl Engine {
                 Some(old) => (new.program && !old.program) || (new.cri && !old.cri),
             };
             if pinned_again {
-                self.record(now, name, labels, out);
+                self.record(now, name, labels, listed.flatten(), out);
             } else if before.is_some_and(|old| old != new) {
                 self.update_intent(name, out, |i| i.labels = labels);
             }
@@ -634,13 +641,21 @@ impl Engine {
         }
     }
 
-    fn record(&mut self, now: Millis, name: &str, labels: Labels, out: &mut Vec<Output>) {
-        let source = self.source_of(name);
+    fn record(
+        &mut self,
+        now: Millis,
+        name: &str,
+        labels: Labels,
+        digest: Option<String>,
+        out: &mut Vec<Output>,
+    ) {
         let previous = self.intents.get(name);
-        let intent = Intent {
+        let mut intent = Intent {
             name: name.to_string(),
-            digest: previous.and_then(|p| p.digest.clone()),
-            source: source.or_else(|| previous.and_then(|p| p.source.clone())),
+            digest: digest
+                .clone()
+                .or_else(|| previous.and_then(|p| p.digest.clone())),
+            source: previous.and_then(|p| p.source.clone()),
             labels,
             state: IntentState::Held,
             origin: Origin::SeenPinned,
@@ -649,18 +664,26 @@ impl Engine {
             last_restored: previous.and_then(|p| p.last_restored),
             released_because: None,
         };
+        self.intents.insert(name.to_string(), intent.clone());
+        self.provided_digests = None;
+        if let Some(source) = self.source_of(name) {
+            intent.source = Some(source.clone());
+            if let Some(i) = self.intents.get_mut(name) {
+                i.source = Some(source);
+            }
+        }
         let detail = if intent.labels.contains_key(CRI_PIN) {
             "seen carrying io.cri-containerd.pinned=pinned"
         } else {
             "seen carrying K3s's pin label"
         };
-        self.intents.insert(name.to_string(), intent.clone());
-        self.provided_digests = None;
         out.push(Output::Save { intent, new: true });
         self.history(now, name, "recorded", detail, out);
-        out.push(Output::Fetch {
-            name: name.to_string(),
-        });
+        if digest.is_none() {
+            out.push(Output::Fetch {
+                name: name.to_string(),
+            });
+        }
         if !self.pins(&self.intents[name].labels).cri {
             self.settle(name, now, out);
         }
@@ -688,18 +711,25 @@ impl Engine {
         out: &mut Vec<Output>,
         change: impl FnOnce(&mut Intent),
     ) {
-        if let Some(intent) = self.intents.get_mut(name) {
-            let before = intent.clone();
-            change(intent);
-            if *intent != before {
-                if intent.digest != before.digest {
-                    self.provided_digests = None;
+        let Some(intent) = self.intents.get_mut(name) else {
+            return;
+        };
+        let before = intent.clone();
+        change(intent);
+        if intent.digest != before.digest {
+            // The digest ties K3s's aliases to their archive.
+            self.provided_digests = None;
+            if let Some(source) = self.source_of(name) {
+                if let Some(i) = self.intents.get_mut(name) {
+                    i.source = Some(source);
                 }
-                out.push(Output::Save {
-                    intent: intent.clone(),
-                    new: false,
-                });
             }
+        }
+        if let Some(intent) = self.intents.get(name).filter(|i| **i != before) {
+            out.push(Output::Save {
+                intent: intent.clone(),
+                new: false,
+            });
         }
     }
 
@@ -851,10 +881,7 @@ impl Engine {
                 );
                 continue;
             }
-            if image.digest.is_some() && self.holds(&image.name) {
-                self.update_intent(&image.name, out, |i| i.digest = image.digest.clone());
-            }
-            self.observe(now, &image.name, image.labels, false, out);
+            self.observe(now, &image.name, image.labels, Some(image.digest), out);
         }
         // Records that are gone were deleted while pinkeeper was not watching. Released after
         // the churn window unless created again (K3s may be in the middle of re-tagging).

@@ -1,1 +1,278 @@
+//! Unit tests of the engine's rules, driven input by input with chosen instants.
 
+use super::*;
+
+const APP: &str = "docker.io/library/app:1";
+const ALIAS: &str = "docker.io/library/app@sha256:aaaa";
+const WEB: &str = "registry.example.com/team/web:2.3";
+
+fn labels(pins: &[&str]) -> Labels {
+    pins.iter()
+        .map(|k| (k.to_string(), PINNED.to_string()))
+        .collect()
+}
+
+fn both() -> Labels {
+    labels(&[K3S_PIN, CRI_PIN])
+}
+
+fn update(name: &str, l: Labels) -> Input {
+    Input::Event(ImageEvent {
+        kind: EventKind::Update,
+        name: name.into(),
+        labels: l,
+    })
+}
+
+fn event(kind: EventKind, name: &str, l: Labels) -> Input {
+    Input::Event(ImageEvent {
+        kind,
+        name: name.into(),
+        labels: l,
+    })
+}
+
+fn record(name: &str, l: Labels, digest: &str) -> ImageRecord {
+    ImageRecord {
+        name: name.into(),
+        labels: l,
+        digest: Some(digest.into()),
+    }
+}
+
+fn inventory(entries: &[(&str, &str)]) -> Input {
+    Input::Inventory(
+        entries
+            .iter()
+            .map(|(n, f)| (n.to_string(), PathBuf::from(f)))
+            .collect(),
+    )
+}
+
+fn pins(out: &[Output]) -> Vec<(String, RestoreReason)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Pin { name, reason } => Some((name.clone(), *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An engine that knows APP (provided by app.tar, with its alias) and WEB (web.tar), both pinned.
+fn engine_with_two() -> Engine {
+    let mut e = Engine::new(Config::default(), []);
+    e.handle(0, inventory(&[(APP, "app.tar"), (WEB, "web.tar")]));
+    e.handle(
+        0,
+        Input::Listing {
+            images: vec![
+                record(APP, both(), "sha256:aaaa"),
+                record(ALIAS, both(), "sha256:aaaa"),
+                record(WEB, both(), "sha256:bbbb"),
+            ],
+            cause: ListCause::Connected,
+        },
+    );
+    e
+}
+
+#[test]
+fn records_intents_with_digest_from_listing() {
+    let e = engine_with_two();
+    let app = e.intent(APP).unwrap();
+    assert_eq!(app.state, IntentState::Held);
+    assert_eq!(app.digest.as_deref(), Some("sha256:aaaa"));
+    assert_eq!(app.source, Some(PathBuf::from("app.tar")));
+    // The alias belongs to the archive of the image it aliases (same digest).
+    assert_eq!(
+        e.intent(ALIAS).unwrap().source,
+        Some(PathBuf::from("app.tar"))
+    );
+    assert_eq!(e.next_wakeup(), None);
+}
+
+#[test]
+fn a_new_intent_asks_for_its_digest_and_is_saved_as_new() {
+    let mut e = Engine::new(Config::default(), []);
+    let out = e.handle(5, update(APP, both()));
+    assert!(matches!(&out[0], Output::Save { new: true, intent } if intent.name == APP));
+    assert!(out.contains(&Output::Fetch { name: APP.into() }));
+}
+
+#[test]
+fn sweep_of_a_gone_archive_restores_at_once_and_of_a_present_one_waits() {
+    let mut e = engine_with_two();
+    e.handle(10, inventory(&[(APP, "app.tar")]));
+    let out = e.handle(1000, update(WEB, Labels::new()));
+    assert_eq!(
+        pins(&out),
+        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
+    );
+    let out = e.handle(1001, update(APP, Labels::new()));
+    assert!(pins(&out).is_empty());
+    let out = e.handle(1002, update(ALIAS, Labels::new()));
+    assert!(pins(&out).is_empty(), "the alias shares app.tar's digest");
+    // Verification comes after the quiet period, pushed back by every event.
+    assert_eq!(e.next_wakeup(), Some(1002 + 5000));
+    e.handle(3000, update("other", Labels::new()));
+    assert_eq!(e.next_wakeup(), Some(3000 + 5000));
+    assert_eq!(e.handle(8000, Input::Tick), vec![Output::Verify]);
+    // K3s did not re-pin APP (cache bug): the verification listing restores it.
+    let out = e.handle(
+        8001,
+        Input::Listing {
+            images: vec![
+                record(APP, Labels::new(), "sha256:aaaa"),
+                record(ALIAS, both(), "sha256:aaaa"),
+                record(WEB, labels(&[CRI_PIN]), "sha256:bbbb"),
+            ],
+            cause: ListCause::Verify,
+        },
+    );
+    assert_eq!(
+        pins(&out),
+        vec![(APP.to_string(), RestoreReason::NotRepinned)]
+    );
+}
+
+#[test]
+fn verification_cannot_be_put_off_forever() {
+    let mut e = engine_with_two();
+    e.handle(0, update(APP, Labels::new()));
+    for t in (1000..200_000).step_by(1000) {
+        e.handle(t, update("busy", Labels::new()));
+    }
+    assert_eq!(e.next_wakeup(), Some(Config::default().settle_max));
+}
+
+#[test]
+fn no_archive_is_called_gone_before_the_directory_was_read() {
+    let mut e = Engine::new(Config::default(), []);
+    e.handle(0, update(WEB, both()));
+    let out = e.handle(1, update(WEB, Labels::new()));
+    assert!(pins(&out).is_empty());
+    assert!(e.next_wakeup().is_some());
+}
+
+#[test]
+fn a_live_unpin_is_confirmed_by_a_get_before_release() {
+    let mut e = engine_with_two();
+    let out = e.handle(1, update(WEB, labels(&[K3S_PIN])));
+    assert_eq!(out, vec![Output::Fetch { name: WEB.into() }]);
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
+    // The sweep's event comes before the Get's answer: still not a sweep.
+    let out = e.handle(2, update(WEB, Labels::new()));
+    assert!(pins(&out).is_empty());
+    e.handle(
+        3,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(record(WEB, Labels::new(), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
+}
+
+#[test]
+fn a_stale_unpin_is_not_a_release() {
+    let mut e = engine_with_two();
+    e.handle(1, update(WEB, Labels::new()));
+    e.handle(2, update(WEB, labels(&[CRI_PIN])));
+    // A late copy of some earlier event without the pin.
+    e.handle(3, update(WEB, Labels::new()));
+    e.handle(
+        4,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(record(WEB, labels(&[CRI_PIN]), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
+}
+
+#[test]
+fn alias_churn_keeps_the_intent_and_a_plain_delete_releases_it() {
+    let mut e = engine_with_two();
+    e.handle(1, event(EventKind::Delete, ALIAS, Labels::new()));
+    assert_eq!(e.next_wakeup(), Some(1 + Config::default().churn_window));
+    e.handle(2, event(EventKind::Create, ALIAS, both()));
+    assert_eq!(e.next_wakeup(), None);
+    e.handle(10, event(EventKind::Delete, ALIAS, Labels::new()));
+    e.handle(10 + Config::default().churn_window, Input::Tick);
+    assert_eq!(e.intent(ALIAS).unwrap().state, IntentState::Released);
+}
+
+#[test]
+fn a_failed_restore_is_retried_at_the_next_listing() {
+    let mut e = engine_with_two();
+    e.handle(1, inventory(&[]));
+    let out = e.handle(2, update(WEB, Labels::new()));
+    assert_eq!(pins(&out).len(), 1);
+    e.handle(
+        3,
+        Input::Pinned {
+            name: WEB.into(),
+            result: Err(ApplyError::Failed("Unavailable".into())),
+        },
+    );
+    e.handle(4, Input::Disconnected);
+    let out = e.handle(
+        5,
+        Input::Listing {
+            images: vec![record(WEB, Labels::new(), "sha256:bbbb")],
+            cause: ListCause::Connected,
+        },
+    );
+    assert_eq!(
+        pins(&out),
+        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
+    );
+}
+
+#[test]
+fn a_pin_in_flight_is_not_written_twice() {
+    let mut e = engine_with_two();
+    e.handle(1, inventory(&[]));
+    assert_eq!(pins(&e.handle(2, update(WEB, Labels::new()))).len(), 1);
+    assert_eq!(pins(&e.handle(3, update(WEB, Labels::new()))).len(), 0);
+    let out = e.handle(
+        4,
+        Input::Listing {
+            images: vec![record(WEB, Labels::new(), "sha256:bbbb")],
+            cause: ListCause::Connected,
+        },
+    );
+    assert_eq!(pins(&out).len(), 0);
+}
+
+#[test]
+fn swept_state_survives_a_restart_of_pinkeeper() {
+    let mut e = engine_with_two();
+    e.handle(1, update(WEB, Labels::new()));
+    let saved: Vec<Intent> = e.intents().cloned().collect();
+    // Crash before the restore was written: the ledger says swept.
+    let mut e = Engine::new(Config::default(), saved);
+    e.handle(2, inventory(&[(APP, "app.tar")]));
+    let out = e.handle(
+        3,
+        Input::Listing {
+            images: vec![
+                record(APP, both(), "sha256:aaaa"),
+                record(WEB, Labels::new(), "sha256:bbbb"),
+            ],
+            cause: ListCause::Connected,
+        },
+    );
+    assert_eq!(
+        pins(&out),
+        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
+    );
+}
+
+#[test]
+fn images_nobody_pinned_get_no_intent() {
+    let mut e = engine_with_two();
+    let out = e.handle(1, update("docker.io/library/free:1", labels(&["other"])));
+    assert!(out.is_empty());
+    assert!(e.intent("docker.io/library/free:1").is_none());
+}

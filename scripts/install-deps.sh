@@ -1,0 +1,67 @@
+#!/bin/sh
+# Installs what building and testing pinkeeper needs on Debian bookworm (run as root):
+# protoc (containerd-client and ttrpc codegen, FACTS.md 5), containerd 1.6 from bookworm (its
+# `containerd` and `ctr` binaries, for the integration tests; the host service is NOT started),
+# the compressors of K3s's archive formats, then the unpacked containerd 1.7 and 2.x
+# (scripts/containerd-cache.sh). Idempotent, and quick when everything is there.
+set -eu
+
+here="$(cd "$(dirname "$0")" && pwd)"
+
+# package:command-or-file that proves it is installed
+wanted="protobuf-compiler:/usr/bin/protoc containerd:/usr/bin/containerd containerd:/usr/bin/ctr
+zstd:/usr/bin/zstd lz4:/usr/bin/lz4 bzip2:/usr/bin/bzip2
+ca-certificates:/etc/ssl/certs/ca-certificates.crt"
+
+missing=""
+for item in $wanted; do
+    pkg="${item%%:*}"
+    file="${item#*:}"
+    if [ ! -e "$file" ]; then
+        case " $missing " in
+            *" $pkg "*) ;;
+            *) missing="$missing $pkg" ;;
+        esac
+    fi
+done
+
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-deps: missing:$missing; run this script as root" >&2
+        exit 1
+    fi
+    echo "install-deps: installing:$missing"
+    # Never start (or enable) a host containerd: invoke-rc.d consults policy-rc.d, and 101
+    # means "action not allowed". Restore whatever was there before.
+    policy=/usr/sbin/policy-rc.d
+    saved=""
+    if [ -e "$policy" ]; then
+        saved="$(mktemp)"
+        cp -p "$policy" "$saved"
+    fi
+    restore_policy() {
+        if [ -n "$saved" ]; then mv "$saved" "$policy"; else rm -f "$policy"; fi
+    }
+    trap restore_policy EXIT INT TERM
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086 # word splitting of the package list is intended
+    apt-get install -y -qq --no-install-recommends $missing
+    restore_policy
+    trap - EXIT INT TERM
+    # The package enables its unit for boot; the tests run their own private daemons instead.
+    case " $missing " in
+        *" containerd "*)
+            if command -v deb-systemd-helper >/dev/null 2>&1; then
+                deb-systemd-helper disable containerd.service >/dev/null 2>&1 || true
+            fi
+            ;;
+    esac
+else
+    echo "install-deps: apt packages already installed"
+fi
+
+"$here/containerd-cache.sh"
