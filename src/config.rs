@@ -17,6 +17,10 @@ pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/rancher/k3s/agent/images";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pinkeeper";
 /// The operator API's socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pinkeeper/pinkeeper.sock";
+/// Default quiet time before the check of K3s's re-pins, in ms.
+pub const DEFAULT_SETTLE_MS: u64 = 5_000;
+/// Longest accepted quiet time: kubelet's image GC starts after the start-up.
+const MAX_SETTLE_MS: u64 = 120_000;
 /// The longest path a unix socket address holds (`sun_path`, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -34,6 +38,8 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     /// The control API socket.
     pub control_socket: Option<PathBuf>,
+    /// Quiet time (ms) of a K3s start-up before pinkeeper checks K3s's re-pins.
+    pub settle_ms: Option<u64>,
 }
 
 /// Values given on the command line (each overrides the config file).
@@ -49,6 +55,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     /// `--control-socket`
     pub control_socket: Option<PathBuf>,
+    /// `--settle-ms`
+    pub settle_ms: Option<u64>,
 }
 
 /// The settings `pinkeeper run` uses.
@@ -64,6 +72,9 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// The control API socket.
     pub control_socket: PathBuf,
+    /// Quiet time (ms) after the last image event of a K3s start-up before pinkeeper checks
+    /// that K3s re-pinned every image whose archive is still there.
+    pub settle_ms: u64,
 }
 
 /// A setting that cannot be used. Exit code 2.
@@ -78,7 +89,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The config file is not valid TOML or has unknown keys / wrong types.
-    #[error("config file {path}: {message}\n(known keys: containerd_socket, namespace, images_dir, state_dir, control_socket)")]
+    #[error("config file {path}: {message}\n(known keys: containerd_socket, namespace, images_dir, state_dir, control_socket, settle_ms)")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -151,6 +162,18 @@ impl Settings {
             .or(file.namespace)
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
 
+        let settle_from_flag = flags.settle_ms.is_some();
+        let settle_ms = flags
+            .settle_ms
+            .or(file.settle_ms)
+            .unwrap_or(DEFAULT_SETTLE_MS);
+        if !(100..=MAX_SETTLE_MS).contains(&settle_ms) {
+            return Err(ConfigError::Invalid {
+                what: origin("settle-ms", "settle_ms", settle_from_flag),
+                value: settle_ms.to_string(),
+                expected: format!("expected milliseconds between 100 and {MAX_SETTLE_MS}"),
+            });
+        }
         check_socket(
             &containerd_socket,
             &origin("containerd-socket", "containerd_socket", f1),
@@ -174,6 +197,7 @@ impl Settings {
             images_dir,
             state_dir,
             control_socket,
+            settle_ms,
         })
     }
 }

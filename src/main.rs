@@ -47,6 +47,10 @@ struct RunArgs {
     /// The operator API's socket [default: /run/pinkeeper/pinkeeper.sock]
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Quiet time after the last image event of a K3s start-up before pinkeeper checks that
+    /// K3s re-pinned every image whose archive is still there [default: 5000]
+    #[arg(long, value_name = "MS")]
+    settle_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +91,7 @@ fn run(args: RunArgs) -> ExitCode {
         images_dir: args.images_dir,
         state_dir: args.state_dir,
         control_socket: args.control_socket,
+        settle_ms: args.settle_ms,
     };
     let settings = match Settings::resolve(file, flags) {
         Ok(s) => s,
@@ -103,7 +108,11 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pinkeeper::daemon::run(settings, Default::default())) {
+    let engine = pinkeeper::engine::Config {
+        settle: settings.settle_ms,
+        ..Default::default()
+    };
+    match runtime.block_on(pinkeeper::daemon::run(settings, engine)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

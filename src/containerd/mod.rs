@@ -155,6 +155,11 @@ impl Containerd {
         let image = containerd_client::services::v1::Image {
             name: name.to_string(),
             labels: [(CRI_PIN.to_string(), PINNED.to_string())].into(),
+            // containerd 1.7 and 2.x dereference the request's target before applying the
+            // field mask (`imageFromProto`): a missing one crashes the whole daemon with a nil
+            // pointer panic. With a `labels.` mask the stored target is kept and this one is
+            // never used, so an empty descriptor is enough.
+            target: Some(containerd_client::types::Descriptor::default()),
             ..Default::default()
         };
         let update = UpdateImageRequest {

@@ -259,6 +259,9 @@ impl Client {
         let image = Image {
             name: name.to_string(),
             labels: HashMap::from([(key.to_string(), value.to_string())]),
+            // containerd 1.7 and 2.x crash (nil pointer in `imageFromProto`) on an update
+            // without a target; the `labels.` mask keeps the stored one, so any will do.
+            target: Some(Default::default()),
             ..Default::default()
         };
         let path = format!("labels.{key}");
@@ -285,6 +288,8 @@ impl Client {
         let image = Image {
             name: name.to_string(),
             labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            // See `set_label`: a missing target crashes containerd 1.7 and 2.x.
+            target: Some(Default::default()),
             ..Default::default()
         };
         let updated = self
