@@ -33,6 +33,10 @@ pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 /// Why an intent is released when its CRI pin is removed outside the sweep.
 const UNPIN: &str = "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)";
 
+/// Why an intent is released at once when first seen with K3s's label and no CRI pin.
+const K3S_LABEL_ONLY: &str =
+    "seen with K3s's pin label but without the CRI pin: someone had unpinned it (K3s always sets both)";
+
 /// Tunables of the engine. Times are in milliseconds.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -317,7 +321,7 @@ struct Episode {
 pub struct Engine {
     config: Config,
     /// Every intent, released ones included, by image name.
-    intents: HashMap<String, Intent>,
+    intents: BTreeMap<String, Intent>,
     /// Image name -> providing file, from the last inventory; `None` before the first one,
     /// when no archive can be called gone.
     provided: Option<BTreeMap<String, PathBuf>>,
@@ -349,7 +353,7 @@ pub struct Engine {
 impl Engine {
     /// Starts from the intents in the ledger.
     pub fn new(config: Config, intents: impl IntoIterator<Item = Intent>) -> Self {
-        let intents: HashMap<String, Intent> =
+        let intents: BTreeMap<String, Intent> =
             intents.into_iter().map(|i| (i.name.clone(), i)).collect();
         // Intents swept before a crash wait for the next listing to be settled again.
         let awaiting_k3s = intents
@@ -434,8 +438,11 @@ impl Engine {
                 if self.holds(&event.name) {
                     // Released at `churn_window` unless K3s creates it again (forceCreateTag).
                     self.deleted
-                        .entry(event.name)
+                        .entry(event.name.clone())
                         .or_insert(now + self.config.churn_window);
+                    // A delete may be delivered after the create that followed it (FACTS.md
+                    // section 3): a Get tells.
+                    out.push(Output::Fetch { name: event.name });
                 }
             }
             EventKind::Create => {
@@ -446,6 +453,7 @@ impl Engine {
                         now,
                         &event.name,
                         "its record was deleted and created again without a pin",
+                        Some(event.labels),
                         out,
                     );
                     return;
@@ -492,18 +500,21 @@ impl Engine {
             .get(name)
             .filter(|i| i.state != IntentState::Released)
         else {
-            // A released intent comes back only when a pin is put on again (K3s re-importing
-            // the archive, someone pinning it): the K3s label an operator left behind when
-            // removing the CRI pin is no reason to undo the unpin.
+            // A released intent comes back only when the CRI pin is put on again (K3s
+            // re-importing the archive, someone pinning it): K3s's label alone, as an operator
+            // leaves it when removing the CRI pin, is no reason to undo the unpin.
             let before = self.intents.get(name).map(|i| self.pins(&i.labels));
-            let pinned_again = match before {
-                None => new.any(),
-                Some(old) => (new.program && !old.program) || (new.cri && !old.cri),
-            };
-            if pinned_again {
-                self.record(now, name, labels, listed.flatten(), out);
-            } else if before.is_some_and(|old| old != new) {
-                self.update_intent(name, out, |i| i.labels = labels);
+            match before {
+                None if new.cri => self.record(now, name, labels, listed.flatten(), out),
+                None if new.program => {
+                    self.record(now, name, labels.clone(), listed.flatten(), out);
+                    self.release(now, name, K3S_LABEL_ONLY, Some(labels), out);
+                }
+                Some(old) if new.cri && !old.cri => {
+                    self.record(now, name, labels, listed.flatten(), out)
+                }
+                Some(old) if old != new => self.update_intent(name, out, |i| i.labels = labels),
+                _ => {}
             }
             return false;
         };
@@ -515,7 +526,7 @@ impl Engine {
             // A listing is as good as the Get: the unpin came first.
             self.unpins_to_confirm.remove(name);
             if !new.cri {
-                self.release(now, name, UNPIN, out);
+                self.release(now, name, UNPIN, Some(labels), out);
                 return false;
             }
         }
@@ -538,9 +549,24 @@ impl Engine {
             });
             return true;
         }
-        // The CRI pin is absent now.
-        let sweep_signature = old.program && !new.program;
-        if sweep_signature && !was_swept {
+        // The CRI pin is absent now. K3s writes both pins at once and its sweep removes both,
+        // so a record left with K3s's label alone, or a pin pinkeeper restored (CRI pin only)
+        // now gone, was unpinned by someone else: contract rule 6.
+        if new.program || (old.cri && !old.program) {
+            // An event may be a late or duplicate delivery (FACTS.md section 3): a live one is
+            // confirmed with a Get before the intent is released.
+            if live {
+                self.unpins_to_confirm.insert(name.to_string());
+                out.push(Output::Fetch {
+                    name: name.to_string(),
+                });
+            } else {
+                self.release(now, name, UNPIN, Some(labels), out);
+            }
+            return false;
+        }
+        if old.program && !was_swept {
+            // The sweep's signature: both pins removed at once from an image with K3s's label.
             self.update_intent(name, out, |i| {
                 i.labels = labels;
                 i.state = IntentState::Swept;
@@ -564,29 +590,8 @@ impl Engine {
             // The episode ends with a verification, whatever the archives.
             self.schedule_verify(now);
             self.settle(name, now, out);
-        } else if old.cri && !sweep_signature {
-            // Contract rule 6: removing the CRI pin any other way is someone's decision. An
-            // event may be a late or duplicate delivery (FACTS.md section 3), so a live one is
-            // confirmed with a Get before the intent is released.
-            if live {
-                self.unpins_to_confirm.insert(name.to_string());
-                out.push(Output::Fetch {
-                    name: name.to_string(),
-                });
-            } else {
-                self.release(now, name, UNPIN, out);
-            }
-            return false;
         } else if labels_changed {
-            let was_held = intent.state == IntentState::Held;
             self.update_intent(name, out, |i| i.labels = labels);
-            if was_held && !was_swept && !new.cri {
-                // Held without the CRI pin (say, only K3s's label): CRI does not consider it
-                // pinned. Settle it like a swept image.
-                self.settle(name, now, out);
-            }
-        } else if intent.state == IntentState::Held && !new.cri {
-            self.settle(name, now, out);
         }
         true
     }
@@ -684,12 +689,19 @@ impl Engine {
                 name: name.to_string(),
             });
         }
-        if !self.pins(&self.intents[name].labels).cri {
-            self.settle(name, now, out);
-        }
     }
 
-    fn release(&mut self, now: Millis, name: &str, why: &str, out: &mut Vec<Output>) {
+    /// Releases the intent on `name`. `seen` is what the record carries now (none if it is
+    /// gone): a released intent comes back only when a pin is put on again, so its labels must
+    /// be the ones it was released with, not older ones (or K3s's next re-pin goes unnoticed).
+    fn release(
+        &mut self,
+        now: Millis,
+        name: &str,
+        why: &str,
+        seen: Option<Labels>,
+        out: &mut Vec<Output>,
+    ) {
         self.deleted.remove(name);
         self.awaiting_k3s.remove(name);
         if let Some(ep) = self.episode.as_mut() {
@@ -701,6 +713,9 @@ impl Engine {
         self.update_intent(name, out, |i| {
             i.state = IntentState::Released;
             i.released_because = Some(why.to_string());
+            if let Some(labels) = seen {
+                i.labels = labels;
+            }
         });
         self.history(now, name, "released", why, out);
     }
@@ -792,6 +807,11 @@ impl Engine {
             // Gone: its delete event (or the next listing) settles the intent.
             return;
         };
+        if self.pins(&record.labels).any() {
+            // A delete delivered late: the record exists again, pinned. (Created again without
+            // a pin, it is left to the create event or the churn window.)
+            self.deleted.remove(name);
+        }
         if record.digest.is_some() && self.holds(name) {
             self.update_intent(name, out, |i| i.digest = record.digest.clone());
         }
@@ -803,8 +823,7 @@ impl Engine {
                     i.state = IntentState::Held;
                 });
             } else {
-                self.update_intent(name, out, |i| i.labels = record.labels);
-                self.release(now, name, UNPIN, out);
+                self.release(now, name, UNPIN, Some(record.labels), out);
             }
         }
     }
@@ -848,7 +867,9 @@ impl Engine {
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            self.release(now, &name, "its image record was deleted", out);
+            // The record is gone: whatever pin it shows next is a pin put on again.
+            let gone = Some(Labels::new());
+            self.release(now, &name, "its image record was deleted", gone, out);
         }
         if self.verify_due.is_some_and(|at| at <= now) && !self.verify_in_flight {
             self.verify_due = None;
@@ -877,6 +898,7 @@ impl Engine {
                     now,
                     &image.name,
                     "its record was deleted and created again without a pin",
+                    Some(image.labels),
                     out,
                 );
                 continue;
