@@ -21,7 +21,9 @@ deb http://deb.debian.org/debian trixie main
 deb http://deb.debian.org/debian forky main
 SRC
 
-# Keep the host's apt state out of it; run as root without the _apt sandbox warnings.
+# Keep the host's apt state out of it; run as root without the _apt sandbox warnings. forky is
+# testing: its InRelease carries a Valid-Until a week ahead, which a frozen or lagging mirror (or
+# a fast clock) lets expire; the signature is still checked, and these .debs are only unpacked.
 apt_opts() {
     tool="$1"
     shift
@@ -33,6 +35,7 @@ apt_opts() {
         -o "Dir::State::Lists=$CACHE/lists" \
         -o "Dir::Cache=$CACHE/apt-cache" \
         -o "APT::Sandbox::User=root" \
+        -o "Acquire::Check-Valid-Until=false" \
         "$@"
 }
 

@@ -20,7 +20,7 @@ use crate::containerd::queue::EventQueue;
 use crate::containerd::{Containerd, ContainerdError};
 use crate::engine::{self, ApplyError, Engine, Input, ListCause, Millis, Output};
 use crate::inventory::Scanner;
-use crate::ledger::{Change, Ledger};
+use crate::ledger::{Ledger, OwnedChange, Writer};
 
 /// First retry delay while containerd is away.
 const RETRY_MIN: Duration = Duration::from_millis(20);
@@ -31,6 +31,8 @@ const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
 const RETRY_MAX_SLOW: Duration = Duration::from_millis(1000);
 /// How long an outage counts as "just restarting".
 const FAST_RETRY_WINDOW: Duration = Duration::from_secs(60);
+/// Pins written at once: containerd serialises its metadata writes, so more buys nothing.
+const PIN_CONCURRENCY: usize = 32;
 /// Events handed to the engine per batch (one ledger commit each).
 const BATCH: usize = 4096;
 
@@ -53,7 +55,8 @@ struct Shared {
 struct Daemon {
     settings: Settings,
     engine: Engine,
-    ledger: Ledger,
+    /// The ledger, written on its own thread.
+    ledger: Writer,
     /// Taken while a scan runs on the blocking pool.
     scanner: Option<Scanner>,
     client: Option<Containerd>,
@@ -73,7 +76,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     let mut daemon = Daemon {
         scanner: Some(Scanner::new(&settings.images_dir)),
         engine: Engine::new(config, intents),
-        ledger,
+        ledger: Writer::spawn(ledger)?,
         client: None,
         reported_files: BTreeSet::new(),
         settings,
@@ -87,13 +90,16 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         }
     };
     tokio::pin!(shutdown);
-    tokio::select! {
+    let result = tokio::select! {
         result = daemon.serve() => result,
         signal = &mut shutdown => {
             info!("{signal}: stopping");
             Ok(())
         }
-    }
+    };
+    // Whatever is queued for the ledger is committed before pinkeeper exits.
+    daemon.ledger.close()?;
+    result
 }
 
 impl Daemon {
@@ -291,13 +297,20 @@ impl Daemon {
                 .any(|o| matches!(o, Output::Save { new: true, .. }));
             if pins_ahead && new_intent {
                 // Contract rule 7: an intent is on disk before pinkeeper acts on it.
-                self.commit(&mut changes)?;
+                self.commit(&mut changes, true).await?;
             }
-            for effect in effects {
+            let (pins, others): (Vec<Output>, Vec<Output>) = effects
+                .into_iter()
+                .partition(|e| matches!(e, Output::Pin { .. }));
+            // Pins first and all at once: an image of a gone archive stays unpinned for as
+            // short a time as containerd allows (it serialises the writes itself).
+            self.pin_all(pins, &mut inputs).await;
+            for effect in others {
                 self.carry_out(effect, &mut inputs).await?;
             }
         }
-        self.commit(&mut changes)
+        // Other changes need not hold up the pins: the writer commits them in the background.
+        self.commit(&mut changes, false).await
     }
 
     async fn carry_out(
@@ -306,27 +319,6 @@ impl Daemon {
         inputs: &mut VecDeque<Input>,
     ) -> anyhow::Result<()> {
         match effect {
-            Output::Pin { name, reason } => {
-                let result = match &self.client {
-                    Some(client) => client.pin(&name).await,
-                    None => Err(ApplyError::Failed("containerd is not connected".into())),
-                };
-                match &result {
-                    Ok(()) => info!(
-                        image = %name,
-                        reason = ?reason,
-                        "restored io.cri-containerd.pinned=pinned: {}",
-                        reason.explain()
-                    ),
-                    Err(ApplyError::NotFound) => {
-                        info!(image = %name, "could not restore the pin: the image record is gone")
-                    }
-                    Err(ApplyError::Failed(why)) => {
-                        warn!(image = %name, "could not restore the pin: {why}; will retry")
-                    }
-                }
-                inputs.push_back(Input::Pinned { name, result });
-            }
             Output::Fetch { name } => {
                 if let Some(client) = &self.client {
                     match client.get(&name).await {
@@ -362,34 +354,93 @@ impl Daemon {
                 s.restored_archive_gone + s.restored_not_repinned,
                 s.repinned_by_k3s
             ),
-            Output::Save { .. } | Output::History(_) => {}
+            Output::Pin { .. } | Output::Save { .. } | Output::History(_) => {}
         }
         Ok(())
     }
 
-    fn commit(&mut self, changes: &mut Vec<Output>) -> anyhow::Result<()> {
+    /// Writes the pins concurrently (at most [`PIN_CONCURRENCY`] at once) and queues their
+    /// outcomes for the engine.
+    async fn pin_all(&mut self, pins: Vec<Output>, inputs: &mut VecDeque<Input>) {
+        let mut running = tokio::task::JoinSet::new();
+        let mut pins = pins.into_iter();
+        loop {
+            while running.len() < PIN_CONCURRENCY {
+                let Some(Output::Pin { name, reason }) = pins.next() else {
+                    break;
+                };
+                let client = self.client.clone();
+                running.spawn(async move {
+                    let result = match &client {
+                        Some(client) => client.pin(&name).await,
+                        None => Err(ApplyError::Failed("containerd is not connected".into())),
+                    };
+                    (name, reason, result)
+                });
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            let Ok((name, reason, result)) = done else {
+                continue;
+            };
+            match &result {
+                Ok(()) => info!(
+                    image = %name,
+                    reason = ?reason,
+                    "restored io.cri-containerd.pinned=pinned: {}",
+                    reason.explain()
+                ),
+                Err(ApplyError::NotFound) => {
+                    info!(image = %name, "could not restore the pin: the image record is gone")
+                }
+                Err(ApplyError::Failed(why)) => {
+                    warn!(image = %name, "could not restore the pin: {why}; will retry")
+                }
+            }
+            inputs.push_back(Input::Pinned { name, result });
+        }
+    }
+
+    /// Hands the ledger changes to the writer. With `durably`, or when they record a new
+    /// intent, waits until they are on disk: a recorded intent survives `kill -9`.
+    async fn commit(&mut self, changes: &mut Vec<Output>, durably: bool) -> anyhow::Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
-        let batch: Vec<Change<'_>> = changes
-            .iter()
-            .filter_map(|o| match o {
-                Output::Save { intent, .. } => Some(Change::Save(intent)),
-                Output::History(h) => Some(Change::History(h)),
-                _ => None,
-            })
-            .collect();
-        self.ledger.apply(&batch)?;
-        for change in changes.iter() {
-            if let Output::History(h) = change {
-                match h.action.as_str() {
-                    "released" => info!(image = %h.name, "intent released: {}", h.detail),
-                    "restore-failed" => warn!(image = %h.name, "restore failed: {}", h.detail),
-                    _ => debug!(image = %h.name, action = %h.action, "{}", h.detail),
+        let durably = durably
+            || changes
+                .iter()
+                .any(|c| matches!(c, Output::Save { new: true, .. }));
+        let mut batch = Vec::with_capacity(changes.len());
+        let mut history = Vec::new();
+        for change in changes.drain(..) {
+            match change {
+                Output::Save { intent, .. } => batch.push(OwnedChange::Save(intent)),
+                Output::History(h) => {
+                    history.push(h.clone());
+                    batch.push(OwnedChange::History(h));
                 }
+                _ => {}
             }
         }
-        changes.clear();
+        let sent = if durably {
+            self.ledger.write_durably(batch).await
+        } else {
+            self.ledger.write(batch)
+        };
+        if sent.is_err() {
+            // The writer stopped on an error: report that one. Nothing more can be recorded.
+            self.ledger.close()?;
+            anyhow::bail!("the ledger writer stopped");
+        }
+        for h in history {
+            match h.action.as_str() {
+                "released" => info!(image = %h.name, "intent released: {}", h.detail),
+                "restore-failed" => warn!(image = %h.name, "restore failed: {}", h.detail),
+                _ => debug!(image = %h.name, action = %h.action, "{}", h.detail),
+            }
+        }
         Ok(())
     }
 }

@@ -206,43 +206,55 @@ impl Containerd {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let give_up = tokio::time::sleep(CALL_TIMEOUT);
         tokio::pin!(give_up);
+        let publish = || PublishRequest {
+            topic: barrier.clone(),
+            event: Some(prost_types::Any {
+                type_url: "google.protobuf.Empty".into(),
+                value: vec![],
+            }),
+        };
+        let never_came = || {
+            self.call_error("Events.Subscribe")(Status::deadline_exceeded(
+                "pinkeeper's barrier event never came back on the stream",
+            ))
+        };
+        // Publish until the subscription answers at all...
         let mut stream: Streaming<Envelope> = loop {
             tokio::select! {
                 reply = &mut subscribe => {
                     break reply.map_err(self.call_error("Events.Subscribe"))?.into_inner();
                 }
                 _ = tick.tick() => {
-                    let publish = PublishRequest {
-                        topic: barrier.clone(),
-                        event: Some(prost_types::Any {
-                            type_url: "google.protobuf.Empty".into(),
-                            value: vec![],
-                        }),
-                    };
                     publisher
-                        .publish(self.request(publish))
+                        .publish(self.request(publish()))
                         .await
                         .map_err(self.call_error("Events.Publish"))?;
                 }
-                _ = &mut give_up => {
-                    return Err(self.call_error("Events.Subscribe")(Status::deadline_exceeded(
-                        "the barrier event never came back",
-                    )));
-                }
+                _ = &mut give_up => return Err(never_came()),
             }
         };
-        // Everything before our barrier is from before the subscription was known live; the
-        // listing that follows covers it.
+        // ...and until a barrier comes back on it: the first message may be an image event,
+        // with every barrier so far published before the subscription was live. Events before
+        // the barrier are covered by the listing that follows.
         loop {
-            let envelope = stream
-                .message()
-                .await
-                .map_err(self.call_error("Events.Subscribe"))?
-                .ok_or_else(|| {
-                    self.call_error("Events.Subscribe")(Status::unavailable("stream ended"))
-                })?;
-            if envelope.topic == barrier {
-                break;
+            tokio::select! {
+                message = stream.message() => {
+                    let envelope = message
+                        .map_err(self.call_error("Events.Subscribe"))?
+                        .ok_or_else(|| {
+                            self.call_error("Events.Subscribe")(Status::unavailable("stream ended"))
+                        })?;
+                    if envelope.topic == barrier {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    publisher
+                        .publish(self.request(publish()))
+                        .await
+                        .map_err(self.call_error("Events.Publish"))?;
+                }
+                _ = &mut give_up => return Err(never_came()),
             }
         }
         Ok(Subscription {

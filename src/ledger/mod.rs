@@ -227,6 +227,106 @@ impl Ledger {
     }
 }
 
+/// An owned change, for [`Writer`].
+#[derive(Debug, Clone)]
+pub enum OwnedChange {
+    /// Insert or replace an intent.
+    Save(Intent),
+    /// Append to the history.
+    History(HistoryEntry),
+}
+
+type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Writes the ledger on a thread of its own, so an fsync never holds up the event loop, and
+/// folds every batch queued while a commit was running into the next transaction: a burst of
+/// events costs a handful of fsyncs. [`Writer::write_durably`] waits for its batch to be on disk.
+#[derive(Debug)]
+pub struct Writer {
+    jobs: Option<std::sync::mpsc::Sender<(Vec<OwnedChange>, Option<Ack>)>>,
+    thread: Option<std::thread::JoinHandle<Result<(), LedgerError>>>,
+}
+
+impl Writer {
+    /// Hands the ledger to a writer thread.
+    pub fn spawn(mut ledger: Ledger) -> Result<Writer, LedgerError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<(Vec<OwnedChange>, Option<Ack>)>();
+        let path = ledger.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("pinkeeper-ledger".into())
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    let mut changes = first.0;
+                    let mut acks: Vec<Ack> = first.1.into_iter().collect();
+                    while let Ok((more, ack)) = queue.try_recv() {
+                        changes.extend(more);
+                        acks.extend(ack);
+                    }
+                    let batch: Vec<Change<'_>> = changes
+                        .iter()
+                        .map(|c| match c {
+                            OwnedChange::Save(i) => Change::Save(i),
+                            OwnedChange::History(h) => Change::History(h),
+                        })
+                        .collect();
+                    let result = ledger.apply(&batch);
+                    let reply = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                    for ack in acks {
+                        let _ = ack.send(reply.clone());
+                    }
+                    result?;
+                }
+                Ok(())
+            })
+            .map_err(|e| LedgerError::Io {
+                path,
+                reason: format!("cannot start the ledger writer thread: {e}"),
+            })?;
+        Ok(Writer {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a batch; it is committed soon, with whatever else is queued.
+    pub fn write(&self, changes: Vec<OwnedChange>) -> Result<(), String> {
+        self.send(changes, None)
+    }
+
+    /// Queues a batch and waits until it is on disk.
+    pub async fn write_durably(&self, changes: Vec<OwnedChange>) -> Result<(), String> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.send(changes, Some(ack))?;
+        done.await
+            .map_err(|_| "the ledger writer stopped".to_string())?
+    }
+
+    fn send(&self, changes: Vec<OwnedChange>, ack: Option<Ack>) -> Result<(), String> {
+        let jobs = self.jobs.as_ref().ok_or("the ledger writer is closed")?;
+        jobs.send((changes, ack))
+            .map_err(|_| "the ledger writer stopped after an error".to_string())
+    }
+
+    /// Commits everything queued and stops the thread; returns the first write error.
+    pub fn close(&mut self) -> Result<(), LedgerError> {
+        self.jobs = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(LedgerError::Io {
+                path: PathBuf::new(),
+                reason: "the ledger writer thread panicked".into(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
 fn boxed(e: serde_json::Error) -> Box<dyn std::error::Error> {
     Box::new(e)
 }

@@ -1,0 +1,243 @@
+//! `pinkeeper-latency`: how long an image whose archive is gone stays unpinned after K3s's
+//! sweep updates it, with pinkeeper connected (DESIGN.md section 6: p99 under 10 ms).
+//!
+//! A private containerd, N archives of one image each, pinkeeper running. Each round deletes
+//! every archive, restarts "K3s" (containerd restarted, sweep, re-import) and measures, per
+//! image name, the time between the sweep's `/images/update` and pinkeeper's restoring one,
+//! both stamped by containerd itself; then it puts the archives back and lets K3s re-pin them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use containerd_client::services::v1::events_client::EventsClient;
+use containerd_client::services::v1::{ImageUpdate, SubscribeRequest};
+use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
+use pinkeeper_testkit::{
+    Containerd, K3s, K3sConfig, Version, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE, PINNED,
+};
+use prost::Message;
+
+#[derive(Parser)]
+#[command(about = "Measures the time from K3s's sweep to pinkeeper's restore on a real containerd")]
+struct Cli {
+    /// The pinkeeper binary.
+    #[arg(long, default_value = "target/release/pinkeeper")]
+    pinkeeper: PathBuf,
+    /// containerd version: 1.6, 1.7 or 2.x.
+    #[arg(long, default_value = "1.7")]
+    containerd: String,
+    /// Archives (one image each; K3s adds an alias per image).
+    #[arg(long, default_value_t = 25)]
+    images: usize,
+    /// Restarts with the archives deleted.
+    #[arg(long, default_value_t = 8)]
+    rounds: usize,
+}
+
+/// (name, containerd's timestamp in ns, has K3s's pin, has the CRI pin) per update event.
+type Seen = Arc<Mutex<Vec<(String, i128, bool, bool)>>>;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("pinkeeper-latency: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let version = Version::parse(&cli.containerd)?;
+    let dir = tempfile::Builder::new()
+        .prefix("pklat")
+        .tempdir_in("/tmp")?;
+    let images_dir = dir.path().join("images");
+    let parked = dir.path().join("parked");
+    std::fs::create_dir_all(&images_dir)?;
+    std::fs::create_dir_all(&parked)?;
+    let mut files = Vec::new();
+    for i in 0..cli.images {
+        let file = format!("img{i:03}.tar");
+        write_archive(
+            &images_dir.join(&file),
+            Layout::DockerSave,
+            &[TestImage::new(format!("docker.io/bench/img{i:03}:1"))],
+        )?;
+        files.push(file);
+    }
+    let mut containerd = Containerd::start(version).await?;
+    let mut child = Command::new(&cli.pinkeeper)
+        .args(["run", "--settle-ms", "500", "--containerd-socket"])
+        .arg(containerd.socket())
+        .arg("--images-dir")
+        .arg(&images_dir)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("pinkeeper.log"))?)
+        .spawn()
+        .with_context(|| format!("starting {}", cli.pinkeeper.display()))?;
+    let mut config = K3sConfig::new(containerd.socket(), &images_dir);
+    config.poll_interval = Duration::from_millis(100);
+    let k3s = K3s::new(config);
+    k3s.start().await?;
+    let names: Vec<String> = {
+        let client = containerd.client(K8S_NAMESPACE).await?;
+        client
+            .images_by_name()
+            .await?
+            .into_keys()
+            .filter(|n| n.starts_with("docker.io/bench/img"))
+            .collect()
+    };
+    // Let pinkeeper record them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The floor: what one per-key label update costs containerd here, uncontended.
+    let raw = {
+        let client = containerd.client(K8S_NAMESPACE).await?;
+        let target = client.get(&names[0]).await?.target;
+        client
+            .create_image(
+                "docker.io/bench/scratch:1",
+                target.context("a target")?,
+                &BTreeMap::new(),
+            )
+            .await?;
+        let mut times = Vec::new();
+        for i in 0..200 {
+            let t = Instant::now();
+            client
+                .set_label("docker.io/bench/scratch:1", "bench", &i.to_string())
+                .await?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+
+    let mut samples: Vec<f64> = Vec::new();
+    for round in 0..cli.rounds {
+        for f in &files {
+            std::fs::rename(images_dir.join(f), parked.join(f))?;
+        }
+        containerd.restart().await?;
+        let seen: Seen = Arc::default();
+        let watcher = tokio::spawn(watch(containerd.socket().to_path_buf(), seen.clone()));
+        // K3s waits for CRI about a second before it sweeps.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        k3s.start().await?;
+        wait_all(&containerd, &names, |k3s, cri| cri && !k3s).await?;
+        watcher.abort();
+        let seen = seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone();
+        let mut swept_at: BTreeMap<&str, i128> = BTreeMap::new();
+        let mut round_samples = 0;
+        for (name, ts, k3s_pin, cri) in &seen {
+            if !k3s_pin && !cri {
+                swept_at.entry(name.as_str()).or_insert(*ts);
+            } else if *cri && !k3s_pin {
+                if let Some(start) = swept_at.remove(name.as_str()) {
+                    samples.push((ts - start) as f64 / 1e6);
+                    round_samples += 1;
+                }
+            }
+        }
+        if round_samples < names.len() {
+            bail!(
+                "round {round}: measured {round_samples} of {} restores",
+                names.len()
+            );
+        }
+        // Put the archives back: K3s pins them itself at the next start.
+        for f in &files {
+            std::fs::rename(parked.join(f), images_dir.join(f))?;
+        }
+        containerd.restart().await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        k3s.start().await?;
+        wait_all(&containerd, &names, |k3s, cri| cri && k3s).await?;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "containerd {}: {} restores over {} restarts ({} images + aliases each): sweep -> restore p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; one uncontended per-key update takes {:.2} ms (p50), so p50 is {:.1}x and p99 {:.1}x of it",
+        containerd.reported_version(),
+        samples.len(),
+        cli.rounds,
+        names.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(1.0),
+        raw,
+        pct(0.5) / raw,
+        pct(0.99) / raw
+    );
+    Ok(())
+}
+
+/// Records every `/images/update` with containerd's own timestamp.
+async fn watch(socket: PathBuf, seen: Seen) -> Result<()> {
+    let channel = containerd_client::connect(&socket).await?;
+    let mut client = EventsClient::new(channel);
+    let request = SubscribeRequest {
+        filters: vec![format!(
+            "topic==\"/images/update\",namespace=={K8S_NAMESPACE}"
+        )],
+    };
+    let mut stream = client.subscribe(request).await?.into_inner();
+    while let Some(envelope) = stream.message().await? {
+        let Some(any) = envelope.event else { continue };
+        let Ok(update) = ImageUpdate::decode(any.value.as_slice()) else {
+            continue;
+        };
+        let ts = envelope
+            .timestamp
+            .map_or(0, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+        let has = |k: &str| update.labels.get(k).map(String::as_str) == Some(PINNED);
+        let entry = (
+            update.name.clone(),
+            ts,
+            has(K3S_PIN_LABEL),
+            has(CRI_PIN_LABEL),
+        );
+        if let Ok(mut seen) = seen.lock() {
+            seen.push(entry);
+        }
+    }
+    Ok(())
+}
+
+async fn wait_all(
+    containerd: &Containerd,
+    names: &[String],
+    want: impl Fn(bool, bool) -> bool,
+) -> Result<()> {
+    let client = containerd.client(K8S_NAMESPACE).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let images = client.images_by_name().await?;
+        let ok = names.iter().all(|n| {
+            images
+                .get(n)
+                .is_some_and(|i| want(i.has(K3S_PIN_LABEL), i.has(CRI_PIN_LABEL)))
+        });
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for the images' pins");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
