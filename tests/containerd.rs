@@ -264,6 +264,7 @@ on_every_version!(repairs_a_sweep_missed_while_stopped);
 on_every_version!(respects_an_operator_unpin);
 on_every_version!(restores_what_the_cache_bug_left_unpinned);
 on_every_version!(follows_containerd_restarts_in_a_row);
+on_every_version!(handles_a_whole_map_writer_outside_any_sweep);
 
 /// FACTS.md section 2's restart: archives kept and deleted, pinkeeper running throughout.
 async fn restores_after_a_restart_with_an_archive_deleted(version: Version) -> Result<()> {
@@ -503,5 +504,44 @@ async fn kill_9_never_breaks_the_ledger() -> Result<()> {
     node.stop_pinkeeper()?;
     let ledger = pinkeeper::ledger::Ledger::open(&state)?;
     ensure!(ledger.intents()?.len() >= 8);
+    Ok(())
+}
+
+/// A tool rewrites label maps from a stale copy (`paths = ["labels"]`) while K3s is running:
+/// dropping both pins of an image with K3s's label reads as a sweep (restored once settled),
+/// dropping only the CRI pin as a deliberate unpin (released, left alone).
+async fn handles_a_whole_map_writer_outside_any_sweep(version: Version) -> Result<()> {
+    let mut node = Node::new(version, false).await?;
+    node.start_pinkeeper()?;
+    node.k3s.start().await?;
+    let first = node.images().await?;
+    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
+    node.wait_log("action=recorded", pinned.len()).await?;
+
+    let without = |name: &str, keys: &[&str]| {
+        let mut labels = first[name].labels.clone();
+        for k in keys {
+            labels.remove(*k);
+        }
+        labels
+    };
+    node.client
+        .replace_labels(APP, &without(APP, &[K3S_PIN_LABEL, CRI_PIN_LABEL]))
+        .await?;
+    node.client
+        .replace_labels(HELM, &without(HELM, &[CRI_PIN_LABEL]))
+        .await?;
+    let after = node
+        .wait_until("app restored", |images| cri_pinned(images, APP))
+        .await?;
+    ensure!(!k3s_pinned(&after, APP), "{:?}", after.get(APP));
+    node.wait_log("intent released", 1).await?;
+    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
+    let settled = node.images().await?;
+    ensure!(
+        !cri_pinned(&settled, HELM) && k3s_pinned(&settled, HELM),
+        "helm: {:?}",
+        settled.get(HELM)
+    );
     Ok(())
 }
