@@ -18,7 +18,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pinkeeper";
 /// The operator API's socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pinkeeper/pinkeeper.sock";
 /// Default quiet time before the check of K3s's re-pins, in ms.
-pub const DEFAULT_SETTLE_MS: u64 = 5_000;
+pub const DEFAULT_SETTLE_MS: u64 = 3_000;
 /// Longest accepted quiet time: kubelet's image GC starts after the start-up.
 const MAX_SETTLE_MS: u64 = 120_000;
 /// The longest path a unix socket address holds (`sun_path`, less the NUL).
@@ -89,7 +89,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The config file is not valid TOML or has unknown keys / wrong types.
-    #[error("config file {path}: {message}\n(known keys: containerd_socket, namespace, images_dir, state_dir, control_socket, settle_ms)")]
+    #[error("config file {path}: {message}")]
     Parse {
         /// The file.
         path: PathBuf,

@@ -19,6 +19,7 @@ use crate::config::Settings;
 use crate::containerd::queue::EventQueue;
 use crate::containerd::{Containerd, ContainerdError};
 use crate::engine::{self, ApplyError, Engine, Input, ListCause, Millis, Output};
+use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
 
@@ -62,23 +63,29 @@ struct Daemon {
     client: Option<Containerd>,
     /// Broken files of the images directory already reported (path, error): said once.
     reported_files: BTreeSet<(PathBuf, String)>,
+    /// The live images directory: read again once a change has settled. Started (or, if
+    /// inotify could not be set up, tried again) at each connection attempt.
+    watch: Option<Watcher>,
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
 pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
     let ledger = Ledger::open(&settings.state_dir)?;
     let intents = ledger.intents()?;
+    // Files read by an earlier run and unchanged since are not read again.
+    let scanner = Scanner::new(&settings.images_dir).with_cache(ledger.cached_files()?);
     info!(
         ledger = %ledger.path().display(),
         intents = intents.iter().filter(|i| i.state != engine::IntentState::Released).count(),
         "pinkeeper started"
     );
     let mut daemon = Daemon {
-        scanner: Some(Scanner::new(&settings.images_dir)),
+        scanner: Some(scanner),
         engine: Engine::new(config, intents),
         ledger: Writer::spawn(ledger)?,
         client: None,
         reported_files: BTreeSet::new(),
+        watch: None,
         settings,
     };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -116,6 +123,7 @@ impl Daemon {
 
     /// Connects with capped, jittered backoff; returns once subscribed is possible.
     async fn wait_for_containerd(&mut self) -> Containerd {
+        self.watch_images_dir();
         let socket = self.settings.containerd_socket.clone();
         let started = tokio::time::Instant::now();
         let mut delay = RETRY_MIN;
@@ -138,7 +146,15 @@ impl Daemon {
             }
             // Drive timers while waiting (alias-churn releases, verification).
             self.tick_if_due().await.ok();
-            tokio::time::sleep(jitter(delay)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(delay)) => {}
+                _ = images_dir_changed(&mut self.watch) => {
+                    // Errors (the ledger) come back at the next write, in `follow`.
+                    if let Err(e) = self.rescan().await {
+                        warn!("{e:#}");
+                    }
+                }
+            }
             let cap = if started.elapsed() < FAST_RETRY_WINDOW {
                 RETRY_MAX_FAST
             } else {
@@ -179,6 +195,10 @@ impl Daemon {
                 _ = shared.wake.notified() => {}
                 _ = sleep_until(wakeup) => {
                     self.process(vec![Input::Tick]).await?;
+                    continue;
+                }
+                _ = images_dir_changed(&mut self.watch) => {
+                    self.rescan().await?;
                     continue;
                 }
             }
@@ -242,13 +262,25 @@ impl Daemon {
         let Some(mut scanner) = self.scanner.take() else {
             return Ok(None);
         };
-        let (scanner, result) = tokio::task::spawn_blocking(move || {
+        let (scanner, result, cached) = tokio::task::spawn_blocking(move || {
             let result = scanner.scan();
-            (scanner, result)
+            let cached = scanner.cache_changes();
+            (scanner, result, cached)
         })
         .await
         .context("the images directory scan panicked")?;
         self.scanner = Some(scanner);
+        // The read cache goes to the ledger in the background (it is a cache: losing the
+        // last batch to a crash only means reading those files again).
+        if !cached.is_empty()
+            && self
+                .ledger
+                .write(OwnedChange::from_cache_changes(cached))
+                .is_err()
+        {
+            self.ledger.close()?;
+            anyhow::bail!("the ledger writer stopped");
+        }
         match result {
             Ok(inventory) => {
                 let mut reported = BTreeSet::new();
@@ -267,6 +299,21 @@ impl Daemon {
                 warn!("{e}");
                 Ok(None)
             }
+        }
+    }
+
+    /// Starts watching the images directory, or checks the watch (re-added if it was lost).
+    fn watch_images_dir(&mut self) {
+        match &self.watch {
+            Some(watch) if watch.is_alive() => watch.rearm(),
+            _ => match Watcher::start(&self.settings.images_dir) {
+                Ok(watch) => self.watch = Some(watch),
+                Err(e) => warn!(
+                    dir = %self.settings.images_dir.display(),
+                    "cannot watch the images directory ({e}); it is read again at each \
+                     connection to containerd instead"
+                ),
+            },
         }
     }
 
@@ -438,6 +485,7 @@ impl Daemon {
             match h.action.as_str() {
                 "released" => info!(image = %h.name, "intent released: {}", h.detail),
                 "restore-failed" => warn!(image = %h.name, "restore failed: {}", h.detail),
+                "archive-gone" => info!(image = %h.name, "{}", h.detail),
                 _ => debug!(image = %h.name, action = %h.action, "{}", h.detail),
             }
         }
@@ -466,6 +514,17 @@ async fn read_events(mut subscription: crate::containerd::Subscription, shared: 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the data is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolves when the images directory changed and settled; never without a watch.
+async fn images_dir_changed(watch: &mut Option<Watcher>) {
+    match watch {
+        Some(watch) => {
+            watch.changed().await;
+            debug!("the images directory changed: reading it again");
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

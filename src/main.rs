@@ -25,6 +25,19 @@ enum Command {
         /// The fixture file.
         file: PathBuf,
     },
+    /// List the files of K3s's images directory with their format, compression, the image
+    /// names each provides and any error. Reads the directory itself: no daemon needed.
+    Inventory(InventoryArgs),
+}
+
+#[derive(clap::Args)]
+struct InventoryArgs {
+    /// K3s's images directory
+    #[arg(long, value_name = "DIR", default_value = pinkeeper::config::DEFAULT_IMAGES_DIR)]
+    images_dir: PathBuf,
+    /// Print JSON (the shape is documented in README.md) instead of a table
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -48,7 +61,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
     /// Quiet time after the last image event of a K3s start-up before pinkeeper checks that
-    /// K3s re-pinned every image whose archive is still there [default: 5000]
+    /// K3s re-pinned every image whose archive is still there [default: 3000]
     #[arg(long, value_name = "MS")]
     settle_ms: Option<u64>,
 }
@@ -58,16 +71,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Replay { file } => replay(&file),
+        Command::Inventory(args) => inventory(&args),
     }
 }
 
 fn init_logging() {
     use std::io::IsTerminal;
     // The gRPC stack's own debug lines are noise for an operator; PINKEEPER_LOG can still
-    // turn them on by naming them (`h2=debug`).
+    // turn them on by naming them (`h2=debug`). notify says "info" when a watched directory
+    // is deleted, which pinkeeper handles.
     let wanted = std::env::var("PINKEEPER_LOG").unwrap_or_else(|_| "info".into());
     let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,{wanted}"
+        "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,notify=warn,{wanted}"
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -115,8 +130,8 @@ fn run(args: RunArgs) -> ExitCode {
     match runtime.block_on(pinkeeper::daemon::run(settings, engine)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // Logging goes to stderr: one line says it all.
             tracing::error!("{e:#}");
-            eprintln!("pinkeeper: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -125,6 +140,43 @@ fn run(args: RunArgs) -> ExitCode {
 fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("pinkeeper: {e}");
     ExitCode::from(2)
+}
+
+/// Exit 0 once the directory was read (broken files are part of the output), 1 if it
+/// cannot be read; clap exits 2 on bad usage.
+fn inventory(args: &InventoryArgs) -> ExitCode {
+    let dir = &args.images_dir;
+    let problem = match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => None,
+        Ok(_) => Some("is not a directory".to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("does not exist".to_string()),
+        Err(e) => Some(format!("cannot be examined: {e}")),
+    };
+    if let Some(problem) = problem {
+        eprintln!(
+            "pinkeeper: the images directory {} {problem}; pass K3s's <data-dir>/agent/images \
+             with --images-dir DIR",
+            dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let inventory = match pinkeeper::inventory::Scanner::new(dir).scan() {
+        Ok(inventory) => inventory,
+        Err(e) => {
+            eprintln!("pinkeeper: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = pinkeeper::inventory::report::Report::new(dir, &inventory);
+    let text = if args.json {
+        report.to_json() + "\n"
+    } else {
+        report.to_table()
+    };
+    use std::io::Write;
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    ExitCode::SUCCESS
 }
 
 fn replay(file: &std::path::Path) -> ExitCode {

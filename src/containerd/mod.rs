@@ -202,16 +202,26 @@ impl Containerd {
             request.metadata_mut().insert("containerd-namespace", ns);
         }
         let mut subscribe = Box::pin(events.subscribe(request));
-        let mut publisher = EventsClient::new(self.channel.clone());
+        let publisher = EventsClient::new(self.channel.clone());
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         let give_up = tokio::time::sleep(CALL_TIMEOUT);
         tokio::pin!(give_up);
-        let publish = || PublishRequest {
-            topic: barrier.clone(),
-            event: Some(prost_types::Any {
-                type_url: "google.protobuf.Empty".into(),
-                value: vec![],
-            }),
+        let publish_barrier = || {
+            let request = self.request(PublishRequest {
+                topic: barrier.clone(),
+                event: Some(prost_types::Any {
+                    type_url: "google.protobuf.Empty".into(),
+                    value: vec![],
+                }),
+            });
+            let mut publisher = publisher.clone();
+            async move {
+                publisher
+                    .publish(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(self.call_error("Events.Publish"))
+            }
         };
         let never_came = || {
             self.call_error("Events.Subscribe")(Status::deadline_exceeded(
@@ -224,12 +234,7 @@ impl Containerd {
                 reply = &mut subscribe => {
                     break reply.map_err(self.call_error("Events.Subscribe"))?.into_inner();
                 }
-                _ = tick.tick() => {
-                    publisher
-                        .publish(self.request(publish()))
-                        .await
-                        .map_err(self.call_error("Events.Publish"))?;
-                }
+                _ = tick.tick() => publish_barrier().await?,
                 _ = &mut give_up => return Err(never_came()),
             }
         };
@@ -248,12 +253,7 @@ impl Containerd {
                         break;
                     }
                 }
-                _ = tick.tick() => {
-                    publisher
-                        .publish(self.request(publish()))
-                        .await
-                        .map_err(self.call_error("Events.Publish"))?;
-                }
+                _ = tick.tick() => publish_barrier().await?,
                 _ = &mut give_up => return Err(never_came()),
             }
         }

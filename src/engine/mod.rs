@@ -57,7 +57,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             program_label: K3S_PIN.to_string(),
-            settle: 5_000,
+            settle: 3_000,
             settle_max: 120_000,
             churn_window: 3_000,
         }
@@ -408,7 +408,7 @@ impl Engine {
         match input {
             Input::Event(event) => self.on_event(now, event, &mut out),
             Input::Listing { images, cause } => self.on_listing(now, images, cause, &mut out),
-            Input::Inventory(provided) => self.on_inventory(provided, &mut out),
+            Input::Inventory(provided) => self.on_inventory(now, provided, &mut out),
             Input::Fetched { name, record } => {
                 let record = record.filter(|r| r.name == name);
                 self.on_fetched(now, &name, record, &mut out)
@@ -784,13 +784,43 @@ impl Engine {
         by_digest.get(digest).cloned()
     }
 
-    fn on_inventory(&mut self, provided: BTreeMap<String, PathBuf>, out: &mut Vec<Output>) {
+    fn on_inventory(
+        &mut self,
+        now: Millis,
+        provided: BTreeMap<String, PathBuf>,
+        out: &mut Vec<Output>,
+    ) {
+        // Held intents a file provided until now (none before the first inventory).
+        let was_provided: BTreeSet<String> = if self.provided.is_some() {
+            let held: Vec<String> = self
+                .intents
+                .values()
+                .filter(|i| i.state == IntentState::Held)
+                .map(|i| i.name.clone())
+                .collect();
+            held.into_iter()
+                .filter(|name| self.source_of(name).is_some())
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         self.provided = Some(provided);
         self.provided_digests = None;
         let names: Vec<String> = self.intents.keys().cloned().collect();
         for name in names {
             if let Some(source) = self.source_of(&name) {
                 self.update_intent(&name, out, |i| i.source = Some(source));
+            } else if was_provided.contains(&name) {
+                // Deleted while K3s runs: K3s unpins nothing now, its next start's sweep
+                // will (FACTS.md section 2, item 7). The pin stays; `source` keeps the file.
+                let file = self.intents[&name]
+                    .source
+                    .as_ref()
+                    .map_or_else(|| "its archive".to_string(), |f| f.display().to_string());
+                let detail = format!(
+                    "archive of {name} is gone ({file}); its pin stays, and is restored when K3s's start-up sweep removes it"
+                );
+                self.history(now, &name, "archive-gone", &detail, out);
             }
         }
     }

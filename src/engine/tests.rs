@@ -113,9 +113,9 @@ fn sweep_of_a_gone_archive_restores_at_once_and_of_a_present_one_waits() {
     let out = e.handle(1002, update(ALIAS, Labels::new()));
     assert!(pins(&out).is_empty(), "the alias shares app.tar's digest");
     // Verification comes after the quiet period, pushed back by every event.
-    assert_eq!(e.next_wakeup(), Some(1002 + 5000));
+    assert_eq!(e.next_wakeup(), Some(1002 + Config::default().settle));
     e.handle(3000, update("other", Labels::new()));
-    assert_eq!(e.next_wakeup(), Some(3000 + 5000));
+    assert_eq!(e.next_wakeup(), Some(3000 + Config::default().settle));
     assert_eq!(e.handle(8000, Input::Tick), vec![Output::Verify]);
     // K3s did not re-pin APP (cache bug): the verification listing restores it.
     let out = e.handle(
@@ -275,4 +275,106 @@ fn images_nobody_pinned_get_no_intent() {
     let out = e.handle(1, update("docker.io/library/free:1", labels(&["other"])));
     assert!(out.is_empty());
     assert!(e.intent("docker.io/library/free:1").is_none());
+}
+
+fn history(out: &[Output], action: &str) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::History(h) if h.action == action => Some(h.name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_archive_deleted_at_runtime_unpins_nothing_and_is_noted_once() {
+    let mut e = engine_with_two();
+    // web.tar deleted while K3s runs: a new inventory without it.
+    let out = e.handle(10, inventory(&[(APP, "app.tar")]));
+    assert!(pins(&out).is_empty());
+    assert!(!out.iter().any(|o| matches!(o, Output::Save { .. })));
+    assert_eq!(history(&out, "archive-gone"), vec![WEB.to_string()]);
+    let Some(Output::History(h)) = out.iter().find(|o| matches!(o, Output::History(_))) else {
+        unreachable!()
+    };
+    assert_eq!(
+        h.detail,
+        format!(
+            "archive of {WEB} is gone (web.tar); its pin stays, and is restored when K3s's start-up sweep removes it"
+        )
+    );
+    let web = e.intent(WEB).unwrap();
+    assert_eq!(web.state, IntentState::Held);
+    assert_eq!(
+        web.source,
+        Some(PathBuf::from("web.tar")),
+        "the last known file"
+    );
+    // Said once, not at every later read of the directory.
+    let out = e.handle(20, inventory(&[(APP, "app.tar")]));
+    assert!(out.is_empty(), "{out:?}");
+    // The next sweep restores it at once.
+    let out = e.handle(1000, update(WEB, Labels::new()));
+    assert_eq!(
+        pins(&out),
+        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
+    );
+}
+
+#[test]
+fn an_archive_deleted_at_runtime_takes_its_aliases_along() {
+    let mut e = engine_with_two();
+    let out = e.handle(10, inventory(&[(WEB, "web.tar")]));
+    assert_eq!(
+        history(&out, "archive-gone"),
+        vec![APP.to_string(), ALIAS.to_string()]
+    );
+    assert!(pins(&out).is_empty());
+}
+
+#[test]
+fn an_archive_added_at_runtime_becomes_the_source() {
+    let mut e = engine_with_two();
+    e.handle(10, inventory(&[(APP, "app.tar")]));
+    // Put back, under another name.
+    let out = e.handle(
+        20,
+        inventory(&[(APP, "app.tar"), (WEB, "more/web.tar.zst")]),
+    );
+    assert!(history(&out, "archive-gone").is_empty());
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::Save { intent, new: false }
+            if intent.name == WEB && intent.source == Some(PathBuf::from("more/web.tar.zst"))
+    )));
+    // A sweep now leaves it to K3s.
+    let out = e.handle(1000, update(WEB, Labels::new()));
+    assert!(pins(&out).is_empty());
+}
+
+#[test]
+fn the_first_inventory_and_released_intents_note_nothing() {
+    let mut e = Engine::new(Config::default(), []);
+    e.handle(
+        0,
+        Input::Listing {
+            images: vec![record(WEB, both(), "sha256:bbbb")],
+            cause: ListCause::Connected,
+        },
+    );
+    let out = e.handle(1, inventory(&[]));
+    assert!(history(&out, "archive-gone").is_empty());
+    // Released, then its archive goes: nothing to restore, nothing to say.
+    let mut e = engine_with_two();
+    e.handle(1, update(WEB, labels(&[K3S_PIN])));
+    e.handle(
+        2,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(record(WEB, labels(&[K3S_PIN]), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
+    let out = e.handle(3, inventory(&[(APP, "app.tar")]));
+    assert!(history(&out, "archive-gone").is_empty());
 }

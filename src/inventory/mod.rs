@@ -2,8 +2,9 @@
 //! imports at start-up and which image names each of them provides.
 //!
 //! Owns: walking the directory the way K3s's importer does, reading archives the way
-//! containerd's `Import` names their images, reading `.txt` pull lists, and an in-memory cache
-//! keyed by file identity so an unchanged file is read once per process. Pure library code:
+//! containerd's `Import` names their images, reading `.txt` pull lists, and a cache keyed by
+//! file identity so an unchanged file is read once (exported and imported as [`CachedFile`]s
+//! so the daemon can keep it in the ledger across restarts). Pure library code:
 //! std I/O only, no async, no containerd, no clock; it never writes to the directory.
 //!
 //! K3s behaviour this mirrors (FACTS.md §2 "Import"; k3s `pkg/agent/containerd/watcher.go`
@@ -20,6 +21,8 @@
 
 mod archive;
 mod reference;
+pub mod report;
+pub mod watch;
 
 #[cfg(test)]
 mod tests;
@@ -32,6 +35,7 @@ use std::os::unix::fs::MetadataExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use reference::{normalize_reference, ReferenceError};
@@ -55,7 +59,8 @@ const LIST_LIMIT: u64 = 16 * 1024 * 1024;
 const MAX_LIST_LINE: usize = 64 * 1024 - 1;
 
 /// How an archive is compressed, from its suffix (wharfie `GetOpener`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Compression {
     /// `.tar`
     None,
@@ -70,6 +75,14 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// What `pinkeeper inventory` shows: `none`, `gzip`, `bzip2`, `zstd`, `lz4`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            other => other.name(),
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Compression::None => "tar",
@@ -82,7 +95,8 @@ impl Compression {
 }
 
 /// The archive format containerd recognised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Layout {
     /// `oci-layout` + `index.json` (including `docker save` since Docker 25).
     Oci,
@@ -90,8 +104,19 @@ pub enum Layout {
     DockerSave,
 }
 
+impl Layout {
+    /// What `pinkeeper inventory` shows: `oci`, `docker-save`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Oci => "oci",
+            Layout::DockerSave => "docker-save",
+        }
+    }
+}
+
 /// What a file in the images directory is to K3s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FileKind {
     /// An image archive; `layout` is `None` until (or unless) the content says which.
     Archive {
@@ -211,24 +236,104 @@ pub fn classify(path: &Path) -> Option<FileKind> {
     })
 }
 
+/// Bump when a change to the reading code can change what a file provides (names, layout,
+/// error): entries cached in the ledger by another reader are then read again. The
+/// pinkeeper version is part of the reader's name too, so an upgrade re-reads every file once.
+const READER_REVISION: u32 = 1;
+
+/// The name of this build's reader, stored with every cached entry.
+fn reader_name() -> String {
+    format!(
+        "pinkeeper {} reader {READER_REVISION}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// A file's identity on disk: an unchanged identity means unchanged content, as far as
+/// anyone can tell without reading it (K3s keys its `.cache.json` on size and mtime too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    /// Device of the file (of a link's target).
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(meta: &fs::Metadata) -> FileIdentity {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
+}
+
+/// One file's cached read, as [`Scanner::with_cache`] takes it and
+/// [`Scanner::cache_changes`] hands it out: what the daemon keeps in the ledger so that an
+/// unchanged file is not read again after a restart either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedFile {
+    /// The path as scanned (under the images directory). The ledger keys the record on it,
+    /// so it is not part of the serialised record.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// Which build read the file; an entry of another reader is not trusted.
+    pub reader: String,
+    /// The file's identity when it was read.
+    pub identity: FileIdentity,
+    /// What the file is (with the layout the content showed).
+    pub kind: FileKind,
+    /// The names it provides.
+    pub names: Vec<String>,
+    /// What is wrong with it, without the path (see [`FileEntry::error`]).
+    pub error: Option<String>,
+}
+
+/// What changed in a scanner's cache since the last [`Scanner::cache_changes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheChanges {
+    /// Files read (or found under a new path) since: store them, replacing the record of the
+    /// same path.
+    pub updated: Vec<CachedFile>,
+    /// Paths whose record is obsolete (the file is gone, changed kind, or cannot be opened):
+    /// forget them.
+    pub removed: Vec<PathBuf>,
+}
+
+impl CacheChanges {
+    /// Nothing to store or forget.
+    pub fn is_empty(&self) -> bool {
+        self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
 /// Scans the images directory, re-reading only files whose identity changed.
 #[derive(Debug)]
 pub struct Scanner {
     images_dir: PathBuf,
     options: ReadOptions,
+    /// Reads by identity: a renamed or hard-linked file is not read again.
     cache: HashMap<CacheKey, CachedRead>,
+    /// Path -> identity of every cached file of the last scan (or of the imported cache
+    /// before the first one).
+    scanned: BTreeMap<PathBuf, CacheKey>,
+    /// Path -> identity as the caller's store holds it (imported, then as of the last
+    /// [`Scanner::cache_changes`]); `None` for a stored entry that is not trusted.
+    persisted: BTreeMap<PathBuf, Option<CacheKey>>,
     files_read: u64,
 }
 
-/// A file's identity: an unchanged key means unchanged content (as far as K3s can tell,
-/// which also keys its `.cache.json` on size and mtime). The kind is part of it because a
-/// rename can change the suffix and so how the same bytes are read.
+/// The cache's key: the identity, and the kind by suffix because a rename can change the
+/// suffix and so how the same bytes are read.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
+    identity: FileIdentity,
     kind: FileKind,
 }
 
@@ -236,7 +341,19 @@ struct CacheKey {
 struct CachedRead {
     kind: FileKind,
     names: Vec<String>,
+    /// Without the path: [`entry`] puts the path the file is found under in front.
     error: Option<String>,
+}
+
+/// The kind a file's suffix alone gives (the layout is learned from the content).
+fn suffix_kind(kind: FileKind) -> FileKind {
+    match kind {
+        FileKind::Archive { compression, .. } => FileKind::Archive {
+            compression,
+            layout: None,
+        },
+        FileKind::List => FileKind::List,
+    }
 }
 
 impl Scanner {
@@ -247,8 +364,74 @@ impl Scanner {
             images_dir: images_dir.into(),
             options: ReadOptions::default(),
             cache: HashMap::new(),
+            scanned: BTreeMap::new(),
+            persisted: BTreeMap::new(),
             files_read: 0,
         }
+    }
+
+    /// Starts from a cache kept elsewhere (the ledger's, see [`Scanner::cache_changes`]):
+    /// a file whose identity is unchanged is not read again. Entries made by another build
+    /// of pinkeeper are not used, and are reported as to be replaced or removed.
+    pub fn with_cache(mut self, entries: impl IntoIterator<Item = CachedFile>) -> Self {
+        let reader = reader_name();
+        for entry in entries {
+            if entry.reader != reader {
+                self.persisted.insert(entry.path, None);
+                continue;
+            }
+            let key = CacheKey {
+                identity: entry.identity,
+                kind: suffix_kind(entry.kind),
+            };
+            self.cache.insert(
+                key.clone(),
+                CachedRead {
+                    kind: entry.kind,
+                    names: entry.names,
+                    error: entry.error,
+                },
+            );
+            self.scanned.insert(entry.path.clone(), key.clone());
+            self.persisted.insert(entry.path, Some(key));
+        }
+        self
+    }
+
+    /// What to store and forget so that the caller's copy of the cache equals this
+    /// scanner's, since the previous call (or [`Scanner::with_cache`]). Empty when no file
+    /// was read and none moved or went away.
+    pub fn cache_changes(&mut self) -> CacheChanges {
+        let mut changes = CacheChanges::default();
+        let reader = reader_name();
+        for (path, key) in &self.scanned {
+            let stored = self.persisted.get(path).and_then(Option::as_ref);
+            if stored == Some(key) {
+                continue;
+            }
+            if let Some(read) = self.cache.get(key) {
+                changes.updated.push(CachedFile {
+                    path: path.clone(),
+                    reader: reader.clone(),
+                    identity: key.identity,
+                    kind: read.kind,
+                    names: read.names.clone(),
+                    error: read.error.clone(),
+                });
+            }
+        }
+        changes.removed = self
+            .persisted
+            .keys()
+            .filter(|path| !self.scanned.contains_key(*path))
+            .cloned()
+            .collect();
+        self.persisted = self
+            .scanned
+            .iter()
+            .map(|(path, key)| (path.clone(), Some(key.clone())))
+            .collect();
+        changes
     }
 
     /// Read every OCI archive to its end instead of stopping at `index.json`, so that a
@@ -275,14 +458,11 @@ impl Scanner {
     pub fn scan(&mut self) -> Result<Inventory, InventoryError> {
         let listing = walk(&self.images_dir)?;
         let mut next_cache: HashMap<CacheKey, CachedRead> = HashMap::new();
+        let mut scanned = BTreeMap::new();
         let mut files = Vec::with_capacity(listing.files.len());
         for found in listing.files {
             let key = CacheKey {
-                dev: found.meta.dev(),
-                ino: found.meta.ino(),
-                size: found.meta.size(),
-                mtime_ns: i128::from(found.meta.mtime()) * 1_000_000_000
-                    + i128::from(found.meta.mtime_nsec()),
+                identity: FileIdentity::of(&found.meta),
                 kind: found.kind,
             };
             let cached = self
@@ -301,11 +481,13 @@ impl Scanner {
                     read
                 }
             };
-            next_cache.insert(key, read.clone());
+            next_cache.insert(key.clone(), read.clone());
+            scanned.insert(found.path.clone(), key);
             files.push(entry(found.path, read));
         }
         // Entries of files that are gone (or changed) are dropped here.
         self.cache = next_cache;
+        self.scanned = scanned;
         Ok(Inventory {
             files,
             skipped: listing.skipped,
@@ -314,16 +496,19 @@ impl Scanner {
 }
 
 fn entry(path: PathBuf, read: CachedRead) -> FileEntry {
+    let error = read
+        .error
+        .map(|message| format!("{}: {message}", path.display()));
     FileEntry {
         path,
         kind: read.kind,
         names: read.names,
-        error: read.error,
+        error,
     }
 }
 
 /// Reads one file; the flag says whether the result may be cached (not when the file could
-/// not even be opened, which may be transient).
+/// not even be opened, which may be transient). Errors do not name the file: [`entry`] does.
 fn read_file(path: &Path, kind: FileKind, options: ReadOptions) -> (CachedRead, bool) {
     // Nothing on disk may take the daemon down: a panic in a decoder becomes an error entry.
     let outcome = catch_unwind(AssertUnwindSafe(|| match kind {
@@ -336,7 +521,7 @@ fn read_file(path: &Path, kind: FileKind, options: ReadOptions) -> (CachedRead, 
                     ArchiveError::Open(_) => "check the file's permissions",
                     _ => "K3s cannot import it either: replace it with a good copy or remove it",
                 };
-                format!("{}: {e}; {advice}", path.display())
+                format!("{e}; {advice}")
             });
             (
                 CachedRead {
@@ -356,11 +541,11 @@ fn read_file(path: &Path, kind: FileKind, options: ReadOptions) -> (CachedRead, 
             CachedRead {
                 kind,
                 names: Vec::new(),
-                error: Some(format!(
-                    "{}: reading the file crashed the decoder (a bug in pinkeeper or a \
-                     library it uses); the file is treated as providing nothing",
-                    path.display()
-                )),
+                error: Some(
+                    "reading the file crashed the decoder (a bug in pinkeeper or a library \
+                     it uses); the file is treated as providing nothing"
+                        .to_string(),
+                ),
             },
             true,
         )
@@ -377,8 +562,7 @@ fn read_list_file(path: &Path) -> (CachedRead, bool) {
                 kind: FileKind::List,
                 names: Vec::new(),
                 error: Some(format!(
-                    "{}: cannot read the image list: {e}; check the file's permissions",
-                    path.display()
+                    "cannot read the image list: {e}; check the file's permissions"
                 )),
             },
             false,
@@ -393,8 +577,7 @@ fn read_list_file(path: &Path) -> (CachedRead, bool) {
     }
     let (names, mut line_problems) = parse_list(&bytes);
     problems.append(&mut line_problems);
-    let error =
-        (!problems.is_empty()).then(|| format!("{}: {}", path.display(), problems.join("; ")));
+    let error = (!problems.is_empty()).then(|| problems.join("; "));
     (
         CachedRead {
             kind: FileKind::List,

@@ -667,6 +667,130 @@ fn cache_reads_unchanged_files_once() {
     );
 }
 
+/// Gives a file a modification time of its own, so a rewrite within one clock tick still
+/// changes its identity.
+fn touch(path: &Path, secs: u64) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .unwrap();
+}
+
+/// What the ledger does with an entry: JSON without the path, path from the key.
+fn stored(changes: &CacheChanges) -> Vec<CachedFile> {
+    changes
+        .updated
+        .iter()
+        .map(|f| {
+            let mut back: CachedFile =
+                serde_json::from_slice(&serde_json::to_vec(f).unwrap()).unwrap();
+            back.path = f.path.clone();
+            back
+        })
+        .collect()
+}
+
+#[test]
+fn persisted_cache_carries_over_to_a_new_scanner() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(
+        root,
+        "a.tar",
+        &oci_tar(&[&[("io.containerd.image.name", "a")]]),
+    );
+    write(
+        root,
+        "sub/b.tar.gz",
+        &compress(&docker_tar(&[("c.json", &["b"])], false), Compression::Gzip),
+    );
+    write(root, "c.txt", b"c:1\n# not a reference\n");
+    write(root, "d.tar.zst", b"not zstd");
+    let mut first = Scanner::new(root);
+    let inventory = first.scan().unwrap();
+    assert_eq!(first.files_read(), 4);
+    let changes = first.cache_changes();
+    assert_eq!(changes.updated.len(), 4);
+    assert!(changes.removed.is_empty());
+    assert!(first.cache_changes().is_empty(), "nothing changed since");
+    let saved = stored(&changes);
+    assert_eq!(saved, changes.updated);
+
+    // a restart: nothing is read, the inventory is the same, nothing to write
+    let mut second = Scanner::new(root).with_cache(saved.clone());
+    assert_eq!(second.scan().unwrap(), inventory);
+    assert_eq!(second.files_read(), 0);
+    assert!(second.cache_changes().is_empty());
+
+    // modified, deleted and renamed while pinkeeper was stopped
+    write(
+        root,
+        "a.tar",
+        &oci_tar(&[&[("io.containerd.image.name", "a2")]]),
+    );
+    touch(&root.join("a.tar"), 1_000);
+    fs::remove_file(root.join("c.txt")).unwrap();
+    fs::rename(root.join("d.tar.zst"), root.join("e.tar.zst")).unwrap();
+    let mut third = Scanner::new(root).with_cache(saved.clone());
+    let inventory = third.scan().unwrap();
+    assert_eq!(third.files_read(), 1, "only the modified file is read");
+    assert_eq!(inventory.files[0].names, ["a2"]);
+    // a cached error names the path the file has now
+    let moved = inventory.files.iter().find(|f| f.error.is_some()).unwrap();
+    assert_eq!(moved.path, root.join("e.tar.zst"));
+    let prefix = format!("{}: ", root.join("e.tar.zst").display());
+    assert!(
+        moved.error.as_deref().unwrap().starts_with(&prefix),
+        "{moved:?}"
+    );
+    let changes = third.cache_changes();
+    let updated: Vec<_> = changes.updated.iter().map(|f| f.path.clone()).collect();
+    assert_eq!(updated, [root.join("a.tar"), root.join("e.tar.zst")]);
+    assert_eq!(
+        changes.removed,
+        [root.join("c.txt"), root.join("d.tar.zst")]
+    );
+
+    // entries another build made are not trusted: read again, and replaced
+    let foreign: Vec<CachedFile> = saved
+        .into_iter()
+        .map(|mut f| {
+            f.reader = "pinkeeper 0.0.0 reader 0".into();
+            f
+        })
+        .collect();
+    let mut fourth = Scanner::new(root).with_cache(foreign);
+    fourth.scan().unwrap();
+    assert_eq!(fourth.files_read(), 3);
+    let changes = fourth.cache_changes();
+    assert_eq!(changes.updated.len(), 3);
+    assert_eq!(
+        changes.removed,
+        [root.join("c.txt"), root.join("d.tar.zst")]
+    );
+}
+
+#[test]
+fn a_file_that_cannot_be_opened_is_not_cached() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "a.txt", b"a:1\n");
+    let mut scanner = Scanner::new(root);
+    scanner.scan().unwrap();
+    assert_eq!(scanner.cache_changes().updated.len(), 1);
+    fs::set_permissions(root.join("a.txt"), fs::Permissions::from_mode(0o000)).unwrap();
+    if fs::read(root.join("a.txt")).is_ok() {
+        return; // running as root: permissions do not stop the read
+    }
+    touch(&root.join("a.txt"), 2_000);
+    let inventory = scanner.scan().unwrap();
+    assert!(inventory.files[0].error.is_some());
+    assert_eq!(scanner.cache_changes().removed, [root.join("a.txt")]);
+}
+
 #[test]
 fn symlinks_inside_followed_outside_not() {
     use std::os::unix::fs::symlink;

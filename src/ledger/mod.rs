@@ -5,17 +5,24 @@
 //! transaction, one fsync (redb's `Durability::Immediate`, with its copy-on-write commit an
 //! interrupted write leaves the previous state), so a burst of a thousand events costs a
 //! handful of fsyncs. It does not decide anything: records are what the engine says they are.
+//! It also keeps the images directory's read cache ([`CachedFile`]s, by path), so that an
+//! unchanged archive is not read again after a restart.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::engine::{HistoryEntry, Intent};
+use crate::inventory::CachedFile;
 
 /// Image name -> JSON of [`Intent`].
 const INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("intents");
 /// Sequence number -> JSON of [`HistoryEntry`].
 const HISTORY: TableDefinition<u64, &[u8]> = TableDefinition::new("history");
+/// Path under the images directory (its bytes) -> JSON of [`CachedFile`].
+const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
 /// History kept: older entries are dropped first. About 200 bytes each.
 pub const MAX_HISTORY: u64 = 50_000;
 /// redb's page cache: the ledger is small and read once at start.
@@ -65,6 +72,10 @@ pub enum Change<'a> {
     Save(&'a Intent),
     /// Append to the history.
     History(&'a HistoryEntry),
+    /// Insert or replace the cached read of a file of the images directory.
+    CacheFile(&'a CachedFile),
+    /// Forget the cached read of a file.
+    ForgetFile(&'a Path),
 }
 
 /// The open ledger.
@@ -105,6 +116,7 @@ impl Ledger {
         ledger.write(|txn| {
             txn.open_table(INTENTS)?;
             txn.open_table(HISTORY)?;
+            txn.open_table(FILES)?;
             Ok(())
         })?;
         ledger.next_seq = ledger.read(|txn| {
@@ -142,6 +154,23 @@ impl Ledger {
             .collect()
     }
 
+    /// The cached reads of the images directory's files. A record that cannot be decoded
+    /// (written by another version) is left out: that file is simply read again.
+    pub fn cached_files(&self) -> Result<Vec<CachedFile>, LedgerError> {
+        self.read(|txn| {
+            let table = txn.open_table(FILES)?;
+            let mut files = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                if let Ok(mut file) = serde_json::from_slice::<CachedFile>(v.value()) {
+                    file.path = PathBuf::from(OsStr::from_bytes(k.value()));
+                    files.push(file);
+                }
+            }
+            Ok(files)
+        })
+    }
+
     /// History entries, newest first, optionally of one image, at most `limit`.
     pub fn history(
         &self,
@@ -175,6 +204,7 @@ impl Ledger {
         self.write(|txn| {
             let mut intents = txn.open_table(INTENTS)?;
             let mut history = txn.open_table(HISTORY)?;
+            let mut files = txn.open_table(FILES)?;
             for change in changes {
                 match change {
                     Change::Save(intent) => {
@@ -185,6 +215,13 @@ impl Ledger {
                         let bytes = serde_json::to_vec(entry).map_err(boxed)?;
                         history.insert(seq, bytes.as_slice())?;
                         seq += 1;
+                    }
+                    Change::CacheFile(file) => {
+                        let bytes = serde_json::to_vec(file).map_err(boxed)?;
+                        files.insert(file.path.as_os_str().as_bytes(), bytes.as_slice())?;
+                    }
+                    Change::ForgetFile(path) => {
+                        files.remove(path.as_os_str().as_bytes())?;
                     }
                 }
             }
@@ -234,6 +271,29 @@ pub enum OwnedChange {
     Save(Intent),
     /// Append to the history.
     History(HistoryEntry),
+    /// Insert or replace the cached read of a file of the images directory.
+    CacheFile(CachedFile),
+    /// Forget the cached read of a file.
+    ForgetFile(PathBuf),
+}
+
+impl OwnedChange {
+    /// The borrowed form [`Ledger::apply`] takes.
+    pub fn as_change(&self) -> Change<'_> {
+        match self {
+            OwnedChange::Save(i) => Change::Save(i),
+            OwnedChange::History(h) => Change::History(h),
+            OwnedChange::CacheFile(f) => Change::CacheFile(f),
+            OwnedChange::ForgetFile(p) => Change::ForgetFile(p),
+        }
+    }
+
+    /// The changes that bring the ledger's copy of the images directory cache up to date.
+    pub fn from_cache_changes(changes: crate::inventory::CacheChanges) -> Vec<OwnedChange> {
+        let removed = changes.removed.into_iter().map(OwnedChange::ForgetFile);
+        let updated = changes.updated.into_iter().map(OwnedChange::CacheFile);
+        removed.chain(updated).collect()
+    }
 }
 
 type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -262,13 +322,8 @@ impl Writer {
                         changes.extend(more);
                         acks.extend(ack);
                     }
-                    let batch: Vec<Change<'_>> = changes
-                        .iter()
-                        .map(|c| match c {
-                            OwnedChange::Save(i) => Change::Save(i),
-                            OwnedChange::History(h) => Change::History(h),
-                        })
-                        .collect();
+                    let batch: Vec<Change<'_>> =
+                        changes.iter().map(OwnedChange::as_change).collect();
                     let result = ledger.apply(&batch);
                     let reply = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
                     for ack in acks {
@@ -372,6 +427,61 @@ mod tests {
         assert_eq!(ledger.history(Some("a"), 10).unwrap().len(), 2);
         assert_eq!(ledger.history(Some("b"), 10).unwrap().len(), 0);
         assert_eq!(ledger.next_seq, 2);
+    }
+
+    fn cached(path: &Path, names: &[&str]) -> CachedFile {
+        use crate::inventory::{Compression, FileIdentity, FileKind, Layout};
+        CachedFile {
+            path: path.to_path_buf(),
+            reader: "test".into(),
+            identity: FileIdentity {
+                dev: 1,
+                ino: 2,
+                size: 3,
+                // past 2262, so over i64 nanoseconds
+                mtime_ns: i128::from(i64::MAX) * 4 + 5,
+            },
+            kind: FileKind::Archive {
+                compression: Compression::Zstd,
+                layout: Some(Layout::DockerSave),
+            },
+            names: names.iter().map(|n| n.to_string()).collect(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn cached_files_round_trip_and_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let odd = PathBuf::from(OsStr::from_bytes(b"/images/not-utf8-\xff.tar"));
+        let a = cached(Path::new("/images/a.tar.zst"), &["docker.io/library/a:1"]);
+        let mut b = cached(&odd, &[]);
+        b.kind = crate::inventory::FileKind::List;
+        b.error = Some("line 2 skipped by K3s".into());
+        {
+            let mut ledger = Ledger::open(dir.path()).unwrap();
+            ledger
+                .apply(&[Change::CacheFile(&a), Change::CacheFile(&b)])
+                .unwrap();
+            // a record another version cannot decode is left out, not an error
+            ledger
+                .write(|txn| {
+                    txn.open_table(FILES)?
+                        .insert(b"/images/garbage.tar".as_slice(), b"{".as_slice())?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let mut ledger = Ledger::open(dir.path()).unwrap();
+        let mut files = ledger.cached_files().unwrap();
+        files.sort_by(|x, y| x.path.cmp(&y.path));
+        assert_eq!(files, vec![a.clone(), b.clone()]);
+        let changes = [OwnedChange::ForgetFile(odd.clone())];
+        let batch: Vec<Change<'_>> = changes.iter().map(OwnedChange::as_change).collect();
+        ledger.apply(&batch).unwrap();
+        assert_eq!(ledger.cached_files().unwrap(), vec![a]);
+        // the cache does not disturb the intents
+        assert!(ledger.intents().unwrap().is_empty());
     }
 
     #[test]

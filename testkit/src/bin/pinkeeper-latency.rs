@@ -123,6 +123,7 @@ async fn run(cli: Cli) -> Result<()> {
     let log_path = dir.path().join("pinkeeper.log");
     let mut samples: Vec<f64> = Vec::new();
     let mut resubscribed: Vec<f64> = Vec::new();
+    let mut unmeasured = 0;
     for round in 0..cli.rounds {
         for f in &files {
             std::fs::rename(images_dir.join(f), parked.join(f))?;
@@ -135,6 +136,8 @@ async fn run(cli: Cli) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         k3s.start().await?;
         wait_all(&containerd, &names, |k3s, cri| cri && !k3s).await?;
+        // The listing can show the last restore before its event reached the watcher.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         watcher.abort();
         if let Some(ms) = resubscribed_after(&log_path, answering)? {
             resubscribed.push(ms);
@@ -156,10 +159,15 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         if round_samples < names.len() {
-            bail!(
-                "round {round}: measured {round_samples} of {} restores",
+            let missing: Vec<&String> = names
+                .iter()
+                .filter(|n| !seen.iter().any(|(m, _, k, c)| m == *n && *c && !*k))
+                .collect();
+            eprintln!(
+                "round {round}: measured {round_samples} of {} restores; no restore event seen for {missing:?}",
                 names.len()
             );
+            unmeasured += names.len() - round_samples;
         }
         // Put the archives back: K3s pins them itself at the next start.
         for f in &files {
@@ -175,6 +183,22 @@ async fn run(cli: Cli) -> Result<()> {
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path)?;
+    let summaries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("K3s startup sweep:"))
+        .collect();
+    println!(
+        "{} sweeps seen by pinkeeper; every image was restored in every round (checked by listing); {} restore(s) not matched to a sweep event by this tool's own subscription",
+        summaries.len(),
+        unmeasured
+    );
+    for line in summaries
+        .iter()
+        .filter(|l| !l.contains("not_repinned=0") || l.contains("after reconnecting"))
+    {
+        println!("  sweep not handled live: {line}");
+    }
     samples.sort_by(f64::total_cmp);
     resubscribed.sort_by(f64::total_cmp);
     if let (Some(first), Some(last)) = (resubscribed.first(), resubscribed.last()) {
@@ -261,11 +285,12 @@ async fn wait_all(
 
 /// Milliseconds from `since` to pinkeeper's next "reconciled after connecting" log line.
 fn resubscribed_after(log: &std::path::Path, since: std::time::SystemTime) -> Result<Option<f64>> {
-    let since = since
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs_f64();
+    let since = since.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
     let text = std::fs::read_to_string(log)?;
-    for line in text.lines().filter(|l| l.contains("reconciled after connecting")) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains("reconciled after connecting"))
+    {
         let Some(stamp) = line.split_whitespace().next() else {
             continue;
         };
@@ -285,7 +310,10 @@ fn rfc3339_seconds(text: &str) -> Option<f64> {
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);
     let mut t = time.split(':');
-    let (hh, mm) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let (hh, mm) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
     let ss: f64 = t.next()?.parse().ok()?;
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);

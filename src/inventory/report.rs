@@ -1,0 +1,273 @@
+//! What `pinkeeper inventory` prints: a scan of the images directory as a table for people
+//! or as JSON for programs. Owns only the presentation; it reads nothing itself.
+//!
+//! The JSON shape is part of pinkeeper's interface (documented in README.md); add fields,
+//! never rename or remove them, and bump [`JSON_VERSION`] if a change cannot be additive.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::{FileEntry, FileKind, Inventory};
+
+/// The `version` field of the JSON output.
+pub const JSON_VERSION: u32 = 1;
+
+/// The JSON document.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// [`JSON_VERSION`].
+    pub version: u32,
+    /// The images directory, as given.
+    pub images_dir: String,
+    /// Every file K3s would import, in its import order.
+    pub files: Vec<FileReport>,
+    /// Paths passed over, and why.
+    pub skipped: Vec<SkippedReport>,
+}
+
+/// One file of the images directory.
+#[derive(Debug, Serialize)]
+pub struct FileReport {
+    /// Relative to the images directory.
+    pub path: String,
+    /// `oci`, `docker-save`, `list`, or `null` for an archive whose content is not recognised.
+    pub format: Option<&'static str>,
+    /// `none`, `gzip`, `bzip2`, `zstd`, `lz4`; `null` for a list.
+    pub compression: Option<&'static str>,
+    /// The image names it provides: containerd's names after K3s imports the archive, or the
+    /// names CRI pulls for a list.
+    pub names: Vec<String>,
+    /// Why an archive provides nothing, or which lines of a list K3s skips; `null` if none.
+    pub error: Option<String>,
+}
+
+/// A path that was not read.
+#[derive(Debug, Serialize)]
+pub struct SkippedReport {
+    /// Relative to the images directory.
+    pub path: String,
+    /// Why, and what to do.
+    pub reason: String,
+}
+
+impl Report {
+    /// The report of one scan of `images_dir`.
+    pub fn new(images_dir: &Path, inventory: &Inventory) -> Report {
+        Report {
+            version: JSON_VERSION,
+            images_dir: images_dir.display().to_string(),
+            files: inventory
+                .files
+                .iter()
+                .map(|f| FileReport::new(images_dir, f))
+                .collect(),
+            skipped: inventory
+                .skipped
+                .iter()
+                .map(|s| SkippedReport {
+                    path: relative(images_dir, &s.path),
+                    reason: s.reason.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        // Strings, numbers and options only: serialising cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// A table: one row per file, further names and the error on lines of their own; then
+    /// the skipped paths and a summary line.
+    pub fn to_table(&self) -> String {
+        const HEADER: [&str; 4] = ["FILE", "FORMAT", "COMPRESSION", "IMAGES"];
+        let cell = |s: Option<&str>| s.unwrap_or("-").to_string();
+        let rows: Vec<[String; 3]> = self
+            .files
+            .iter()
+            .map(|f| [f.path.clone(), cell(f.format), cell(f.compression)])
+            .collect();
+        let mut width = [HEADER[0].len(), HEADER[1].len(), HEADER[2].len()];
+        for row in &rows {
+            for (w, c) in width.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let indent = width.iter().map(|w| w + 2).sum::<usize>();
+        let line = |cols: [&str; 3], last: &str| {
+            let mut out = String::new();
+            for (c, w) in cols.iter().zip(width) {
+                out.push_str(c);
+                out.push_str(&" ".repeat(w + 2 - c.chars().count()));
+            }
+            out.push_str(last);
+            out.trim_end().to_string() + "\n"
+        };
+        let mut out = String::new();
+        if self.files.is_empty() {
+            out.push_str(&format!(
+                "no file K3s would import in {}\n",
+                self.images_dir
+            ));
+        } else {
+            out.push_str(&line([HEADER[0], HEADER[1], HEADER[2]], HEADER[3]));
+        }
+        for (file, row) in self.files.iter().zip(&rows) {
+            let mut cells = file.names.clone();
+            if let Some(error) = &file.error {
+                cells.push(format!("error: {error}"));
+            }
+            let mut cells = cells.into_iter();
+            let first = cells.next().unwrap_or_default();
+            out.push_str(&line([&row[0], &row[1], &row[2]], &first));
+            for more in cells {
+                out.push_str(&" ".repeat(indent));
+                out.push_str(&more);
+                out.push('\n');
+            }
+        }
+        if !self.skipped.is_empty() {
+            out.push_str("\nnot read:\n");
+            for s in &self.skipped {
+                out.push_str(&format!("  {}: {}\n", s.path, s.reason));
+            }
+        }
+        let names: usize = self.files.iter().map(|f| f.names.len()).sum();
+        let errors = self.files.iter().filter(|f| f.error.is_some()).count();
+        out.push_str(&format!(
+            "\n{} file(s), {names} image name(s), {errors} file(s) with errors, {} path(s) not read\n",
+            self.files.len(),
+            self.skipped.len()
+        ));
+        out
+    }
+}
+
+impl FileReport {
+    fn new(images_dir: &Path, file: &FileEntry) -> FileReport {
+        let (format, compression) = match file.kind {
+            FileKind::List => (Some("list"), None),
+            FileKind::Archive {
+                compression,
+                layout,
+            } => (layout.map(|l| l.as_str()), Some(compression.as_str())),
+        };
+        // The error starts with the file's full path; the path is in its own column here.
+        let error = file.error.as_ref().map(|e| {
+            let prefix = format!("{}: ", file.path.display());
+            e.strip_prefix(&prefix).unwrap_or(e).to_string()
+        });
+        FileReport {
+            path: relative(images_dir, &file.path),
+            format,
+            compression,
+            names: file.names.clone(),
+            error,
+        }
+    }
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    match path.strip_prefix(root) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+        _ => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::inventory::{Compression, Layout, SkippedPath};
+
+    fn sample() -> (PathBuf, Inventory) {
+        let root = PathBuf::from("/images");
+        let inventory = Inventory {
+            files: vec![
+                FileEntry {
+                    path: root.join("airgap.tar.zst"),
+                    kind: FileKind::Archive {
+                        compression: Compression::Zstd,
+                        layout: Some(Layout::DockerSave),
+                    },
+                    names: vec![
+                        "docker.io/library/a:1".into(),
+                        "docker.io/library/b:2".into(),
+                    ],
+                    error: None,
+                },
+                FileEntry {
+                    path: root.join("sub/broken.tgz"),
+                    kind: FileKind::Archive {
+                        compression: Compression::Gzip,
+                        layout: None,
+                    },
+                    names: vec![],
+                    error: Some("/images/sub/broken.tgz: not a valid gzip stream".into()),
+                },
+                FileEntry {
+                    path: root.join("pull.txt"),
+                    kind: FileKind::List,
+                    names: vec!["docker.io/library/c:3".into()],
+                    error: Some("/images/pull.txt: line 2 skipped by K3s".into()),
+                },
+            ],
+            skipped: vec![SkippedPath {
+                path: root.join("out.tar"),
+                reason: "symbolic link outside".into(),
+            }],
+        };
+        (root, inventory)
+    }
+
+    #[test]
+    fn json_shape_is_stable() {
+        let (root, inventory) = sample();
+        let json: serde_json::Value =
+            serde_json::from_str(&Report::new(&root, &inventory).to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "version": 1,
+                "images_dir": "/images",
+                "files": [
+                    {"path": "airgap.tar.zst", "format": "docker-save", "compression": "zstd",
+                     "names": ["docker.io/library/a:1", "docker.io/library/b:2"], "error": null},
+                    {"path": "sub/broken.tgz", "format": null, "compression": "gzip",
+                     "names": [], "error": "not a valid gzip stream"},
+                    {"path": "pull.txt", "format": "list", "compression": null,
+                     "names": ["docker.io/library/c:3"], "error": "line 2 skipped by K3s"},
+                ],
+                "skipped": [{"path": "out.tar", "reason": "symbolic link outside"}],
+            })
+        );
+    }
+
+    #[test]
+    fn table_lists_every_name_and_error() {
+        let (root, inventory) = sample();
+        let table = Report::new(&root, &inventory).to_table();
+        let expected = "\
+FILE            FORMAT       COMPRESSION  IMAGES
+airgap.tar.zst  docker-save  zstd         docker.io/library/a:1
+                                          docker.io/library/b:2
+sub/broken.tgz  -            gzip         error: not a valid gzip stream
+pull.txt        list         -            docker.io/library/c:3
+                                          error: line 2 skipped by K3s
+
+not read:
+  out.tar: symbolic link outside
+
+3 file(s), 3 image name(s), 2 file(s) with errors, 1 path(s) not read
+";
+        assert_eq!(table, expected);
+        let empty = Report::new(&root, &Inventory::default()).to_table();
+        assert!(
+            empty.starts_with("no file K3s would import in /images\n"),
+            "{empty}"
+        );
+    }
+}

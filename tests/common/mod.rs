@@ -1,0 +1,258 @@
+//! The harness the integration tests share: a node with a private containerd (1.6, 1.7 or
+//! 2.x), an images directory, the `pinkeeper` binary running as its own process, and the
+//! testkit's K3s emulator.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
+use pinkeeper_testkit::{
+    Client, Containerd, ImageInfo, K3s, K3sConfig, Version, CRI_PIN_LABEL, K3S_PIN_LABEL,
+    K8S_NAMESPACE,
+};
+
+/// How long K3s takes from starting containerd to its sweep (it waits for CRI first).
+pub const K3S_SWEEP_DELAY: Duration = Duration::from_millis(1000);
+
+/// One archive of the images dir: file name, layout, image names.
+pub type Archive<'a> = (&'a str, Layout, &'a [&'a str]);
+
+/// A node: a private containerd, an images dir, a state dir, pinkeeper, and "K3s".
+pub struct Node {
+    pub containerd: Containerd,
+    pub dir: tempfile::TempDir,
+    pinkeeper: Option<Child>,
+    pub k3s: K3s,
+    pub client: Client,
+    settle_ms: u64,
+}
+
+impl Node {
+    /// A node whose images dir holds `archives`; pinkeeper (once started) verifies K3s's
+    /// re-pins `settle_ms` after a start-up's last event.
+    pub async fn new(
+        version: Version,
+        archives: &[Archive<'_>],
+        cache_json: bool,
+        settle_ms: u64,
+    ) -> Result<Node> {
+        let containerd = Containerd::start(version).await?;
+        let dir = tempfile::Builder::new().prefix("pkit").tempdir_in("/tmp")?;
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images)?;
+        for (file, layout, names) in archives {
+            let images_of: Vec<TestImage> = names.iter().map(|n| TestImage::new(*n)).collect();
+            write_archive(&images.join(file), *layout, &images_of)?;
+        }
+        let mut config = K3sConfig::new(containerd.socket(), &images);
+        config.cache_json = cache_json;
+        config.poll_interval = Duration::from_millis(100);
+        let client = containerd.client(K8S_NAMESPACE).await?;
+        Ok(Node {
+            k3s: K3s::new(config),
+            containerd,
+            dir,
+            pinkeeper: None,
+            client,
+            settle_ms,
+        })
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.dir.path().join("images")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("pinkeeper.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn start_pinkeeper(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(env!("CARGO_BIN_EXE_pinkeeper"))
+            .arg("run")
+            .arg("--containerd-socket")
+            .arg(self.containerd.socket())
+            .arg("--images-dir")
+            .arg(self.images_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--control-socket")
+            .arg(self.dir.path().join("pk.sock"))
+            .arg("--settle-ms")
+            .arg(self.settle_ms.to_string())
+            .env("PINKEEPER_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting pinkeeper")?;
+        self.pinkeeper = Some(child);
+        Ok(())
+    }
+
+    /// `kill -9`.
+    pub fn kill_pinkeeper(&mut self) -> Result<()> {
+        if let Some(mut child) = self.pinkeeper.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM; pinkeeper must exit 0.
+    pub fn stop_pinkeeper(&mut self) -> Result<()> {
+        if let Some(mut child) = self.pinkeeper.take() {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()?;
+            ensure!(status.success(), "kill -TERM failed");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    ensure!(
+                        status.success(),
+                        "pinkeeper exited with {status} on SIGTERM"
+                    );
+                    return Ok(());
+                }
+                ensure!(Instant::now() < deadline, "pinkeeper ignored SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until pinkeeper's log shows `count` lines containing `needle`.
+    pub async fn wait_log(&self, needle: &str, count: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches(needle).count() < count {
+            if Instant::now() > deadline {
+                bail!(
+                    "pinkeeper's log never showed {count} x {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn images(&self) -> Result<BTreeMap<String, ImageInfo>> {
+        match self.client.images_by_name().await {
+            Ok(images) => Ok(images),
+            Err(e) => bail!(
+                "{e:#}\ncontainerd log:\n{}\npinkeeper log:\n{}",
+                self.containerd.log_tail(),
+                self.log()
+            ),
+        }
+    }
+
+    /// K3s restarts: its containerd is killed and started again, about a second later K3s
+    /// sweeps and re-imports the images dir.
+    pub async fn restart_k3s(&mut self) -> Result<()> {
+        self.containerd.restart().await?;
+        self.client = self.containerd.client(K8S_NAMESPACE).await?;
+        tokio::time::sleep(K3S_SWEEP_DELAY).await;
+        if let Err(e) = self.k3s.start().await {
+            bail!(
+                "K3s's start failed: {e:#}\ncontainerd log:\n{}\npinkeeper log:\n{}",
+                self.containerd.log_tail(),
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until `check` holds on the image records.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        check: impl Fn(&BTreeMap<String, ImageInfo>) -> bool,
+    ) -> Result<BTreeMap<String, ImageInfo>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let images = self.images().await?;
+            if check(&images) {
+                return Ok(images);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}; images: {images:#?}\npinkeeper log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.kill_pinkeeper();
+    }
+}
+
+/// Names of the images of `wanted` plus their `repo@digest` aliases.
+pub fn with_aliases(images: &BTreeMap<String, ImageInfo>, wanted: &[&str]) -> Vec<String> {
+    let mut names = Vec::new();
+    for name in wanted {
+        names.push(name.to_string());
+        if let Some(info) = images.get(*name) {
+            let repo = name.rsplit_once(':').map_or(*name, |(r, _)| r);
+            let alias = format!("{repo}@{}", info.digest);
+            if images.contains_key(&alias) {
+                names.push(alias);
+            }
+        }
+    }
+    names
+}
+
+pub fn cri_pinned(images: &BTreeMap<String, ImageInfo>, name: &str) -> bool {
+    images.get(name).is_some_and(|i| i.has(CRI_PIN_LABEL))
+}
+
+pub fn k3s_pinned(images: &BTreeMap<String, ImageInfo>, name: &str) -> bool {
+    images.get(name).is_some_and(|i| i.has(K3S_PIN_LABEL))
+}
+
+/// Every scenario runs on each containerd version.
+#[macro_export]
+macro_rules! on_every_version {
+    ($scenario:ident) => {
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn containerd_1_6() -> Result<()> {
+                super::$scenario(Version::V1_6).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn containerd_1_7() -> Result<()> {
+                super::$scenario(Version::V1_7).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn containerd_2_x() -> Result<()> {
+                super::$scenario(Version::V2).await
+            }
+        }
+    };
+}

@@ -1,0 +1,178 @@
+//! The live images directory, against real containerd daemons: archives deleted and added while
+//! K3s runs are known to pinkeeper at once (inotify, debounced like K3s's two seconds), and
+//! change nothing until K3s's next start. The `pinkeeper` binary runs as its own process, as
+//! on a node; "K3s" is the testkit's emulator.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use common::Node;
+use pinkeeper_testkit::archive::{write_archive, Layout, OciNames, TestImage};
+use pinkeeper_testkit::{ImageInfo, Version, CRI_PIN_LABEL, K3S_PIN_LABEL};
+
+const APP: &str = "docker.io/library/app:1";
+const WEB: &str = "registry.example.com/team/web:2.3";
+const EXTRA: &str = "docker.io/library/extra:7";
+/// Short, so that a restore after the settle would be told apart from one at the sweep.
+const SETTLE_MS: u64 = 3000;
+/// What the daemon logs when its watch says the directory changed and settled.
+const RESCAN: &str = "the images directory changed: reading it again";
+/// What the engine logs about an archive deleted at runtime.
+const GONE: &str = "its pin stays, and is restored when K3s's start-up sweep removes it";
+
+/// The story's images directory: two archives.
+const ARCHIVES: &[common::Archive<'static>] = &[
+    (
+        "app.tar",
+        Layout::Oci {
+            names: OciNames::ContainerdName,
+            index_last: false,
+        },
+        &[APP],
+    ),
+    ("web.tar.gz", Layout::DockerSave, &[WEB]),
+];
+
+/// pinkeeper is up, has recorded what K3s pinned, and its watch is armed and settled.
+async fn boot(version: Version, pinned: usize) -> Result<Node> {
+    let mut node = Node::new(version, ARCHIVES, false, SETTLE_MS).await?;
+    node.start_pinkeeper()?;
+    node.k3s.start().await?;
+    node.wait_log("action=recorded", pinned).await?;
+    // The watch reads the directory once after it is armed: wait for that, so the change
+    // under test is a burst of its own.
+    node.wait_log(RESCAN, 1).await?;
+    Ok(node)
+}
+
+/// `name` and its `repo@digest` alias.
+fn with_alias(images: &BTreeMap<String, ImageInfo>, name: &str) -> Result<Vec<String>> {
+    let info = images
+        .get(name)
+        .with_context(|| format!("{name} missing"))?;
+    let repo = name.rsplit_once(':').map_or(name, |(r, _)| r);
+    let alias = format!("{repo}@{}", info.digest);
+    ensure!(images.contains_key(&alias), "{alias} missing");
+    Ok(vec![name.to_string(), alias])
+}
+
+fn pins(images: &BTreeMap<String, ImageInfo>, name: &str) -> (bool, bool) {
+    images.get(name).map_or((false, false), |i| {
+        (i.has(K3S_PIN_LABEL), i.has(CRI_PIN_LABEL))
+    })
+}
+
+on_every_version!(an_archive_deleted_at_runtime_is_known_before_the_next_start);
+
+/// An archive deleted while K3s runs: pinkeeper notes it within the debounce, unpins nothing,
+/// and at K3s's next start restores the image right at the sweep (not after the settle).
+async fn an_archive_deleted_at_runtime_is_known_before_the_next_start(
+    version: Version,
+) -> Result<()> {
+    let mut node = boot(version, 4).await?;
+    let web = with_alias(&node.images().await?, WEB)?;
+
+    let deleted = Instant::now();
+    std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
+    node.wait_log(GONE, 2).await?;
+    let noticed = deleted.elapsed();
+    eprintln!(
+        "{}: the deletion was noticed after {noticed:?}",
+        version.name()
+    );
+    ensure!(
+        noticed < Duration::from_secs(6),
+        "the deletion was noticed only after {noticed:?}"
+    );
+    let log = node.log();
+    for name in &web {
+        ensure!(
+            log.contains(&format!("archive of {name} is gone")),
+            "{name}: {log}"
+        );
+    }
+
+    // K3s unpins nothing at runtime, and neither does pinkeeper.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let images = node.images().await?;
+    for name in &web {
+        ensure!(pins(&images, name) == (true, true), "{name}: {images:?}");
+    }
+    ensure!(!node.log().contains("restored io.cri-containerd.pinned"));
+
+    let before_restart = node.log().len();
+    node.restart_k3s().await?;
+    let after = node
+        .wait_until("web's pins restored", |images| {
+            web.iter().all(|n| pins(images, n) == (false, true))
+        })
+        .await?;
+    // At the sweep: well before the settle would have run (SETTLE_MS after K3s's last event).
+    let restored = node.log()[before_restart..].to_string();
+    ensure!(
+        !restored.contains("start-up settled"),
+        "restored only after the settle:\n{restored}"
+    );
+    ensure!(
+        restored.matches("reason=ArchiveGone").count() == 2,
+        "{restored}"
+    );
+    ensure!(pins(&after, APP) == (true, true), "K3s re-pins app itself");
+    node.wait_log("archive_gone=2", 1).await?;
+    node.stop_pinkeeper()?;
+    Ok(())
+}
+
+/// K3s's runtime watcher imports an archive added to a new subdirectory; pinkeeper records the
+/// new intents and, from its own read of the directory, the file that provides them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_added_at_runtime_is_recorded_as_provided() -> Result<()> {
+    let mut node = boot(Version::V1_7, 4).await?;
+    let rescans = node.log().matches(RESCAN).count();
+
+    let file = node.images_dir().join("more/extra.tar.zst");
+    write_archive(&file, Layout::DockerSave, &[TestImage::new(EXTRA)])?;
+    // K3s imports a new file about two seconds after it appears.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let report = node.k3s.import_file(&file).await?;
+    ensure!(report.images == [EXTRA], "{report:?}");
+    node.wait_log("action=recorded", 6).await?;
+    node.wait_log(RESCAN, rescans + 1).await?;
+    let extra = with_alias(&node.images().await?, EXTRA)?;
+    // Give the ledger writer its moment, then stop cleanly to read the ledger.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.stop_pinkeeper()?;
+
+    let ledger = pinkeeper::ledger::Ledger::open(&node.state_dir())?;
+    let intents = ledger.intents()?;
+    for name in &extra {
+        let intent = intents
+            .iter()
+            .find(|i| i.name == *name)
+            .with_context(|| format!("no intent for {name}: {intents:#?}"))?;
+        ensure!(
+            intent.source.as_deref() == Some(file.as_path()),
+            "{name} is provided by {:?}, not {}",
+            intent.source,
+            file.display()
+        );
+    }
+    drop(ledger);
+
+    // And so, deleted again before K3s's next start, it is restored at the sweep.
+    let rescans = node.log().matches(RESCAN).count();
+    node.start_pinkeeper()?;
+    node.wait_log(RESCAN, rescans + 1).await?;
+    std::fs::remove_file(&file)?;
+    node.wait_log(GONE, 2).await?;
+    node.restart_k3s().await?;
+    node.wait_until("extra's pins restored", |images| {
+        extra.iter().all(|n| pins(images, n) == (false, true))
+    })
+    .await?;
+    node.stop_pinkeeper()?;
+    Ok(())
+}
