@@ -35,6 +35,12 @@ use thiserror::Error;
 use super::reference::{is_valid_digest, normalize_reference, ReferenceError};
 use super::{Compression, Layout};
 
+/// A compressed archive is read up to this many times its size: real image archives expand a
+/// few times at most; beyond that it is treated as a decompression bomb.
+pub(crate) const MAX_EXPANSION: u64 = 1000;
+/// ...but never less than this, so small files are never cut short.
+const MIN_EXPANDED_BUDGET: u64 = 1 << 30;
+
 /// containerd's `jsonLimit` for `manifest.json` and `oci-layout`; also our bound on the
 /// `index.json` kept in memory.
 pub(crate) const JSON_LIMIT: u64 = 20 * 1024 * 1024;
@@ -158,11 +164,16 @@ pub(crate) fn read_archive_file(
                 Err(e) => ArchiveRead::failed(None, ArchiveError::Tar(e)),
             }
         }
-        other => read_buffered(
-            io::BufReader::with_capacity(FILE_BUFFER, file),
-            other,
-            options,
-        ),
+        other => {
+            let len = file.metadata().map_or(0, |m| m.len());
+            let budget = len.saturating_mul(MAX_EXPANSION).max(MIN_EXPANDED_BUDGET);
+            read_buffered(
+                io::BufReader::with_capacity(FILE_BUFFER, file),
+                other,
+                options,
+                budget,
+            )
+        }
     }
 }
 
@@ -177,31 +188,36 @@ pub(crate) fn read_archive<R: Read>(
         io::BufReader::with_capacity(FILE_BUFFER, reader),
         compression,
         options,
+        u64::MAX,
     )
 }
 
 /// The decompressors read straight from `reader`'s buffer (no second buffer in between).
-fn read_buffered<R: BufRead>(
+pub(crate) fn read_buffered<R: BufRead>(
     reader: R,
     compression: Compression,
     options: ReadOptions,
+    budget: u64,
 ) -> ArchiveRead {
     match compression {
-        Compression::None => stream_entries(reader, compression, options),
+        Compression::None => stream_entries(reader, compression, options, budget),
         Compression::Gzip => stream_entries(
             flate2::bufread::MultiGzDecoder::new(reader),
             compression,
             options,
+            budget,
         ),
         Compression::Bzip2 => stream_entries(
             bzip2::bufread::MultiBzDecoder::new(reader),
             compression,
             options,
+            budget,
         ),
         Compression::Lz4 => stream_entries(
             lz4_flex::frame::FrameDecoder::new(reader),
             compression,
             options,
+            budget,
         ),
         Compression::Zstd => {
             let decoder = zstd::stream::read::Decoder::with_buffer(reader).and_then(|mut d| {
@@ -209,7 +225,7 @@ fn read_buffered<R: BufRead>(
                 Ok(d)
             });
             match decoder {
-                Ok(d) => stream_entries(d, compression, options),
+                Ok(d) => stream_entries(d, compression, options, budget),
                 Err(source) => ArchiveRead::failed(
                     None,
                     ArchiveError::Decompress {
@@ -226,11 +242,14 @@ fn stream_entries<R: Read>(
     reader: R,
     compression: Compression,
     options: ReadOptions,
+    budget: u64,
 ) -> ArchiveRead {
     let decompressor_failed = Cell::new(false);
     let tracked = Tracked {
         inner: reader,
         failed: &decompressor_failed,
+        budget,
+        budget_left: budget,
     };
     let mut archive = tar::Archive::new(tracked);
     let mut read = match archive.entries() {
@@ -252,15 +271,44 @@ fn stream_entries<R: Read>(
     read
 }
 
-/// Remembers whether the reader under the tar parser failed.
+/// Remembers whether the reader under the tar parser failed, and stops a decompression bomb:
+/// at most `budget` decompressed bytes are read.
 struct Tracked<'a, R> {
     inner: R,
     failed: &'a Cell<bool>,
+    budget: u64,
+    budget_left: u64,
 }
 
 impl<R: Read> Read for Tracked<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).inspect_err(|_| self.failed.set(true))
+        if self.budget_left == 0 {
+            // At the budget: fine if the stream ends here, a bomb if it goes on.
+            let mut probe = [0u8; 1];
+            if self
+                .inner
+                .read(&mut probe)
+                .inspect_err(|_| self.failed.set(true))?
+                == 0
+            {
+                return Ok(0);
+            }
+            self.failed.set(true);
+            return Err(io::Error::other(format!(
+                "it expands to more than {} bytes, over {MAX_EXPANSION} times its size: \
+                 a decompression bomb? Not read further",
+                self.budget
+            )));
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.budget_left).unwrap_or(usize::MAX));
+        let n = self
+            .inner
+            .read(&mut buf[..want])
+            .inspect_err(|_| self.failed.set(true))?;
+        self.budget_left -= n as u64;
+        Ok(n)
     }
 }
 
@@ -840,5 +888,63 @@ mod tests {
         decode_oci_layout(br#"{"imageLayoutVersion":"1.0.0"}"#, &mut v).unwrap();
         decode_oci_layout(br#"{}"#, &mut v).unwrap();
         assert_eq!(v, "1.0.0");
+    }
+}
+
+#[cfg(test)]
+mod bomb_tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip_tar_of_zeros(size: usize) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "zeros", io::repeat(0).take(size as u64))
+            .unwrap();
+        let tar = tar.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&tar).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_reported_not_read_to_the_end() {
+        let bytes = gzip_tar_of_zeros(8 << 20);
+        let read = read_buffered(
+            io::BufReader::new(bytes.as_slice()),
+            Compression::Gzip,
+            ReadOptions::default(),
+            1 << 20,
+        );
+        let error = read.error.expect("an error").to_string();
+        assert!(error.contains("decompression bomb"), "{error}");
+    }
+
+    #[test]
+    fn a_stream_ending_exactly_at_the_budget_is_fine() {
+        let bytes = gzip_tar_of_zeros(4096);
+        let all = read_buffered(
+            io::BufReader::new(bytes.as_slice()),
+            Compression::Gzip,
+            ReadOptions::default(),
+            u64::MAX,
+        );
+        let mut decoded = Vec::new();
+        flate2::read::MultiGzDecoder::new(bytes.as_slice())
+            .read_to_end(&mut decoded)
+            .unwrap();
+        let exact = read_buffered(
+            io::BufReader::new(bytes.as_slice()),
+            Compression::Gzip,
+            ReadOptions::default(),
+            decoded.len() as u64,
+        );
+        assert_eq!(
+            all.error.map(|e| e.to_string()),
+            exact.error.map(|e| e.to_string())
+        );
     }
 }
