@@ -24,8 +24,10 @@ const MAX_SETTLE_MS: u64 = 120_000;
 /// The longest path a unix socket address holds (`sun_path`, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// The config file's keys. Every key is optional; unknown keys are an error.
-#[derive(Debug, Default, Deserialize)]
+/// Values of the settings, each optional: the config file's keys (unknown keys are an error)
+/// and, as [`Overrides`], the flags of `pinkeeper run` (`--containerd-socket` for
+/// `containerd_socket`, ...), which win over the file.
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// containerd's gRPC socket.
@@ -42,22 +44,8 @@ pub struct FileConfig {
     pub settle_ms: Option<u64>,
 }
 
-/// Values given on the command line (each overrides the config file).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--containerd-socket`
-    pub containerd_socket: Option<PathBuf>,
-    /// `--namespace`
-    pub namespace: Option<String>,
-    /// `--images-dir`
-    pub images_dir: Option<PathBuf>,
-    /// `--state-dir`
-    pub state_dir: Option<PathBuf>,
-    /// `--control-socket`
-    pub control_socket: Option<PathBuf>,
-    /// `--settle-ms`
-    pub settle_ms: Option<u64>,
-}
+/// Values given on the command line: the same keys as the file, each overriding it.
+pub type Overrides = FileConfig;
 
 /// The settings `pinkeeper run` uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
