@@ -18,7 +18,9 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::containerd::queue::EventQueue;
 use crate::containerd::{Containerd, ContainerdError};
-use crate::engine::{self, ApplyError, Engine, Input, ListCause, Millis, Output};
+use crate::engine::{
+    self, ApplyError, Engine, ImageRecord, Input, ListCause, Millis, Output, RestoreReason,
+};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
@@ -32,8 +34,9 @@ const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
 const RETRY_MAX_SLOW: Duration = Duration::from_millis(1000);
 /// How long an outage counts as "just restarting".
 const FAST_RETRY_WINDOW: Duration = Duration::from_secs(60);
-/// Pins written at once: containerd serialises its metadata writes, so more buys nothing.
-const PIN_CONCURRENCY: usize = 32;
+/// Pins and Gets in flight at once: containerd serialises its metadata writes, so more buys
+/// nothing.
+const RPC_CONCURRENCY: usize = 32;
 /// Events handed to the engine per batch (one ledger commit each).
 const BATCH: usize = 4096;
 
@@ -346,12 +349,13 @@ impl Daemon {
                 // Contract rule 7: an intent is on disk before pinkeeper acts on it.
                 self.commit(&mut changes, true).await?;
             }
-            let (pins, others): (Vec<Output>, Vec<Output>) = effects
+            let (mut calls, others): (Vec<Output>, Vec<Output>) = effects
                 .into_iter()
-                .partition(|e| matches!(e, Output::Pin { .. }));
+                .partition(|e| matches!(e, Output::Pin { .. } | Output::Fetch { .. }));
             // Pins first and all at once: an image of a gone archive stays unpinned for as
             // short a time as containerd allows (it serialises the writes itself).
-            self.pin_all(pins, &mut inputs).await;
+            calls.sort_by_key(|c| !matches!(c, Output::Pin { .. }));
+            self.call_all(calls, &mut inputs).await;
             for effect in others {
                 self.carry_out(effect, &mut inputs).await?;
             }
@@ -366,14 +370,6 @@ impl Daemon {
         inputs: &mut VecDeque<Input>,
     ) -> anyhow::Result<()> {
         match effect {
-            Output::Fetch { name } => {
-                if let Some(client) = &self.client {
-                    match client.get(&name).await {
-                        Ok(record) => inputs.push_back(Input::Fetched { name, record }),
-                        Err(e) => debug!("{e}"),
-                    }
-                }
-            }
             Output::Verify => {
                 debug!("start-up settled: checking that every intent is pinned");
                 if let Some(provided) = self.scan().await? {
@@ -401,51 +397,73 @@ impl Daemon {
                 s.restored_archive_gone + s.restored_not_repinned,
                 s.repinned_by_k3s
             ),
-            Output::Pin { .. } | Output::Save { .. } | Output::History(_) => {}
+            Output::Pin { .. } | Output::Fetch { .. } | Output::Save { .. } | Output::History(_) => {}
         }
         Ok(())
     }
 
-    /// Writes the pins concurrently (at most [`PIN_CONCURRENCY`] at once) and queues their
-    /// outcomes for the engine.
-    async fn pin_all(&mut self, pins: Vec<Output>, inputs: &mut VecDeque<Input>) {
+    /// Carries out the pins and Gets concurrently (at most [`RPC_CONCURRENCY`] at once, pins
+    /// first) and queues their outcomes for the engine.
+    async fn call_all(&mut self, calls: Vec<Output>, inputs: &mut VecDeque<Input>) {
+        enum Done {
+            Pinned(String, RestoreReason, Result<(), ApplyError>),
+            Fetched(String, Result<Option<ImageRecord>, ContainerdError>),
+        }
+        let Some(client) = self.client.clone() else {
+            for call in calls {
+                if let Output::Pin { name, .. } = call {
+                    let result = Err(ApplyError::Failed("containerd is not connected".into()));
+                    inputs.push_back(Input::Pinned { name, result });
+                }
+            }
+            return;
+        };
         let mut running = tokio::task::JoinSet::new();
-        let mut pins = pins.into_iter();
+        let mut calls = calls.into_iter();
         loop {
-            while running.len() < PIN_CONCURRENCY {
-                let Some(Output::Pin { name, reason }) = pins.next() else {
-                    break;
+            while running.len() < RPC_CONCURRENCY {
+                let client = client.clone();
+                match calls.next() {
+                    Some(Output::Pin { name, reason }) => running.spawn(async move {
+                        let result = client.pin(&name).await;
+                        Done::Pinned(name, reason, result)
+                    }),
+                    Some(Output::Fetch { name }) => running.spawn(async move {
+                        let result = client.get(&name).await;
+                        Done::Fetched(name, result)
+                    }),
+                    Some(_) => continue,
+                    None => break,
                 };
-                let client = self.client.clone();
-                running.spawn(async move {
-                    let result = match &client {
-                        Some(client) => client.pin(&name).await,
-                        None => Err(ApplyError::Failed("containerd is not connected".into())),
-                    };
-                    (name, reason, result)
-                });
             }
             let Some(done) = running.join_next().await else {
                 break;
             };
-            let Ok((name, reason, result)) = done else {
-                continue;
-            };
-            match &result {
-                Ok(()) => info!(
-                    image = %name,
-                    reason = ?reason,
-                    "restored io.cri-containerd.pinned=pinned: {}",
-                    reason.explain()
-                ),
-                Err(ApplyError::NotFound) => {
-                    info!(image = %name, "could not restore the pin: the image record is gone")
+            match done {
+                Ok(Done::Pinned(name, reason, result)) => {
+                    match &result {
+                        Ok(()) => info!(
+                            image = %name,
+                            reason = ?reason,
+                            "restored io.cri-containerd.pinned=pinned: {}",
+                            reason.explain()
+                        ),
+                        Err(ApplyError::NotFound) => {
+                            info!(image = %name, "could not restore the pin: the image record is gone")
+                        }
+                        Err(ApplyError::Failed(why)) => {
+                            warn!(image = %name, "could not restore the pin: {why}; will retry")
+                        }
+                    }
+                    inputs.push_back(Input::Pinned { name, result });
                 }
-                Err(ApplyError::Failed(why)) => {
-                    warn!(image = %name, "could not restore the pin: {why}; will retry")
+                Ok(Done::Fetched(name, Ok(record))) => {
+                    inputs.push_back(Input::Fetched { name, record })
                 }
+                // containerd is going away: the next connection's listing covers it.
+                Ok(Done::Fetched(_, Err(e))) => debug!("{e}"),
+                Err(_) => {}
             }
-            inputs.push_back(Input::Pinned { name, result });
         }
     }
 
