@@ -214,9 +214,9 @@ impl Daemon {
                 warn!("more image events than pinkeeper could queue; listing all images instead");
                 self.resync(&shared, ListCause::Connected).await?;
             } else {
-                for chunk in events.chunks(BATCH) {
-                    self.process(chunk.iter().cloned().map(Input::Event).collect())
-                        .await?;
+                let mut events = events.into_iter().map(Input::Event).peekable();
+                while events.peek().is_some() {
+                    self.process(events.by_ref().take(BATCH).collect()).await?;
                 }
             }
             if let Some(e) = lock(&shared.broken).take() {
