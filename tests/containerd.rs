@@ -4,12 +4,15 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{cri_pinned, k3s_pinned, with_aliases, Node};
 use pinkeeper_testkit::archive::{Layout, OciNames};
-use pinkeeper_testkit::{Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE};
+use pinkeeper_testkit::{
+    ImageInfo, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE,
+};
 
 const APP: &str = "docker.io/library/app:1";
 const WEB: &str = "registry.example.com/team/web:2.3";
@@ -37,6 +40,17 @@ const ARCHIVES: &[common::Archive<'static>] = &[
 
 async fn node(version: Version, cache_json: bool) -> Result<Node> {
     Node::new(version, ARCHIVES, cache_json, SETTLE_MS).await
+}
+
+/// pinkeeper runs through K3s's first boot and records every pinned name; returns the
+/// images after the boot and those names (the story's images and their aliases).
+async fn first_boot(node: &mut Node) -> Result<(BTreeMap<String, ImageInfo>, Vec<String>)> {
+    node.start_pinkeeper()?;
+    node.k3s.start().await?;
+    let first = node.images().await?;
+    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
+    node.wait_log("action=recorded", pinned.len()).await?;
+    Ok((first, pinned))
 }
 
 on_every_version!(restores_after_a_restart_with_an_archive_deleted);
@@ -142,11 +156,7 @@ async fn repairs_a_sweep_missed_while_stopped(version: Version) -> Result<()> {
 /// `ctr images label NAME io.cri-containerd.pinned=` releases the intent for good.
 async fn respects_an_operator_unpin(version: Version) -> Result<()> {
     let mut node = node(version, false).await?;
-    node.start_pinkeeper()?;
-    node.k3s.start().await?;
-    let first = node.images().await?;
-    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    let (first, _) = first_boot(&mut node).await?;
 
     node.client.ctr_remove_cri_pin(WEB).await?;
     node.wait_log("intent released", 1).await?;
@@ -176,11 +186,7 @@ async fn respects_an_operator_unpin(version: Version) -> Result<()> {
 /// unpinned; pinkeeper restores them once the start-up settles.
 async fn restores_what_the_cache_bug_left_unpinned(version: Version) -> Result<()> {
     let mut node = node(version, true).await?;
-    node.start_pinkeeper()?;
-    node.k3s.start().await?;
-    let first = node.images().await?;
-    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    let (_, pinned) = first_boot(&mut node).await?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     let after = node
@@ -197,11 +203,7 @@ async fn restores_what_the_cache_bug_left_unpinned(version: Version) -> Result<(
 /// of the deleted archive's image is repaired.
 async fn follows_containerd_restarts_in_a_row(version: Version) -> Result<()> {
     let mut node = node(version, false).await?;
-    node.start_pinkeeper()?;
-    node.k3s.start().await?;
-    let first = node.images().await?;
-    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    let (first, _) = first_boot(&mut node).await?;
     let web_archive = node.images_dir().join("web.tar.gz");
     let saved = node.dir.path().join("web.tar.gz.saved");
     let web = with_aliases(&first, &[WEB]);
@@ -292,11 +294,7 @@ async fn kill_9_never_breaks_the_ledger() -> Result<()> {
 /// dropping only the CRI pin as a deliberate unpin (released, left alone).
 async fn handles_a_whole_map_writer_outside_any_sweep(version: Version) -> Result<()> {
     let mut node = node(version, false).await?;
-    node.start_pinkeeper()?;
-    node.k3s.start().await?;
-    let first = node.images().await?;
-    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    let (first, _) = first_boot(&mut node).await?;
 
     let without = |name: &str, keys: &[&str]| {
         let mut labels = first[name].labels.clone();
