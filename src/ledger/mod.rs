@@ -27,6 +27,8 @@ const FILES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("files");
 pub const MAX_HISTORY: u64 = 50_000;
 /// redb's page cache: the ledger is small and read once at start.
 const CACHE_BYTES: usize = 4 << 20;
+/// How long changes nobody waits for may wait for more before they are committed.
+const WRITE_LINGER: std::time::Duration = std::time::Duration::from_millis(50);
 /// File name inside the state directory.
 pub const FILE_NAME: &str = "ledger.redb";
 
@@ -318,7 +320,19 @@ impl Writer {
                 while let Ok(first) = queue.recv() {
                     let mut changes = first.0;
                     let mut acks: Vec<Ack> = first.1.into_iter().collect();
-                    while let Ok((more, ack)) = queue.try_recv() {
+                    // Changes nobody waits for are held a moment, so a trickle of events
+                    // (CRI labelling images one by one) shares one fsync; a durable write is
+                    // committed at once.
+                    let linger_until = std::time::Instant::now() + WRITE_LINGER;
+                    loop {
+                        let next = if acks.is_empty() {
+                            let left =
+                                linger_until.saturating_duration_since(std::time::Instant::now());
+                            queue.recv_timeout(left).ok()
+                        } else {
+                            queue.try_recv().ok()
+                        };
+                        let Some((more, ack)) = next else { break };
                         changes.extend(more);
                         acks.extend(ack);
                     }
