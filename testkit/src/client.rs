@@ -467,3 +467,34 @@ impl Client {
         Ok(())
     }
 }
+
+/// Follows the `/images/update` events of `namespace` on `socket` until the stream ends,
+/// calling `f(name, timestamp in ns as stamped by containerd, labels)` for each. For
+/// benchmarks that time label changes with containerd's own clock.
+pub async fn watch_image_updates(
+    socket: &Path,
+    namespace: &str,
+    mut f: impl FnMut(&str, i128, &HashMap<String, String>) -> Result<()>,
+) -> Result<()> {
+    use containerd_client::services::v1::events_client::EventsClient;
+    use containerd_client::services::v1::{ImageUpdate, SubscribeRequest};
+    use prost::Message;
+
+    let channel = containerd_client::connect(socket).await?;
+    let mut client = EventsClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let request = SubscribeRequest {
+        filters: vec![format!("topic==\"/images/update\",namespace=={namespace}")],
+    };
+    let mut stream = client.subscribe(request).await?.into_inner();
+    while let Some(envelope) = stream.message().await? {
+        let Some(any) = envelope.event else { continue };
+        let Ok(update) = ImageUpdate::decode(any.value.as_slice()) else {
+            continue;
+        };
+        let ts = envelope
+            .timestamp
+            .map_or(0, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+        f(&update.name, ts, &update.labels)?;
+    }
+    Ok(())
+}

@@ -14,13 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use containerd_client::services::v1::events_client::EventsClient;
-use containerd_client::services::v1::{ImageUpdate, SubscribeRequest};
 use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
 use pinkeeper_testkit::{
     Containerd, K3s, K3sConfig, Version, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE, PINNED,
 };
-use prost::Message;
 
 #[derive(Parser)]
 #[command(about = "Measures the time from K3s's sweep to pinkeeper's restore on a real containerd")]
@@ -229,34 +226,15 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// Records every `/images/update` with containerd's own timestamp.
 async fn watch(socket: PathBuf, seen: Seen) -> Result<()> {
-    let channel = containerd_client::connect(&socket).await?;
-    let mut client = EventsClient::new(channel);
-    let request = SubscribeRequest {
-        filters: vec![format!(
-            "topic==\"/images/update\",namespace=={K8S_NAMESPACE}"
-        )],
-    };
-    let mut stream = client.subscribe(request).await?.into_inner();
-    while let Some(envelope) = stream.message().await? {
-        let Some(any) = envelope.event else { continue };
-        let Ok(update) = ImageUpdate::decode(any.value.as_slice()) else {
-            continue;
-        };
-        let ts = envelope
-            .timestamp
-            .map_or(0, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
-        let has = |k: &str| update.labels.get(k).map(String::as_str) == Some(PINNED);
-        let entry = (
-            update.name.clone(),
-            ts,
-            has(K3S_PIN_LABEL),
-            has(CRI_PIN_LABEL),
-        );
+    pinkeeper_testkit::client::watch_image_updates(&socket, K8S_NAMESPACE, |name, ts, labels| {
+        let has = |k: &str| labels.get(k).map(String::as_str) == Some(PINNED);
+        let entry = (name.to_string(), ts, has(K3S_PIN_LABEL), has(CRI_PIN_LABEL));
         if let Ok(mut seen) = seen.lock() {
             seen.push(entry);
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 async fn wait_all(

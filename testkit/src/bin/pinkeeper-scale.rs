@@ -20,15 +20,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use containerd_client::services::v1::events_client::EventsClient;
-use containerd_client::services::v1::{ImageUpdate, SubscribeRequest};
 use containerd_client::types::Descriptor;
 use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
 use pinkeeper_testkit::{
     Client, Containerd, K3s, K3sConfig, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL,
     K8S_NAMESPACE, PINNED,
 };
-use prost::Message;
 
 #[derive(Parser)]
 #[command(about = "Measures pinkeeper's reconcile time and idle cost with 10,000 intents")]
@@ -333,36 +330,22 @@ struct Seen {
 }
 
 async fn watch(socket: PathBuf, seen: Arc<Mutex<Seen>>) -> Result<()> {
-    let channel = containerd_client::connect(&socket).await?;
-    let mut client = EventsClient::new(channel).max_decoding_message_size(64 << 20);
-    let request = SubscribeRequest {
-        filters: vec![format!(
-            "topic==\"/images/update\",namespace=={K8S_NAMESPACE}"
-        )],
-    };
-    let mut stream = client.subscribe(request).await?.into_inner();
-    while let Some(envelope) = stream.message().await? {
-        let Some(any) = envelope.event else { continue };
-        let Ok(update) = ImageUpdate::decode(any.value.as_slice()) else {
-            continue;
-        };
-        let ts = envelope
-            .timestamp
-            .map_or(0, |t| t.seconds as i128 * 1_000_000_000 + t.nanos as i128);
+    pinkeeper_testkit::client::watch_image_updates(&socket, K8S_NAMESPACE, |name, ts, labels| {
         let mut seen = seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        if update.name == BARRIER {
+        if name == BARRIER {
             seen.barrier = true;
-        } else if update.name.starts_with(PREFIX)
-            && update.labels.get(CRI_PIN_LABEL).map(String::as_str) == Some(PINNED)
-            && seen.pinned.insert(update.name.clone())
+        } else if name.starts_with(PREFIX)
+            && labels.get(CRI_PIN_LABEL).map(String::as_str) == Some(PINNED)
+            && seen.pinned.insert(name.to_string())
         {
             seen.last_pin_ns = seen.last_pin_ns.max(ts);
             if seen.first_pin_ns == 0 || ts < seen.first_pin_ns {
                 seen.first_pin_ns = ts;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 fn epoch_ns(t: SystemTime) -> i128 {
