@@ -4,7 +4,8 @@
 //! directory, list and reconcile, then follow the stream; on any break, start over. The engine
 //! decides; this file only carries out its outputs, in an order that keeps the contract:
 //! a newly recorded intent is committed to the ledger before any pin of the same batch.
-//! It holds no rule of its own.
+//! It holds no rule of its own. The operator's calls (src/control/) are answered here, between
+//! two batches of events, from the engine and the ledger.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -18,8 +19,10 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::containerd::queue::EventQueue;
 use crate::containerd::{Containerd, ContainerdError};
+use crate::control::{self, pb, Call, Refusal, Reply, Request};
 use crate::engine::{
-    self, ApplyError, Engine, ImageRecord, Input, ListCause, Millis, Output, RestoreReason,
+    self, ApplyError, Engine, HistoryEntry, ImageRecord, Input, IntentState, IntentView, ListCause,
+    Millis, Origin, Output, RestoreReason, SweepSummary, CRI_PIN, PINNED,
 };
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
@@ -69,12 +72,44 @@ struct Daemon {
     /// The live images directory: read again once a change has settled. Started (or, if
     /// inotify could not be set up, tried again) at each connection attempt.
     watch: Option<Watcher>,
+    /// The operator's calls.
+    control: tokio::sync::mpsc::Receiver<Request>,
+    /// What `pinkeeper status` shows.
+    status: StatusFacts,
+    /// While an operator's reconcile runs: the history it writes, to answer with.
+    captured: Option<Vec<HistoryEntry>>,
+    /// Unpins that failed since the last operator call (name, why).
+    unpin_failures: Vec<(String, String)>,
+}
+
+/// What the daemon knows about itself for `pinkeeper status`.
+#[derive(Debug, Default)]
+struct StatusFacts {
+    started: Millis,
+    connected_since: Option<Millis>,
+    containerd_version: String,
+    last_sweep: Option<SweepSummary>,
+    last_reconcile: Millis,
+    ledger_path: PathBuf,
+}
+
+/// What woke the main loop.
+enum Wake {
+    Events,
+    Timer,
+    ImagesDir,
+    Control(Request),
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
 pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
     let ledger = Ledger::open(&settings.state_dir)?;
     let intents = ledger.intents()?;
+    // Before any thread is started (the socket is created under a umask) and before
+    // READY: an operator can ask as soon as pinkeeper says it runs.
+    let listener = control::bind(&settings.control_socket)?;
+    let (requests, control) = control::channel();
+    let server = control::serve(listener, &settings.control_socket, requests).await?;
     // Files read by an earlier run and unchanged since are not read again.
     let scanner = Scanner::new(&settings.images_dir).with_cache(ledger.cached_files()?);
     info!(
@@ -82,7 +117,16 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         intents = intents.iter().filter(|i| i.state != engine::IntentState::Released).count(),
         "pinkeeper started"
     );
+    let status = StatusFacts {
+        started: now_ms(),
+        ledger_path: ledger.path().to_path_buf(),
+        ..StatusFacts::default()
+    };
     let mut daemon = Daemon {
+        control,
+        status,
+        captured: None,
+        unpin_failures: Vec::new(),
         scanner: Some(scanner),
         engine: Engine::new(config, intents),
         ledger: Writer::spawn(ledger)?,
@@ -107,6 +151,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             Ok(())
         }
     };
+    server.stop().await;
     // Whatever is queued for the ledger is committed before pinkeeper exits.
     daemon.ledger.close()?;
     result
@@ -120,6 +165,7 @@ impl Daemon {
             let client = self.wait_for_containerd().await;
             self.follow(client).await?;
             self.client = None;
+            self.status.connected_since = None;
             self.process(vec![Input::Disconnected]).await?;
         }
     }
@@ -136,6 +182,7 @@ impl Daemon {
                 Ok(client) => match client.version().await {
                     Ok(version) => {
                         info!(socket = %socket.display(), version, "connected to containerd");
+                        self.status.containerd_version = version;
                         return client;
                     }
                     Err(e) => debug!("{e}"),
@@ -156,6 +203,12 @@ impl Daemon {
                     if let Err(e) = self.rescan().await {
                         warn!("{e:#}");
                     }
+                }
+                Some(request) = self.control.recv() => {
+                    if let Err(e) = self.answer(request).await {
+                        warn!("{e:#}");
+                    }
+                    continue;
                 }
             }
             let cap = if started.elapsed() < FAST_RETRY_WINDOW {
@@ -186,6 +239,7 @@ impl Daemon {
         let reader = tokio::spawn(read_events(subscription, shared.clone()));
         let _abort = AbortOnDrop(reader);
         self.client = Some(client);
+        self.status.connected_since = Some(now_ms());
 
         self.resync(&shared, ListCause::Connected).await?;
         debug!(elapsed = ?subscribed_at.elapsed(), "reconciled after connecting");
@@ -194,17 +248,40 @@ impl Daemon {
             let wakeup = self.engine.next_wakeup().map(|at| {
                 tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
             });
-            tokio::select! {
-                _ = shared.wake.notified() => {}
-                _ = sleep_until(wakeup) => {
+            let woke = tokio::select! {
+                _ = shared.wake.notified() => Wake::Events,
+                _ = sleep_until(wakeup) => Wake::Timer,
+                _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
+                Some(request) = self.control.recv() => Wake::Control(request),
+            };
+            match woke {
+                Wake::Events => {}
+                Wake::Timer => {
                     self.process(vec![Input::Tick]).await?;
                     continue;
                 }
-                _ = images_dir_changed(&mut self.watch) => {
+                Wake::ImagesDir => {
                     self.rescan().await?;
                     continue;
                 }
+                Wake::Control(request) => {
+                    // Events that came first are applied first: the answer (and a
+                    // reconcile's listing) is never older than them.
+                    self.drain(&shared).await?;
+                    self.answer(request).await?;
+                }
             }
+            self.drain(&shared).await?;
+            if let Some(e) = lock(&shared.broken).take() {
+                warn!("lost containerd's event stream ({e}); reconnecting");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Hands the queued events to the engine.
+    async fn drain(&mut self, shared: &Shared) -> anyhow::Result<()> {
+        {
             let (events, overflowed) = {
                 let mut queue = lock(&shared.queue);
                 let overflowed = queue.take_overflow();
@@ -212,18 +289,15 @@ impl Daemon {
             };
             if overflowed {
                 warn!("more image events than pinkeeper could queue; listing all images instead");
-                self.resync(&shared, ListCause::Connected).await?;
+                self.resync(shared, ListCause::Connected).await?;
             } else {
                 let mut events = events.into_iter().map(Input::Event).peekable();
                 while events.peek().is_some() {
                     self.process(events.by_ref().take(BATCH).collect()).await?;
                 }
             }
-            if let Some(e) = lock(&shared.broken).take() {
-                warn!("lost containerd's event stream ({e}); reconnecting");
-                return Ok(());
-            }
         }
+        Ok(())
     }
 
     /// Rescans the directory and lists every image: events before this are covered by it.
@@ -342,11 +416,14 @@ impl Daemon {
                 }
             }
             let pins_ahead = effects.iter().any(|o| matches!(o, Output::Pin { .. }));
+            let unpins_ahead = effects.iter().any(|o| matches!(o, Output::Unpin { .. }));
             let new_intent = changes
                 .iter()
                 .any(|o| matches!(o, Output::Save { new: true, .. }));
-            if pins_ahead && new_intent {
-                // Contract rule 7: an intent is on disk before pinkeeper acts on it.
+            if (pins_ahead && new_intent) || unpins_ahead {
+                // Contract rule 7: an intent is on disk before pinkeeper acts on it; and an
+                // operator's release is, before the pin goes (else a crash in between would
+                // read as K3s's sweep at the next start).
                 self.commit(&mut changes, true).await?;
             }
             let (mut calls, others): (Vec<Output>, Vec<Output>) = effects
@@ -385,19 +462,29 @@ impl Daemon {
                     }
                 }
             }
-            Output::SweepSummary(s) => info!(
-                swept = s.swept,
-                restored = s.restored_archive_gone + s.restored_not_repinned,
-                archive_gone = s.restored_archive_gone,
-                not_repinned = s.restored_not_repinned,
-                repinned_by_k3s = s.repinned_by_k3s,
-                seen = if s.seen_live { "live" } else { "after reconnecting" },
-                "K3s startup sweep: {} pinned image(s) swept, {} restored by pinkeeper, {} pinned again by K3s",
-                s.swept,
-                s.restored_archive_gone + s.restored_not_repinned,
-                s.repinned_by_k3s
-            ),
-            Output::Pin { .. } | Output::Fetch { .. } | Output::Save { .. } | Output::History(_) => {}
+            Output::Unpin { name } => {
+                let result = match self.client.clone() {
+                    Some(client) => client.unpin(&name).await,
+                    None => Err(ApplyError::Failed("containerd is not connected".into())),
+                };
+                match result {
+                    Ok(()) | Err(ApplyError::NotFound) => {
+                        info!(image = %name, "removed io.cri-containerd.pinned: an operator ran `pinkeeper unpin`")
+                    }
+                    Err(ApplyError::Failed(why)) => {
+                        warn!(image = %name, "could not remove the pin: {why}");
+                        self.unpin_failures.push((name, why));
+                    }
+                }
+            }
+            Output::SweepSummary(s) => {
+                self.status.last_sweep = Some(s.clone());
+                log_sweep(&s);
+            }
+            Output::Pin { .. }
+            | Output::Fetch { .. }
+            | Output::Save { .. }
+            | Output::History(_) => {}
         }
         Ok(())
     }
@@ -499,6 +586,9 @@ impl Daemon {
             self.ledger.close()?;
             anyhow::bail!("the ledger writer stopped");
         }
+        if let Some(captured) = self.captured.as_mut() {
+            captured.extend(history.iter().cloned());
+        }
         for h in history {
             match h.action.as_str() {
                 "released" => info!(image = %h.name, "intent released: {}", h.detail),
@@ -565,5 +655,479 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The operator's one line about a sweep episode.
+fn log_sweep(s: &SweepSummary) {
+    info!(
+                swept = s.swept,
+                restored = s.restored_archive_gone + s.restored_not_repinned,
+                archive_gone = s.restored_archive_gone,
+                not_repinned = s.restored_not_repinned,
+                repinned_by_k3s = s.repinned_by_k3s,
+                seen = if s.seen_live { "live" } else { "after reconnecting" },
+                "K3s startup sweep: {} pinned image(s) swept, {} restored by pinkeeper, {} pinned again by K3s",
+                s.swept,
+                s.restored_archive_gone + s.restored_not_repinned,
+                s.repinned_by_k3s
+    );
+}
+
+/// How many history entries `pinkeeper history` shows unless told.
+const HISTORY_DEFAULT: usize = 100;
+
+/// The operator's calls.
+impl Daemon {
+    /// Answers one call. Errors are the daemon's own (the ledger stopped): fatal.
+    async fn answer(&mut self, request: Request) -> anyhow::Result<()> {
+        let result = match request.call {
+            Call::Status => Ok(Reply::Status(self.status())),
+            Call::List(req) => Ok(Reply::List(self.list_intents(&req))),
+            Call::Pin(req) => self.operator_pin(req.name.trim()).await?.map(Reply::Pin),
+            Call::Unpin(req) => self
+                .operator_unpin(req.name.trim(), req.all_names)
+                .await?
+                .map(Reply::Unpin),
+            Call::History(req) => self.history(req).await.map(Reply::History),
+            Call::Reconcile(req) => self.reconcile(req.dry_run).await?.map(Reply::Reconcile),
+        };
+        // The caller may have given up (timeout, Ctrl-C): nothing to do then.
+        let _ = request.reply.send(result);
+        Ok(())
+    }
+
+    fn status(&mut self) -> pb::StatusResponse {
+        let views = self.engine.views();
+        let count = |state| views.iter().filter(|v| v.intent.state == state).count() as u32;
+        let facts = &self.status;
+        pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_ms: facts.started,
+            connected: self.client.is_some(),
+            containerd_version: facts.containerd_version.clone(),
+            containerd_socket: self.settings.containerd_socket.display().to_string(),
+            namespace: self.settings.namespace.clone(),
+            images_dir: self.settings.images_dir.display().to_string(),
+            ledger_path: facts.ledger_path.display().to_string(),
+            last_sweep: facts.last_sweep.as_ref().map(|s| pb::SweepInfo {
+                started_ms: s.started,
+                seen_live: s.seen_live,
+                swept: s.swept as u32,
+                restored_archive_gone: s.restored_archive_gone as u32,
+                restored_not_repinned: s.restored_not_repinned as u32,
+                repinned_by_k3s: s.repinned_by_k3s as u32,
+            }),
+            intents_held: count(IntentState::Held),
+            intents_swept: count(IntentState::Swept),
+            intents_released: count(IntentState::Released),
+            pins_restored: views.iter().map(|v| u64::from(v.intent.restores)).sum(),
+            archives_gone: views
+                .iter()
+                .filter(|v| {
+                    v.intent.state != IntentState::Released
+                        && v.archive == engine::ArchiveState::Gone
+                })
+                .count() as u32,
+            at_risk: views
+                .iter()
+                .filter(|v| v.at_risk())
+                .map(|v| v.intent.name.clone())
+                .collect(),
+            last_reconcile_ms: facts.last_reconcile,
+            connected_since_ms: facts.connected_since.unwrap_or(0),
+        }
+    }
+
+    fn list_intents(&mut self, req: &pb::ListRequest) -> pb::ListResponse {
+        let intents = self
+            .engine
+            .views()
+            .into_iter()
+            .filter(|v| req.all || v.intent.state != IntentState::Released)
+            .filter(|v| control::matches(&req.pattern, &v.intent.name))
+            .map(|v| intent_info(&v))
+            .collect();
+        pb::ListResponse { intents }
+    }
+
+    fn connected(&self) -> Result<crate::containerd::Containerd, Refusal> {
+        self.client.clone().ok_or_else(|| {
+            Refusal::unavailable(format!(
+                "pinkeeper is not connected to containerd at {} (K3s may be restarting); try again in a moment",
+                self.settings.containerd_socket.display()
+            ))
+        })
+    }
+
+    /// Looks an image up by the name given, or by its normalized reference (`app:1` is
+    /// `docker.io/library/app:1`, as K3s names it).
+    async fn find(
+        &self,
+        client: &crate::containerd::Containerd,
+        name: &str,
+    ) -> Result<Option<ImageRecord>, Refusal> {
+        let unavailable =
+            |e: crate::containerd::ContainerdError| Refusal::unavailable(e.to_string());
+        if let Some(record) = client.get(name).await.map_err(unavailable)? {
+            return Ok(Some(record));
+        }
+        match crate::inventory::reference::normalize_reference(name) {
+            Ok(full) if full != name => client.get(&full).await.map_err(unavailable),
+            _ => Ok(None),
+        }
+    }
+
+    fn no_such_image(&self, name: &str) -> Refusal {
+        Refusal::not_found(format!(
+            "no image {name} in containerd namespace {}; give the full name as `pinkeeper list` \
+             or `ctr -n {} images ls` shows it (docker.io/library/app:1)",
+            self.settings.namespace, self.settings.namespace
+        ))
+    }
+
+    async fn operator_pin(
+        &mut self,
+        name: &str,
+    ) -> anyhow::Result<Result<pb::PinResponse, Refusal>> {
+        if name.is_empty() {
+            return Ok(Err(Refusal::invalid("pin: give an image name")));
+        }
+        let client = match self.connected() {
+            Ok(c) => c,
+            Err(r) => return Ok(Err(r)),
+        };
+        let record = match self.find(&client, name).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Ok(Err(self.no_such_image(name))),
+            Err(r) => return Ok(Err(r)),
+        };
+        let name = record.name.clone();
+        let was_pinned = record.labels.get(CRI_PIN).map(String::as_str) == Some(PINNED);
+        self.process(vec![Input::OperatorPin { record }]).await?;
+        let Some(view) = self.engine.view(&name) else {
+            return Ok(Err(Refusal::failed(format!(
+                "{name}: the intent was not recorded"
+            ))));
+        };
+        if !view.pinned_now {
+            return Ok(Err(Refusal::failed(format!(
+                "recorded the intent for {name}, but could not set io.cri-containerd.pinned (see \
+                 pinkeeper's log); it is set again at the next `pinkeeper reconcile`"
+            ))));
+        }
+        Ok(Ok(pb::PinResponse {
+            intent: Some(intent_info(&view)),
+            was_pinned,
+        }))
+    }
+
+    async fn operator_unpin(
+        &mut self,
+        name: &str,
+        all_names: bool,
+    ) -> anyhow::Result<Result<pb::UnpinResponse, Refusal>> {
+        if name.is_empty() {
+            return Ok(Err(Refusal::invalid("unpin: give an image name")));
+        }
+        let client = match self.connected() {
+            Ok(c) => c,
+            Err(r) => return Ok(Err(r)),
+        };
+        let record = match self.find(&client, name).await {
+            Ok(r) => r,
+            Err(r) => return Ok(Err(r)),
+        };
+        let name = record.as_ref().map_or(name.to_string(), |r| r.name.clone());
+        if record.is_none() && self.engine.intent(&name).is_none() {
+            return Ok(Err(self.no_such_image(&name)));
+        }
+        let digest = record
+            .as_ref()
+            .and_then(|r| r.digest.clone())
+            .or_else(|| self.engine.intent(&name).and_then(|i| i.digest.clone()));
+        // The other names of the same image: CRI keeps it pinned while any of them is.
+        let mut same_image: Vec<ImageRecord> = Vec::new();
+        if let Some(digest) = &digest {
+            match client.list().await {
+                Ok(images) => {
+                    same_image = images
+                        .into_iter()
+                        .filter(|r| r.name != name && r.digest.as_ref() == Some(digest))
+                        .collect()
+                }
+                Err(e) => return Ok(Err(Refusal::unavailable(e.to_string()))),
+            }
+        }
+        let mut targets = vec![(name.clone(), record)];
+        if all_names {
+            targets.extend(same_image.iter().map(|r| (r.name.clone(), Some(r.clone()))));
+        }
+        self.unpin_failures.clear();
+        let mut names = Vec::new();
+        let mut warnings = Vec::new();
+        for (target, record) in targets {
+            let k3s_label = record.as_ref().is_some_and(|r| {
+                r.labels
+                    .get(&self.engine.config().program_label)
+                    .map(String::as_str)
+                    == Some(PINNED)
+            });
+            self.process(vec![Input::OperatorUnpin {
+                name: target.clone(),
+                record,
+            }])
+            .await?;
+            if k3s_label {
+                if let Some(file) = self.engine.archive_of(&target) {
+                    warnings.push(format!(
+                        "K3s pins {target} again at its next start: {} provides it; delete that \
+                         file too if the image may be garbage-collected",
+                        file.display()
+                    ));
+                }
+            }
+            names.push(target);
+        }
+        let failures = std::mem::take(&mut self.unpin_failures);
+        if !failures.is_empty() {
+            let list: Vec<String> = failures
+                .iter()
+                .map(|(n, why)| format!("{n}: {why}"))
+                .collect();
+            return Ok(Err(Refusal::failed(format!(
+                "released the intent, but could not remove io.cri-containerd.pinned from {}; run \
+                 `pinkeeper unpin` again",
+                list.join("; ")
+            ))));
+        }
+        let still_pinned_aliases: Vec<String> = if all_names {
+            Vec::new()
+        } else {
+            same_image
+                .iter()
+                .filter(|r| r.labels.get(CRI_PIN).map(String::as_str) == Some(PINNED))
+                .map(|r| r.name.clone())
+                .collect()
+        };
+        if !still_pinned_aliases.is_empty() {
+            warnings.push(format!(
+                "the image stays pinned: CRI pins an image while any of its names is, and {} \
+                 still carry the pin; use --all-names to unpin every name",
+                still_pinned_aliases.join(", ")
+            ));
+        }
+        Ok(Ok(pb::UnpinResponse {
+            names,
+            still_pinned_aliases,
+            warnings,
+        }))
+    }
+
+    async fn history(&mut self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Refusal> {
+        let limit = match req.limit {
+            0 => HISTORY_DEFAULT,
+            n => n as usize,
+        };
+        let name = Some(req.name.trim().to_string()).filter(|n| !n.is_empty());
+        let entries = self
+            .ledger
+            .history(name, limit)
+            .await
+            .map_err(|e| Refusal::failed(format!("cannot read the ledger's history: {e}")))?;
+        Ok(pb::HistoryResponse {
+            entries: entries
+                .into_iter()
+                .map(|h| pb::HistoryEntry {
+                    at_ms: h.at,
+                    name: h.name,
+                    action: h.action,
+                    detail: h.detail,
+                })
+                .collect(),
+        })
+    }
+
+    /// Reads the images directory and lists every image, as after a reconnection. With
+    /// `dry_run`, a copy of the engine decides and nothing is written.
+    async fn reconcile(
+        &mut self,
+        dry_run: bool,
+    ) -> anyhow::Result<Result<pb::ReconcileResponse, Refusal>> {
+        let client = match self.connected() {
+            Ok(c) => c,
+            Err(r) => return Ok(Err(r)),
+        };
+        let decisions = if dry_run {
+            let provided = self.scan().await?;
+            let images = match client.list().await {
+                Ok(images) => images,
+                Err(e) => return Ok(Err(Refusal::unavailable(e.to_string()))),
+            };
+            let mut what_if = self.engine.clone();
+            simulate(&mut what_if, now_ms(), provided, images)
+        } else {
+            self.captured = Some(Vec::new());
+            let done = async {
+                self.rescan().await?;
+                self.list(ListCause::Connected).await
+            }
+            .await;
+            let captured = self.captured.take().unwrap_or_default();
+            done?;
+            self.status.last_reconcile = now_ms();
+            captured
+                .into_iter()
+                .map(|h| pb::Decision {
+                    action: h.action,
+                    name: h.name,
+                    detail: h.detail,
+                })
+                .collect()
+        };
+        Ok(Ok(pb::ReconcileResponse { decisions, dry_run }))
+    }
+}
+
+/// Runs a reconcile on a copy of the engine: every Get answered from the listing, every pin
+/// taken as written, the churn window let pass. What it decided, in order.
+fn simulate(
+    engine: &mut Engine,
+    now: Millis,
+    provided: Option<BTreeMap<String, PathBuf>>,
+    images: Vec<ImageRecord>,
+) -> Vec<pb::Decision> {
+    let by_name: BTreeMap<String, ImageRecord> =
+        images.iter().map(|r| (r.name.clone(), r.clone())).collect();
+    let mut inputs: VecDeque<(Millis, Input)> = VecDeque::new();
+    if let Some(provided) = provided {
+        inputs.push_back((now, Input::Inventory(provided)));
+    }
+    inputs.push_back((
+        now,
+        Input::Listing {
+            images,
+            cause: ListCause::Connected,
+        },
+    ));
+    let later = now + engine.config().churn_window + 1;
+    inputs.push_back((later, Input::Tick));
+    let mut decisions = Vec::new();
+    let mut verify_said = false;
+    while let Some((at, input)) = inputs.pop_front() {
+        for output in engine.handle(at, input) {
+            match output {
+                Output::Fetch { name } => {
+                    let record = by_name.get(&name).cloned();
+                    inputs.push_front((at, Input::Fetched { name, record }));
+                }
+                Output::Pin { name, .. } => inputs.push_front((
+                    at,
+                    Input::Pinned {
+                        name,
+                        result: Ok(()),
+                    },
+                )),
+                Output::History(h) => decisions.push(pb::Decision {
+                    action: h.action,
+                    name: h.name,
+                    detail: h.detail,
+                }),
+                Output::Verify if !verify_said => {
+                    verify_said = true;
+                    decisions.push(pb::Decision {
+                        action: "verify".into(),
+                        name: String::new(),
+                        detail: "once the start-up settles, pinkeeper checks that K3s pinned \
+                                 again every swept image whose archive is still there"
+                            .into(),
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+    decisions
+}
+
+/// The API's view of an intent.
+fn intent_info(view: &IntentView) -> pb::IntentInfo {
+    let i = &view.intent;
+    let state = match i.state {
+        IntentState::Held => "held",
+        IntentState::Swept => "swept",
+        IntentState::Released => "released",
+    };
+    let source = i.source.as_ref().map(|p| p.display().to_string());
+    let why = match (i.origin, &source) {
+        (Origin::Operator, _) => "pinned by an operator (pinkeeper pin)".to_string(),
+        (Origin::SeenPinned, Some(file)) => format!("seen pinned; imported by K3s from {file}"),
+        (Origin::SeenPinned, None) => {
+            "seen pinned (not from a file of the images directory)".into()
+        }
+    };
+    pb::IntentInfo {
+        name: i.name.clone(),
+        digest: i.digest.clone().unwrap_or_default(),
+        state: state.into(),
+        archive: view.archive.as_str().into(),
+        source: source.unwrap_or_default(),
+        pinned_now: view.pinned_now,
+        exists: view.exists,
+        why,
+        since_ms: i.since,
+        restores: i.restores,
+        last_restored_ms: i.last_restored.unwrap_or(0),
+        released_because: i.released_because.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pinned(both: bool) -> engine::Labels {
+        let mut labels = engine::Labels::new();
+        labels.insert(CRI_PIN.into(), PINNED.into());
+        if both {
+            labels.insert(engine::K3S_PIN.into(), PINNED.into());
+        }
+        labels
+    }
+
+    #[test]
+    fn a_dry_run_tells_a_missed_sweep_and_changes_nothing() {
+        let record = |name: &str, labels| ImageRecord {
+            name: name.into(),
+            labels,
+            digest: Some(format!("sha256:{name}")),
+        };
+        let mut engine = Engine::new(engine::Config::default(), []);
+        engine.handle(0, Input::Inventory(BTreeMap::new()));
+        engine.handle(
+            0,
+            Input::Listing {
+                images: vec![record("a", pinned(true)), record("b", pinned(true))],
+                cause: ListCause::Connected,
+            },
+        );
+        let before: Vec<_> = engine.intents().cloned().collect();
+        let mut what_if = engine.clone();
+        // K3s swept both while pinkeeper was away; b's record is gone.
+        let decisions = simulate(
+            &mut what_if,
+            1_000,
+            Some(BTreeMap::new()),
+            vec![record("a", engine::Labels::new())],
+        );
+        let said: Vec<(&str, &str)> = decisions
+            .iter()
+            .map(|d| (d.action.as_str(), d.name.as_str()))
+            .collect();
+        assert!(said.contains(&("swept", "a")), "{said:?}");
+        assert!(said.contains(&("restored", "a")), "{said:?}");
+        assert!(said.contains(&("released", "b")), "{said:?}");
+        let after: Vec<_> = engine.intents().cloned().collect();
+        assert_eq!(before, after);
     }
 }

@@ -8,8 +8,11 @@
 
 pub mod config;
 pub mod containerd;
+pub mod control;
 pub mod daemon;
+pub mod doctor;
 pub mod engine;
 pub mod inventory;
 pub mod ledger;
+pub mod record;
 pub mod replay;

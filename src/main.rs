@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use pinkeeper::config::{FileConfig, Overrides, Settings};
+use pinkeeper::control::cli;
 
 /// Keeps K3s air-gap images pinned in containerd across K3s restarts.
 #[derive(Parser)]
@@ -19,15 +20,41 @@ struct Cli {
 enum Command {
     /// Run the daemon next to K3s.
     Run(RunArgs),
+    /// Where the daemon stands: containerd connection, last sweep, intents, images at risk.
+    Status(cli::StatusArgs),
+    /// The images pinkeeper keeps pinned: state, pinned now, archive, why, last restored.
+    List(cli::ListArgs),
+    /// Keep an image pinned: record an intent and set io.cri-containerd.pinned now.
+    Pin(cli::PinArgs),
+    /// Stop keeping an image pinned: release the intent and remove io.cri-containerd.pinned.
+    Unpin(cli::UnpinArgs),
+    /// What pinkeeper decided and did, newest first, from the ledger.
+    History(cli::HistoryArgs),
+    /// Read the images directory and list every image now, as after a reconnection.
+    Reconcile(cli::ReconcileArgs),
     /// Replay a fixture (JSON lines of containerd events and directives) through the engine
     /// offline and print every decision.
     Replay {
         /// The fixture file.
         file: PathBuf,
+        /// Print one JSON object per decision instead of a line of text
+        #[arg(long)]
+        json: bool,
+        /// The engine's quiet time before checking K3s's re-pins, as the daemon that was
+        /// recorded had it (`pinkeeper run --settle-ms`)
+        #[arg(long, value_name = "MS", default_value_t = pinkeeper::config::DEFAULT_SETTLE_MS)]
+        settle_ms: u64,
     },
+    /// Record containerd's image events and the images directory to a file that
+    /// `pinkeeper replay` runs offline (for bug reports). Read-only; stops at Ctrl-C.
+    Record(pinkeeper::record::RecordArgs),
     /// List the files of K3s's images directory with their format, compression, the image
     /// names each provides and any error. Reads the directory itself: no daemon needed.
     Inventory(InventoryArgs),
+    /// Check this node (containerd's version, the images directory, the ledger, K3s or RKE2,
+    /// images unpinned right now) and say what to fix. Works without the daemon where it can.
+    /// Exit code 1 if a check failed.
+    Doctor(pinkeeper::doctor::DoctorArgs),
 }
 
 #[derive(clap::Args)]
@@ -70,8 +97,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Replay { file } => replay(&file),
+        Command::Status(args) => cli::status(args),
+        Command::List(args) => cli::list(args),
+        Command::Pin(args) => cli::pin(args),
+        Command::Unpin(args) => cli::unpin(args),
+        Command::History(args) => cli::history(args),
+        Command::Reconcile(args) => cli::reconcile(args),
+        Command::Replay {
+            file,
+            json,
+            settle_ms,
+        } => replay(&file, json, settle_ms),
+        Command::Record(args) => pinkeeper::record::run(args),
         Command::Inventory(args) => inventory(&args),
+        Command::Doctor(args) => pinkeeper::doctor::main(args),
     }
 }
 
@@ -179,7 +218,7 @@ fn inventory(args: &InventoryArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn replay(file: &std::path::Path) -> ExitCode {
+fn replay(file: &std::path::Path, json: bool, settle_ms: u64) -> ExitCode {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
@@ -187,11 +226,26 @@ fn replay(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut replay = pinkeeper::replay::Replay::new(Default::default());
+    let mut replay = pinkeeper::replay::Replay::new(pinkeeper::engine::Config {
+        settle: settle_ms,
+        ..Default::default()
+    });
     let result = replay.run(&text);
+    let mut out = String::new();
     for (at, decision) in &replay.decisions {
-        println!("{at} {decision:?}");
+        let line = if json {
+            pinkeeper::replay::decision_json(*at, decision).map(|v| v.to_string())
+        } else {
+            pinkeeper::replay::describe(*at, decision)
+        };
+        if let Some(line) = line {
+            out.push_str(&line);
+            out.push('\n');
+        }
     }
+    use std::io::Write;
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,10 +7,12 @@
 //!
 //! - on an envelope, `"deliver_only": true` delivers it without committing it (a duplicate or a
 //!   late, reordered delivery) and `"store_only": true` commits it without delivering it;
-//! - `{"images": {NAME: {"labels": {..}, "digest": ".."}}}`: the store's records, without events
-//!   (the state before the story starts);
+//! - `{"images": {NAME: {"labels": {..}, "digest": ".."}}}`: the store's records now, without
+//!   events: they replace every record (the state before the story starts, or what a listing
+//!   found after a reconnection);
 //! - `{"digests": {NAME: DIGEST}}`: target digests of records the events create;
 //! - `{"files": {FILE: [NAME, ..]}}`: the images directory now (replaces the previous one);
+//!   while connected, pinkeeper reads it at once (the daemon's watch of the directory);
 //! - `{"connect": true}`: pinkeeper (re)subscribes: inventory, then a listing;
 //! - `{"disconnect": true}`: the stream breaks; events until the next `connect` are missed;
 //! - `{"restart": true}`: pinkeeper is killed and started again from its ledger (disconnected);
@@ -22,16 +24,20 @@
 //! when connected, and carries out the engine's outputs like the daemon does: a pin is a
 //! per-key label update that publishes its own `/images/update`.
 //!
+//! `pinkeeper record` (src/record.rs) writes such files from a live containerd; [`describe`] and
+//! [`decision_json`] say what the engine decided, for `pinkeeper replay`.
+//!
 //! It owns no files and no sockets; the caller reads the fixture.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
 use crate::engine::{
     ApplyError, Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent,
-    IntentState, Labels, ListCause, Millis, Output, CRI_PIN, PINNED,
+    IntentState, Labels, ListCause, Millis, Output, RestoreReason, CRI_PIN, PINNED,
 };
 
 /// A failure while replaying: the line number (1-based) and what went wrong.
@@ -200,6 +206,9 @@ impl Replay {
                             },
                         });
                     }
+                    Output::Unpin { name } => {
+                        self.store.set_label(&name, CRI_PIN, "");
+                    }
                     Output::Fetch { name } => {
                         let record = self.store.images.get(&name).cloned();
                         queue.push_back(Input::Fetched { name, record });
@@ -336,6 +345,8 @@ impl Replay {
             }
         }
         if let Some(images) = line.images {
+            // A listing: records it does not show are gone (deleted while disconnected).
+            self.store.images.clear();
             for (name, record) in images {
                 let digest = record.digest.or_else(|| Some(self.store.digest_for(&name)));
                 self.store.put(ImageRecord {
@@ -350,6 +361,10 @@ impl Replay {
         }
         if let Some(files) = line.files {
             self.files = files;
+            if self.connected {
+                // The daemon reads the directory again as soon as its watch says it changed.
+                self.feed(Input::Inventory(self.provided()));
+            }
         }
         if line.restart == Some(true) {
             self.restart();
@@ -485,4 +500,175 @@ pub fn parse_timestamp(text: &str) -> Result<Millis, String> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
     u64::try_from(secs * 1000 + millis).map_err(|_| bad())
+}
+
+/// Formats a time as RFC 3339 in UTC with nanoseconds (`2026-11-26T06:33:56.573199093Z`), as
+/// containerd's envelopes carry it; [`parse_timestamp`] reads it back.
+pub fn format_timestamp(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!(
+        "{}.{:09}Z",
+        civil_seconds(since.as_secs()),
+        since.subsec_nanos()
+    )
+}
+
+/// Formats the engine's milliseconds as RFC 3339 in UTC (`2026-11-26T06:33:56.573Z`).
+pub fn format_millis(at: Millis) -> String {
+    format!("{}.{:03}Z", civil_seconds(at / 1000), at % 1000)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of seconds since the epoch (days to civil, Howard Hinnant's algorithm).
+fn civil_seconds(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn reason_name(reason: RestoreReason) -> &'static str {
+    match reason {
+        RestoreReason::ArchiveGone => "archive-gone",
+        RestoreReason::NotRepinned => "not-repinned",
+        RestoreReason::Operator => "operator",
+    }
+}
+
+/// One decision of the engine as a line for an operator (`pinkeeper replay`), starting with
+/// its time. `None` for bookkeeping (ledger saves, `Images.Get`s): the history entries that
+/// come with them say what changed.
+pub fn describe(at: Millis, output: &Output) -> Option<String> {
+    let at = format_millis(at);
+    Some(match output {
+        Output::Pin { name, reason } => {
+            format!(
+                "{at} pin {name} ({}: {})",
+                reason_name(*reason),
+                reason.explain()
+            )
+        }
+        Output::Unpin { name } => format!("{at} unpin {name} (an operator ran `pinkeeper unpin`)"),
+        Output::History(h) => format!("{at} {} {}: {}", h.action, h.name, h.detail),
+        Output::Verify => format!(
+            "{at} verify: the start-up settled; reading the images directory and listing every \
+             image to check K3s pinned again what it should have"
+        ),
+        Output::SweepSummary(s) => format!(
+            "{at} sweep: {} pinned image(s) swept ({}), {} restored by pinkeeper ({} archive \
+             gone, {} not re-pinned), {} pinned again by K3s",
+            s.swept,
+            if s.seen_live {
+                "seen live"
+            } else {
+                "found after reconnecting"
+            },
+            s.restored_archive_gone + s.restored_not_repinned,
+            s.restored_archive_gone,
+            s.restored_not_repinned,
+            s.repinned_by_k3s
+        ),
+        Output::Fetch { .. } | Output::Save { .. } => return None,
+    })
+}
+
+/// The same decisions as [`describe`], as one JSON object each (`pinkeeper replay --json`):
+/// `at` (RFC 3339), `at_ms`, `decision` (`pin`, `unpin`, `history`, `verify`, `sweep-summary`)
+/// and the decision's fields.
+pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let time = format_millis(at);
+    Some(match output {
+        Output::Pin { name, reason } => json!({
+            "at": time, "at_ms": at, "decision": "pin", "name": name,
+            "reason": reason_name(*reason), "explain": reason.explain(),
+        }),
+        Output::History(h) => json!({
+            "at": time, "at_ms": at, "decision": "history", "action": h.action,
+            "name": h.name, "detail": h.detail,
+        }),
+        Output::Unpin { name } => json!({
+            "at": time, "at_ms": at, "decision": "unpin", "name": name,
+        }),
+        Output::Verify => json!({"at": time, "at_ms": at, "decision": "verify"}),
+        Output::SweepSummary(s) => json!({
+            "at": time, "at_ms": at, "decision": "sweep-summary", "started": s.started,
+            "seen_live": s.seen_live, "swept": s.swept,
+            "restored_archive_gone": s.restored_archive_gone,
+            "restored_not_repinned": s.restored_not_repinned,
+            "repinned_by_k3s": s.repinned_by_k3s,
+        }),
+        Output::Fetch { .. } | Output::Save { .. } => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps_round_trip() {
+        for ms in [0, 951_782_400_123, 1_795_674_836_573, 4_102_444_799_999] {
+            let text = format_millis(ms);
+            assert_eq!(parse_timestamp(&text), Ok(ms), "{text}");
+            let at = UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_nanos(456);
+            assert_eq!(parse_timestamp(&format_timestamp(at)), Ok(ms));
+        }
+        assert_eq!(format_millis(1_795_674_836_573), "2026-11-26T06:33:56.573Z");
+        assert_eq!(format_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn describes_decisions_in_words_and_json() {
+        let pin = Output::Pin {
+            name: "docker.io/library/x:1".into(),
+            reason: RestoreReason::ArchiveGone,
+        };
+        let line = describe(1_795_674_836_573, &pin).unwrap_or_default();
+        assert!(
+            line.starts_with("2026-11-26T06:33:56.573Z pin docker.io/library/x:1 (archive-gone: "),
+            "{line}"
+        );
+        let json = decision_json(0, &pin).unwrap_or_default();
+        assert_eq!(json["decision"], "pin");
+        assert_eq!(json["reason"], "archive-gone");
+        let fetch = Output::Fetch { name: "x".into() };
+        assert_eq!(describe(0, &fetch), None);
+        assert_eq!(decision_json(0, &fetch), None);
+    }
+
+    #[test]
+    fn a_listing_replaces_the_records_and_files_reach_a_connected_engine() {
+        let mut replay = Replay::new(Config::default());
+        let fixture = r#"
+{"images": {"a:1": {"labels": {"io.cattle.k3s.pinned": "pinned", "io.cri-containerd.pinned": "pinned"}}, "b:1": {}}}
+{"files": {"a.tar": ["a:1"]}}
+{"connect": true}
+{"files": {}}
+{"images": {"a:1": {"labels": {"io.cattle.k3s.pinned": "pinned", "io.cri-containerd.pinned": "pinned"}}}}
+"#;
+        if let Err(e) = replay.run(fixture) {
+            panic!("{e}");
+        }
+        assert!(replay.store.images.contains_key("a:1"));
+        assert!(!replay.store.images.contains_key("b:1"));
+        assert!(
+            replay.history.iter().any(|h| h.action == "archive-gone"),
+            "{:?}",
+            replay.history
+        );
+    }
 }

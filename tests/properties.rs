@@ -131,6 +131,10 @@ enum Step {
     OperatorUnpin(usize),
     /// An operator deletes an image record.
     OperatorDelete(usize),
+    /// An operator runs `pinkeeper pin NAME` (the daemon answers between two batches of events).
+    CliPin(usize),
+    /// An operator runs `pinkeeper unpin NAME`.
+    CliUnpin(usize),
     /// pinkeeper is killed (`kill -9`); it starts again at a later `Reconnect`.
     Crash,
     /// pinkeeper (re)subscribes, starting first if it was killed.
@@ -641,6 +645,54 @@ impl Model {
                     self.commit();
                 }
             }
+            Step::CliPin(i) | Step::CliUnpin(i) => {
+                let name = &names[i % names.len()];
+                let Some(record) = self.replay.store.images.get(name).cloned() else {
+                    return Ok(());
+                };
+                if !self.replay.connected {
+                    // The daemon refuses: containerd is not connected.
+                    return Ok(());
+                }
+                // Events that came first are applied first.
+                while let Some(event) = self.pending.pop_front() {
+                    self.deliver(event);
+                }
+                let pin = matches!(step, Step::CliPin(_));
+                self.log.push(format!(
+                    "t={} pinkeeper {} {name}",
+                    self.replay.now,
+                    if pin { "pin" } else { "unpin" }
+                ));
+                self.operator_actions += 1;
+                if pin {
+                    self.replay.feed(Input::OperatorPin { record });
+                } else {
+                    self.replay.feed(Input::OperatorUnpin {
+                        name: name.clone(),
+                        record: Some(record),
+                    });
+                }
+                let labels = self.labels(name).unwrap_or_default();
+                self.expected.insert(name.clone(), labels);
+                let fate = self.fate(name);
+                if pin {
+                    fate.wanted = true;
+                    fate.seen = true;
+                    fate.seen_current = true;
+                    fate.trace_lost = false;
+                    fate.ever_pinned = true;
+                    fate.unpinned = false;
+                    fate.ambiguous = false;
+                } else {
+                    fate.wanted = false;
+                    fate.seen = false;
+                    fate.unpinned = true;
+                    fate.unpin_seen = true;
+                    fate.ambiguous = fate.stale;
+                }
+                self.commit();
+            }
             Step::OperatorDelete(i) => {
                 let name = &names[i % names.len()];
                 if self.replay.store.images.contains_key(name) {
@@ -841,6 +893,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => any::<usize>().prop_map(Step::DeleteArchive),
         2 => any::<usize>().prop_map(Step::OperatorUnpin),
         1 => any::<usize>().prop_map(Step::OperatorDelete),
+        1 => any::<usize>().prop_map(Step::CliPin),
+        1 => any::<usize>().prop_map(Step::CliUnpin),
         1 => Just(Step::Crash),
         2 => Just(Step::Reconnect),
         2 => prop::sample::select(vec![100u64, 1_000, 3_000, 6_000, 60_000, 200_000])

@@ -7,7 +7,7 @@
 pub mod queue;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::images_client::ImagesClient;
@@ -152,9 +152,24 @@ impl Containerd {
     /// Sets `io.cri-containerd.pinned=pinned` with a per-key update: containerd changes that one
     /// label atomically and keeps every other one (FACTS.md section 3).
     pub async fn pin(&self, name: &str) -> Result<(), ApplyError> {
+        self.set_cri_pin(name, true).await
+    }
+
+    /// Removes `io.cri-containerd.pinned` with a per-key update (an operator's unpin): a masked
+    /// key absent from the request is deleted, every other label is kept.
+    pub async fn unpin(&self, name: &str) -> Result<(), ApplyError> {
+        self.set_cri_pin(name, false).await
+    }
+
+    async fn set_cri_pin(&self, name: &str, pinned: bool) -> Result<(), ApplyError> {
+        let labels = if pinned {
+            [(CRI_PIN.to_string(), PINNED.to_string())].into()
+        } else {
+            Default::default()
+        };
         let image = containerd_client::services::v1::Image {
             name: name.to_string(),
-            labels: [(CRI_PIN.to_string(), PINNED.to_string())].into(),
+            labels,
             // containerd 1.7 and 2.x dereference the request's target before applying the
             // field mask (`imageFromProto`): a missing one crashes the whole daemon with a nil
             // pointer panic. With a `labels.` mask the stored target is kept and this one is
@@ -274,8 +289,34 @@ impl Subscription {
     /// The next image event; `Ok(None)` for envelopes pinkeeper ignores (barriers, undecodable
     /// payloads). An error means the stream broke (containerd restarted).
     pub async fn next(&mut self) -> Result<Option<ImageEvent>, ContainerdError> {
-        let envelope = self
-            .stream
+        let envelope = self.next_envelope().await?;
+        Ok(decode(&envelope))
+    }
+
+    /// Like [`Subscription::next`], with what the envelope says around the event (when
+    /// containerd published it, the topic, the payload's type): `pinkeeper record` writes them
+    /// out so that a replay sees the stream as containerd sent it.
+    pub async fn next_enveloped(&mut self) -> Result<Option<EnvelopedEvent>, ContainerdError> {
+        let envelope = self.next_envelope().await?;
+        let Some(event) = decode(&envelope) else {
+            return Ok(None);
+        };
+        let timestamp = envelope.timestamp.as_ref().and_then(|t| {
+            let secs = u64::try_from(t.seconds).ok()?;
+            let nanos = u32::try_from(t.nanos).ok()?;
+            UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+        });
+        Ok(Some(EnvelopedEvent {
+            timestamp,
+            namespace: envelope.namespace,
+            topic: envelope.topic,
+            type_url: envelope.event.map(|any| any.type_url).unwrap_or_default(),
+            event,
+        }))
+    }
+
+    async fn next_envelope(&mut self) -> Result<Envelope, ContainerdError> {
+        self.stream
             .message()
             .await
             .map_err(|status| ContainerdError::Call {
@@ -287,9 +328,23 @@ impl Subscription {
                 socket: self.socket.clone(),
                 call: "Events.Subscribe",
                 status: Status::unavailable("stream ended"),
-            })?;
-        Ok(decode(&envelope))
+            })
     }
+}
+
+/// An image event with its envelope's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopedEvent {
+    /// When containerd published it (`None` if the envelope had no valid timestamp).
+    pub timestamp: Option<SystemTime>,
+    /// The envelope's namespace.
+    pub namespace: String,
+    /// `/images/create`, `/images/update` or `/images/delete`.
+    pub topic: String,
+    /// The payload's type URL as containerd sent it (without a leading `/`).
+    pub type_url: String,
+    /// The decoded event.
+    pub event: ImageEvent,
 }
 
 /// Decodes an image event envelope by its topic (the `Any`'s type URL has no leading `/`,

@@ -33,6 +33,12 @@ pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 /// Why an intent is released when its CRI pin is removed outside the sweep.
 const UNPIN: &str = "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)";
 
+/// Why an intent is released when its record is gone for good.
+const DELETED: &str = "its image record was deleted";
+
+/// Why an intent is released by `pinkeeper unpin`.
+const OPERATOR_UNPIN: &str = "an operator ran `pinkeeper unpin`";
+
 /// Why an intent is released at once when first seen with K3s's label and no CRI pin.
 const K3S_LABEL_ONLY: &str =
     "seen with K3s's pin label but without the CRI pin: someone had unpinned it (K3s always sets both)";
@@ -150,6 +156,19 @@ pub enum Input {
     },
     /// The event stream broke; a [`ListCause::Connected`] listing follows the next subscription.
     Disconnected,
+    /// An operator ran `pinkeeper pin` on this record (as containerd has it now): record an
+    /// intent and set the CRI pin if it is missing.
+    OperatorPin {
+        /// The record.
+        record: ImageRecord,
+    },
+    /// An operator ran `pinkeeper unpin NAME`: release the intent and remove the CRI pin.
+    OperatorUnpin {
+        /// The image name.
+        name: String,
+        /// The record as containerd has it now (`None`: it does not exist).
+        record: Option<ImageRecord>,
+    },
     /// Time passed (see [`Engine::next_wakeup`]).
     Tick,
 }
@@ -163,6 +182,8 @@ pub enum RestoreReason {
     /// The start-up settled and K3s did not pin the image again although a file provides it
     /// (failed import, `.cache.json` bug k3s-io/k3s#14265, aliases K3s no longer re-pins).
     NotRepinned,
+    /// An operator ran `pinkeeper pin`.
+    Operator,
 }
 
 impl RestoreReason {
@@ -175,6 +196,7 @@ impl RestoreReason {
             RestoreReason::NotRepinned => {
                 "K3s's startup sweep removed its pins and K3s did not pin it again after the start-up settled"
             }
+            RestoreReason::Operator => "an operator ran `pinkeeper pin`",
         }
     }
 }
@@ -189,6 +211,13 @@ pub enum Output {
         name: String,
         /// Why.
         reason: RestoreReason,
+    },
+    /// Remove `io.cri-containerd.pinned` from the image with a per-key update (an operator's
+    /// `pinkeeper unpin`). Its outcome needs no report: the record's next event or listing
+    /// shows it.
+    Unpin {
+        /// The image.
+        name: String,
     },
     /// `Images.Get` the image (events carry no digest) and report back with [`Input::Fetched`].
     Fetch {
@@ -295,6 +324,52 @@ pub struct SweepSummary {
     pub repinned_by_k3s: usize,
 }
 
+/// Where the archive of an intent stands (`pinkeeper list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveState {
+    /// A file of the images directory provides the image.
+    Present,
+    /// A file provided it and none does any more.
+    Gone,
+    /// No file ever provided it (pulled, or pinned by an operator).
+    None,
+    /// The images directory has not been read yet.
+    Unknown,
+}
+
+impl ArchiveState {
+    /// The word `pinkeeper list` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArchiveState::Present => "present",
+            ArchiveState::Gone => "gone",
+            ArchiveState::None => "none",
+            ArchiveState::Unknown => "unknown",
+        }
+    }
+}
+
+/// An intent as an operator sees it: the ledger's record and what pinkeeper knows now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntentView {
+    /// The ledger's record.
+    pub intent: Intent,
+    /// Its archive.
+    pub archive: ArchiveState,
+    /// The record carries `io.cri-containerd.pinned=pinned` (as last seen).
+    pub pinned_now: bool,
+    /// The record exists (as last seen).
+    pub exists: bool,
+}
+
+impl IntentView {
+    /// An intent held and its image unpinned or gone: kubelet's GC may delete it.
+    pub fn at_risk(&self) -> bool {
+        self.intent.state != IntentState::Released && !(self.pinned_now && self.exists)
+    }
+}
+
 /// Which pins a label map carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pins {
@@ -309,15 +384,16 @@ impl Pins {
 }
 
 /// A sweep in progress.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Episode {
     summary: SweepSummary,
     /// Images swept in this episode and not yet settled one way or another.
     open: BTreeSet<String>,
 }
 
-/// The engine. See the module documentation.
-#[derive(Debug)]
+/// The engine. See the module documentation. A clone answers "what if" (`pinkeeper reconcile
+/// --dry-run`) without touching the original.
+#[derive(Debug, Clone)]
 pub struct Engine {
     config: Config,
     /// Every intent, released ones included, by image name.
@@ -388,6 +464,38 @@ impl Engine {
         self.intents.get(name)
     }
 
+    /// One intent with what pinkeeper knows of it now.
+    pub fn view(&mut self, name: &str) -> Option<IntentView> {
+        let intent = self.intents.get(name)?.clone();
+        let read = self.provided.is_some();
+        let archive = match (read, self.source_of(name)) {
+            (false, _) => ArchiveState::Unknown,
+            (true, Some(_)) => ArchiveState::Present,
+            (true, None) if intent.source.is_some() => ArchiveState::Gone,
+            (true, None) => ArchiveState::None,
+        };
+        let exists =
+            !self.deleted.contains_key(name) && intent.released_because.as_deref() != Some(DELETED);
+        Some(IntentView {
+            pinned_now: self.pins(&intent.labels).cri,
+            exists,
+            archive,
+            intent,
+        })
+    }
+
+    /// Every intent (released ones included) with what pinkeeper knows of it now.
+    pub fn views(&mut self) -> Vec<IntentView> {
+        let names: Vec<String> = self.intents.keys().cloned().collect();
+        names.iter().filter_map(|n| self.view(n)).collect()
+    }
+
+    /// The file of the images directory that provides `name` now (by name, or by digest for
+    /// K3s's aliases), if the directory was read.
+    pub fn archive_of(&mut self, name: &str) -> Option<PathBuf> {
+        self.source_of(name)
+    }
+
     /// The engine's configuration.
     pub fn config(&self) -> &Config {
         &self.config
@@ -419,6 +527,11 @@ impl Engine {
                 self.verify_in_flight = false;
             }
             Input::Tick => self.on_tick(now, &mut out),
+            Input::OperatorPin { record } => self.on_operator_pin(now, record, &mut out),
+            Input::OperatorUnpin { name, record } => {
+                let record = record.filter(|r| r.name == name);
+                self.on_operator_unpin(now, &name, record, &mut out)
+            }
         }
         out
     }
@@ -505,13 +618,16 @@ impl Engine {
             // leaves it when removing the CRI pin, is no reason to undo the unpin.
             let before = self.intents.get(name).map(|i| self.pins(&i.labels));
             match before {
-                None if new.cri => self.record(now, name, labels, listed.flatten(), out),
+                None if new.cri => {
+                    self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
+                }
                 None if new.program => {
-                    self.record(now, name, labels.clone(), listed.flatten(), out);
+                    let digest = listed.flatten();
+                    self.record(now, name, labels.clone(), digest, Origin::SeenPinned, out);
                     self.release(now, name, K3S_LABEL_ONLY, Some(labels), out);
                 }
                 Some(old) if new.cri && !old.cri => {
-                    self.record(now, name, labels, listed.flatten(), out)
+                    self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
                 }
                 Some(old) if old != new => self.update_intent(name, out, |i| i.labels = labels),
                 _ => {}
@@ -622,6 +738,7 @@ impl Engine {
                     match reason {
                         RestoreReason::ArchiveGone => ep.summary.restored_archive_gone += 1,
                         RestoreReason::NotRepinned => ep.summary.restored_not_repinned += 1,
+                        RestoreReason::Operator => {}
                     }
                 }
             }
@@ -652,6 +769,7 @@ impl Engine {
         name: &str,
         labels: Labels,
         digest: Option<String>,
+        origin: Origin,
         out: &mut Vec<Output>,
     ) {
         let previous = self.intents.get(name);
@@ -663,7 +781,7 @@ impl Engine {
             source: previous.and_then(|p| p.source.clone()),
             labels,
             state: IntentState::Held,
-            origin: Origin::SeenPinned,
+            origin,
             since: now,
             restores: previous.map_or(0, |p| p.restores),
             last_restored: previous.and_then(|p| p.last_restored),
@@ -677,7 +795,9 @@ impl Engine {
                 i.source = Some(source);
             }
         }
-        let detail = if intent.labels.contains_key(CRI_PIN) {
+        let detail = if origin == Origin::Operator {
+            "an operator ran `pinkeeper pin`"
+        } else if intent.labels.contains_key(CRI_PIN) {
             "seen carrying io.cri-containerd.pinned=pinned"
         } else {
             "seen carrying K3s's pin label"
@@ -869,6 +989,13 @@ impl Engine {
             return;
         };
         match result {
+            Ok(()) if reason == RestoreReason::Operator => {
+                self.update_intent(&name, out, |i| {
+                    i.state = IntentState::Held;
+                    i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
+                });
+                self.history(now, &name, "pinned", reason.explain(), out);
+            }
             Ok(()) => {
                 self.update_intent(&name, out, |i| {
                     i.state = IntentState::Held;
@@ -889,6 +1016,90 @@ impl Engine {
         }
     }
 
+    fn on_operator_pin(&mut self, now: Millis, record: ImageRecord, out: &mut Vec<Output>) {
+        let name = record.name.clone();
+        let pinned = self.pins(&record.labels).cri;
+        self.deleted.remove(&name);
+        self.unpins_to_confirm.remove(&name);
+        if self.holds(&name) {
+            self.update_intent(&name, out, |i| {
+                i.origin = Origin::Operator;
+                i.labels = record.labels;
+                if record.digest.is_some() {
+                    i.digest = record.digest;
+                }
+            });
+            self.history(
+                now,
+                &name,
+                "operator-pin",
+                RestoreReason::Operator.explain(),
+                out,
+            );
+        } else {
+            self.record(
+                now,
+                &name,
+                record.labels,
+                record.digest,
+                Origin::Operator,
+                out,
+            );
+        }
+        if !pinned {
+            self.awaiting_k3s.remove(&name);
+            self.pin(&name, RestoreReason::Operator, out);
+        }
+    }
+
+    fn on_operator_unpin(
+        &mut self,
+        now: Millis,
+        name: &str,
+        record: Option<ImageRecord>,
+        out: &mut Vec<Output>,
+    ) {
+        let pinned = record.as_ref().is_some_and(|r| self.pins(&r.labels).cri);
+        // What the record carries once the unpin is done: its own event then changes nothing.
+        let after = record.as_ref().map(|r| {
+            let mut labels = r.labels.clone();
+            labels.remove(CRI_PIN);
+            labels
+        });
+        self.unpins_to_confirm.remove(name);
+        if self.holds(name) {
+            self.release(now, name, OPERATOR_UNPIN, after, out);
+        } else if let Some(record) = record {
+            // Never held (or released before): keep the decision, so that only a pin put on
+            // again brings the intent back.
+            let source = self.source_of(name);
+            let previous = self.intents.get(name);
+            let intent = Intent {
+                name: name.to_string(),
+                digest: record
+                    .digest
+                    .or_else(|| previous.and_then(|p| p.digest.clone())),
+                source: source.or_else(|| previous.and_then(|p| p.source.clone())),
+                labels: after.unwrap_or_default(),
+                state: IntentState::Released,
+                origin: previous.map_or(Origin::Operator, |p| p.origin),
+                since: previous.map_or(now, |p| p.since),
+                restores: previous.map_or(0, |p| p.restores),
+                last_restored: previous.and_then(|p| p.last_restored),
+                released_because: Some(OPERATOR_UNPIN.to_string()),
+            };
+            self.intents.insert(name.to_string(), intent.clone());
+            self.provided_digests = None;
+            out.push(Output::Save { intent, new: false });
+            self.history(now, name, "released", OPERATOR_UNPIN, out);
+        }
+        if pinned {
+            out.push(Output::Unpin {
+                name: name.to_string(),
+            });
+        }
+    }
+
     fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) {
         let due: Vec<String> = self
             .deleted
@@ -899,7 +1110,7 @@ impl Engine {
         for name in due {
             // The record is gone: whatever pin it shows next is a pin put on again.
             let gone = Some(Labels::new());
-            self.release(now, &name, "its image record was deleted", gone, out);
+            self.release(now, &name, DELETED, gone, out);
         }
         if self.verify_due.is_some_and(|at| at <= now) && !self.verify_in_flight {
             self.verify_due = None;

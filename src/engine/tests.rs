@@ -378,3 +378,137 @@ fn the_first_inventory_and_released_intents_note_nothing() {
     let out = e.handle(3, inventory(&[(APP, "app.tar")]));
     assert!(history(&out, "archive-gone").is_empty());
 }
+
+#[test]
+fn operator_pin_records_an_intent_durably_and_pins_cri_only() {
+    let mut e = engine_with_two();
+    let extra = record("docker.io/library/extra:1", Labels::new(), "sha256:cccc");
+    let out = e.handle(10, Input::OperatorPin { record: extra });
+    let save_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Save { new: true, intent } if intent.origin == Origin::Operator))
+        .expect("a new operator intent");
+    let pin_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Pin { .. }))
+        .expect("a pin");
+    assert!(save_at < pin_at, "recorded before pinned: {out:?}");
+    assert_eq!(
+        pins(&out),
+        vec![(
+            "docker.io/library/extra:1".to_string(),
+            RestoreReason::Operator
+        )]
+    );
+    let out = e.handle(
+        11,
+        Input::Pinned {
+            name: "docker.io/library/extra:1".into(),
+            result: Ok(()),
+        },
+    );
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::History(h) if h.action == "pinned")));
+    let view = e.view("docker.io/library/extra:1").unwrap();
+    assert!(view.pinned_now && !view.at_risk());
+    assert_eq!(
+        view.intent.restores, 0,
+        "an operator's pin is not a restore"
+    );
+    assert_eq!(view.archive, ArchiveState::None);
+    // Its own event changes nothing; K3s's sweep does not touch a CRI-only pin, and if the
+    // pin goes anyway it is restored (the intent is held).
+    let out = e.handle(12, update("docker.io/library/extra:1", labels(&[CRI_PIN])));
+    assert!(pins(&out).is_empty());
+}
+
+#[test]
+fn operator_pin_of_a_pinned_image_writes_no_pin() {
+    let mut e = engine_with_two();
+    let out = e.handle(
+        10,
+        Input::OperatorPin {
+            record: record(APP, both(), "sha256:aaaa"),
+        },
+    );
+    assert!(pins(&out).is_empty());
+    assert_eq!(e.intent(APP).unwrap().origin, Origin::Operator);
+    assert_eq!(e.intent(APP).unwrap().state, IntentState::Held);
+}
+
+#[test]
+fn operator_unpin_releases_and_removes_the_cri_pin_and_the_sweep_leaves_it() {
+    let mut e = engine_with_two();
+    e.handle(5, inventory(&[(WEB, "web.tar")]));
+    let out = e.handle(
+        10,
+        Input::OperatorUnpin {
+            name: APP.into(),
+            record: Some(record(APP, both(), "sha256:aaaa")),
+        },
+    );
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Unpin { name } if name == APP)));
+    assert_eq!(e.intent(APP).unwrap().state, IntentState::Released);
+    // Its own event, then K3s's sweep: nothing is pinned again.
+    let out = e.handle(11, update(APP, labels(&[K3S_PIN])));
+    assert!(out.is_empty(), "{out:?}");
+    let out = e.handle(20, update(APP, Labels::new()));
+    assert!(pins(&out).is_empty(), "{out:?}");
+    // The alias keeps its own intent and is restored (its archive is gone).
+    let out = e.handle(21, update(ALIAS, Labels::new()));
+    assert_eq!(
+        pins(&out),
+        vec![(ALIAS.to_string(), RestoreReason::ArchiveGone)]
+    );
+    let views = e.views();
+    assert!(views
+        .iter()
+        .any(|v| v.intent.name == ALIAS && v.archive == ArchiveState::Gone));
+}
+
+#[test]
+fn operator_unpin_of_an_image_without_intent_keeps_the_decision() {
+    let mut e = engine_with_two();
+    let name = "docker.io/library/other:1";
+    let out = e.handle(
+        10,
+        Input::OperatorUnpin {
+            name: name.into(),
+            record: Some(record(name, labels(&[CRI_PIN]), "sha256:dddd")),
+        },
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::Unpin { .. })));
+    assert_eq!(e.intent(name).unwrap().state, IntentState::Released);
+    // Its own event does not bring the intent back; a pin put on again does.
+    assert!(pins(&e.handle(11, update(name, Labels::new()))).is_empty());
+    assert_eq!(e.intent(name).unwrap().state, IntentState::Released);
+    e.handle(12, update(name, labels(&[CRI_PIN])));
+    assert_eq!(e.intent(name).unwrap().state, IntentState::Held);
+}
+
+#[test]
+fn a_clone_decides_without_touching_the_original() {
+    let mut e = engine_with_two();
+    e.handle(5, inventory(&[(APP, "app.tar")]));
+    let mut what_if = e.clone();
+    let out = what_if.handle(
+        10,
+        Input::Listing {
+            images: vec![
+                record(APP, both(), "sha256:aaaa"),
+                record(ALIAS, both(), "sha256:aaaa"),
+                record(WEB, Labels::new(), "sha256:bbbb"),
+            ],
+            cause: ListCause::Connected,
+        },
+    );
+    assert_eq!(
+        pins(&out),
+        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
+    assert_eq!(what_if.intent(WEB).unwrap().state, IntentState::Swept);
+}

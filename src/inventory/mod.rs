@@ -20,7 +20,7 @@
 //!   out, broken links, loops and non-regular files are reported in [`Inventory::skipped`].
 
 mod archive;
-mod reference;
+pub mod reference;
 pub mod report;
 pub mod watch;
 

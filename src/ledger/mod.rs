@@ -300,48 +300,85 @@ impl OwnedChange {
 
 type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
 
+/// A history read, answered after every change queued before it is committed.
+struct HistoryQuery {
+    name: Option<String>,
+    limit: usize,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<HistoryEntry>, String>>,
+}
+
+/// What the writer thread is asked to do: commit changes (and say when, if asked), or read the
+/// history once what came before is committed.
+enum Job {
+    Write(Vec<OwnedChange>, Option<Ack>),
+    History(HistoryQuery),
+}
+
 /// Writes the ledger on a thread of its own, so an fsync never holds up the event loop, and
 /// folds every batch queued while a commit was running into the next transaction: a burst of
 /// events costs a handful of fsyncs. [`Writer::write_durably`] waits for its batch to be on disk.
 #[derive(Debug)]
 pub struct Writer {
-    jobs: Option<std::sync::mpsc::Sender<(Vec<OwnedChange>, Option<Ack>)>>,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<Result<(), LedgerError>>>,
 }
 
 impl Writer {
     /// Hands the ledger to a writer thread.
     pub fn spawn(mut ledger: Ledger) -> Result<Writer, LedgerError> {
-        let (jobs, queue) = std::sync::mpsc::channel::<(Vec<OwnedChange>, Option<Ack>)>();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let path = ledger.path.clone();
         let thread = std::thread::Builder::new()
             .name("pinkeeper-ledger".into())
             .spawn(move || {
                 while let Ok(first) = queue.recv() {
-                    let mut changes = first.0;
-                    let mut acks: Vec<Ack> = first.1.into_iter().collect();
+                    let mut changes = Vec::new();
+                    let mut acks: Vec<Ack> = Vec::new();
+                    let mut reads: Vec<HistoryQuery> = Vec::new();
+                    let take =
+                        |job: Job,
+                         changes: &mut Vec<OwnedChange>,
+                         acks: &mut Vec<Ack>,
+                         reads: &mut Vec<HistoryQuery>| match job {
+                            Job::Write(more, ack) => {
+                                changes.extend(more);
+                                acks.extend(ack);
+                            }
+                            Job::History(query) => reads.push(query),
+                        };
+                    take(first, &mut changes, &mut acks, &mut reads);
                     // Changes nobody waits for are held a moment, so a trickle of events
-                    // (CRI labelling images one by one) shares one fsync; a durable write is
-                    // committed at once.
+                    // (CRI labelling images one by one) shares one fsync; a durable write or
+                    // a read is served at once.
                     let linger_until = std::time::Instant::now() + WRITE_LINGER;
                     loop {
-                        let next = if acks.is_empty() {
+                        let waited_for = !acks.is_empty() || !reads.is_empty();
+                        let next = if waited_for {
+                            queue.try_recv().ok()
+                        } else {
                             let left =
                                 linger_until.saturating_duration_since(std::time::Instant::now());
                             queue.recv_timeout(left).ok()
-                        } else {
-                            queue.try_recv().ok()
                         };
-                        let Some((more, ack)) = next else { break };
-                        changes.extend(more);
-                        acks.extend(ack);
+                        let Some(job) = next else { break };
+                        take(job, &mut changes, &mut acks, &mut reads);
                     }
-                    let batch: Vec<Change<'_>> =
-                        changes.iter().map(OwnedChange::as_change).collect();
-                    let result = ledger.apply(&batch);
+                    let result = if changes.is_empty() {
+                        Ok(())
+                    } else {
+                        let batch: Vec<Change<'_>> =
+                            changes.iter().map(OwnedChange::as_change).collect();
+                        ledger.apply(&batch)
+                    };
                     let reply = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
                     for ack in acks {
                         let _ = ack.send(reply.clone());
+                    }
+                    for query in reads {
+                        let answer = ledger
+                            .history(query.name.as_deref(), query.limit)
+                            .map_err(|e| e.to_string());
+                        let _ = query.reply.send(answer);
                     }
                     result?;
                 }
@@ -370,9 +407,27 @@ impl Writer {
             .map_err(|_| "the ledger writer stopped".to_string())?
     }
 
+    /// History entries, newest first (optionally of one image, at most `limit`), read once
+    /// every change queued before is committed.
+    pub async fn history(
+        &self,
+        name: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.job(Job::History(HistoryQuery { name, limit, reply }))?;
+        answer
+            .await
+            .map_err(|_| "the ledger writer stopped".to_string())?
+    }
+
     fn send(&self, changes: Vec<OwnedChange>, ack: Option<Ack>) -> Result<(), String> {
+        self.job(Job::Write(changes, ack))
+    }
+
+    fn job(&self, job: Job) -> Result<(), String> {
         let jobs = self.jobs.as_ref().ok_or("the ledger writer is closed")?;
-        jobs.send((changes, ack))
+        jobs.send(job)
             .map_err(|_| "the ledger writer stopped after an error".to_string())
     }
 

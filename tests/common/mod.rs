@@ -70,6 +70,38 @@ impl Node {
         self.dir.path().join("state")
     }
 
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("pk.sock")
+    }
+
+    /// Runs `pinkeeper ARGS --control-socket <this node's>`: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_pinkeeper"))
+            .args(args)
+            .arg("--control-socket")
+            .arg(self.control_socket())
+            .output()
+            .context("running the pinkeeper CLI")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Runs the CLI with `--json`, expects exit 0 and parses its output.
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let (code, out, err) = self.cli(&all)?;
+        ensure!(
+            code == 0,
+            "pinkeeper {all:?} exited {code}: {err}\npinkeeper log:\n{}",
+            self.log()
+        );
+        serde_json::from_str(&out).with_context(|| format!("pinkeeper {all:?} printed {out}"))
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("pinkeeper.log")
     }
@@ -92,7 +124,7 @@ impl Node {
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--control-socket")
-            .arg(self.dir.path().join("pk.sock"))
+            .arg(self.control_socket())
             .arg("--settle-ms")
             .arg(self.settle_ms.to_string())
             .env("PINKEEPER_LOG", "debug")

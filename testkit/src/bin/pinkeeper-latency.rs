@@ -74,6 +74,8 @@ async fn run(cli: Cli) -> Result<()> {
         .arg(&images_dir)
         .arg("--state-dir")
         .arg(dir.path().join("state"))
+        .arg("--control-socket")
+        .arg(dir.path().join("pinkeeper.sock"))
         .env("PINKEEPER_LOG", "info,pinkeeper=debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("pinkeeper.log"))?)

@@ -1,0 +1,418 @@
+//! The operator's subcommands that talk to the daemon: `status`, `list`, `pin`, `unpin`,
+//! `history`, `reconcile`. Each prints a table, or JSON with `--json` (the API's messages as
+//! they are), and exits 0 when done, 1 when it failed, 2 on bad usage (clap).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::client::{Client, ClientError};
+use super::pb;
+use crate::replay::format_millis;
+
+/// Flags every subcommand has.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Common {
+    /// The daemon's control socket
+    #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONTROL_SOCKET)]
+    pub control_socket: PathBuf,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pinkeeper status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `pinkeeper list`.
+#[derive(clap::Args, Debug)]
+pub struct ListArgs {
+    /// Only images whose name matches: `*` and `?` wildcards, else a substring
+    #[arg(value_name = "NAME-PATTERN")]
+    pattern: Option<String>,
+    /// Include released intents (unpinned by an operator, deleted records)
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `pinkeeper pin`.
+#[derive(clap::Args, Debug)]
+pub struct PinArgs {
+    /// The image name (as `pinkeeper list` or `ctr -n k8s.io images ls` shows it)
+    name: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `pinkeeper unpin`.
+#[derive(clap::Args, Debug)]
+pub struct UnpinArgs {
+    /// The image name
+    name: String,
+    /// Every name of the same image (aliases included): CRI keeps an image pinned while any
+    /// of its names is
+    #[arg(long)]
+    all_names: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `pinkeeper history`.
+#[derive(clap::Args, Debug)]
+pub struct HistoryArgs {
+    /// Only this image
+    name: Option<String>,
+    /// At most this many entries, newest first
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `pinkeeper reconcile`.
+#[derive(clap::Args, Debug)]
+pub struct ReconcileArgs {
+    /// Print what would change, change nothing
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Runs one call on a small runtime and prints its answer.
+fn call<T, F, Fut>(common: &Common, ask: F, show: impl FnOnce(&T) -> String) -> ExitCode
+where
+    T: serde::Serialize,
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pinkeeper: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = runtime.block_on(async {
+        let client = Client::connect(&common.control_socket)?;
+        ask(client).await
+    });
+    match answer {
+        Ok(reply) => {
+            let text = if common.json {
+                match serde_json::to_string_pretty(&reply) {
+                    Ok(json) => json + "\n",
+                    Err(e) => {
+                        eprintln!("pinkeeper: cannot print the answer as JSON: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                show(&reply)
+            };
+            // A closed pipe (`| head`) is not worth a message.
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pinkeeper: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pinkeeper status`.
+pub fn status(args: StatusArgs) -> ExitCode {
+    call(
+        &args.common,
+        |c| async move { c.status().await },
+        show_status,
+    )
+}
+
+/// `pinkeeper list`.
+pub fn list(args: ListArgs) -> ExitCode {
+    let req = pb::ListRequest {
+        pattern: args.pattern.unwrap_or_default(),
+        all: args.all,
+    };
+    call(
+        &args.common,
+        |c| async move { c.list(req).await },
+        |r: &pb::ListResponse| show_list(&r.intents),
+    )
+}
+
+/// `pinkeeper pin`.
+pub fn pin(args: PinArgs) -> ExitCode {
+    let name = args.name;
+    call(
+        &args.common,
+        |c| async move { c.pin(&name).await },
+        show_pin,
+    )
+}
+
+/// `pinkeeper unpin`.
+pub fn unpin(args: UnpinArgs) -> ExitCode {
+    let (name, all) = (args.name, args.all_names);
+    call(
+        &args.common,
+        |c| async move { c.unpin(&name, all).await },
+        show_unpin,
+    )
+}
+
+/// `pinkeeper history`.
+pub fn history(args: HistoryArgs) -> ExitCode {
+    let req = pb::HistoryRequest {
+        name: args.name.unwrap_or_default(),
+        limit: args.limit,
+    };
+    call(
+        &args.common,
+        |c| async move { c.history(req).await },
+        show_history,
+    )
+}
+
+/// `pinkeeper reconcile`.
+pub fn reconcile(args: ReconcileArgs) -> ExitCode {
+    let dry_run = args.dry_run;
+    call(
+        &args.common,
+        |c| async move { c.reconcile(dry_run).await },
+        show_reconcile,
+    )
+}
+
+fn when(ms: u64) -> String {
+    if ms == 0 {
+        "never".into()
+    } else {
+        format_millis(ms)
+    }
+}
+
+fn show_status(s: &pb::StatusResponse) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, key: &str, value: String| {
+        out.push_str(&format!("{key:<16}{value}\n"));
+    };
+    line(
+        &mut out,
+        "pinkeeper",
+        format!("{}, running since {}", s.version, when(s.started_ms)),
+    );
+    let containerd = if s.connected {
+        format!(
+            "connected to {} ({}) since {}, namespace {}",
+            s.containerd_socket,
+            if s.containerd_version.is_empty() {
+                "version unknown"
+            } else {
+                &s.containerd_version
+            },
+            when(s.connected_since_ms),
+            s.namespace
+        )
+    } else {
+        format!(
+            "NOT connected to {} (K3s stopped or restarting?); pinkeeper keeps trying",
+            s.containerd_socket
+        )
+    };
+    line(&mut out, "containerd", containerd);
+    let sweep = match &s.last_sweep {
+        None => "none seen since pinkeeper started".to_string(),
+        Some(w) => format!(
+            "{} ({}): {} swept, {} restored by pinkeeper ({} archive gone, {} not re-pinned), {} left to K3s",
+            when(w.started_ms),
+            if w.seen_live { "seen live" } else { "found after reconnecting" },
+            w.swept,
+            w.restored_archive_gone + w.restored_not_repinned,
+            w.restored_archive_gone,
+            w.restored_not_repinned,
+            w.repinned_by_k3s
+        ),
+    };
+    line(&mut out, "last sweep", sweep);
+    line(
+        &mut out,
+        "intents",
+        format!(
+            "{} held, {} swept (awaiting K3s or pinkeeper), {} released",
+            s.intents_held, s.intents_swept, s.intents_released
+        ),
+    );
+    line(
+        &mut out,
+        "restored",
+        format!("{} pin(s) restored so far", s.pins_restored),
+    );
+    line(
+        &mut out,
+        "archives",
+        format!("{} gone from {}", s.archives_gone, s.images_dir),
+    );
+    let risk = if s.at_risk.is_empty() {
+        "none: every intent is pinned".to_string()
+    } else {
+        let shown: Vec<&str> = s.at_risk.iter().take(10).map(String::as_str).collect();
+        format!(
+            "{} unpinned now: {}{}",
+            s.at_risk.len(),
+            shown.join(", "),
+            if s.at_risk.len() > 10 { ", ..." } else { "" }
+        )
+    };
+    line(&mut out, "at risk", risk);
+    line(&mut out, "last reconcile", when(s.last_reconcile_ms));
+    line(&mut out, "ledger", s.ledger_path.clone());
+    out
+}
+
+fn show_list(intents: &[pb::IntentInfo]) -> String {
+    if intents.is_empty() {
+        return "no intents\n".into();
+    }
+    let rows: Vec<[String; 6]> = intents
+        .iter()
+        .map(|i| {
+            let pinned = match (i.exists, i.pinned_now) {
+                (false, _) => "gone",
+                (true, true) => "yes",
+                (true, false) => "NO",
+            };
+            [
+                i.name.clone(),
+                i.state.clone(),
+                pinned.to_string(),
+                i.archive.clone(),
+                if i.last_restored_ms == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{} ({}x)", when(i.last_restored_ms), i.restores)
+                },
+                if i.released_because.is_empty() {
+                    i.why.clone()
+                } else {
+                    format!("released: {}", i.released_because)
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "IMAGE",
+            "STATE",
+            "PINNED",
+            "ARCHIVE",
+            "LAST RESTORED",
+            "WHY",
+        ],
+        &rows,
+    )
+}
+
+fn show_pin(r: &pb::PinResponse) -> String {
+    let name = r.intent.as_ref().map_or("", |i| i.name.as_str());
+    if r.was_pinned {
+        format!("{name} was already pinned; pinkeeper now keeps it pinned across K3s restarts\n")
+    } else {
+        format!("pinned {name} (io.cri-containerd.pinned=pinned); pinkeeper keeps it pinned across K3s restarts\n")
+    }
+}
+
+fn show_unpin(r: &pb::UnpinResponse) -> String {
+    let mut out = String::new();
+    for name in &r.names {
+        out.push_str(&format!(
+            "unpinned {name}: intent released, io.cri-containerd.pinned removed\n"
+        ));
+    }
+    for warning in &r.warnings {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
+    out
+}
+
+fn show_history(r: &pb::HistoryResponse) -> String {
+    if r.entries.is_empty() {
+        return "no history\n".into();
+    }
+    let rows: Vec<[String; 4]> = r
+        .entries
+        .iter()
+        .map(|h| {
+            [
+                when(h.at_ms),
+                h.action.clone(),
+                h.name.clone(),
+                h.detail.clone(),
+            ]
+        })
+        .collect();
+    table(&["TIME", "ACTION", "IMAGE", "DETAIL"], &rows)
+}
+
+fn show_reconcile(r: &pb::ReconcileResponse) -> String {
+    if r.decisions.is_empty() {
+        return if r.dry_run {
+            "nothing would change\n".into()
+        } else {
+            "nothing to change: the ledger and containerd agree\n".into()
+        };
+    }
+    let head = if r.dry_run {
+        "dry run: nothing was changed; a reconcile would do this:\n"
+    } else {
+        ""
+    };
+    let rows: Vec<[String; 3]> = r
+        .decisions
+        .iter()
+        .map(|d| [d.action.clone(), d.name.clone(), d.detail.clone()])
+        .collect();
+    format!("{head}{}", table(&["ACTION", "IMAGE", "DETAIL"], &rows))
+}
+
+/// Left-aligned columns; the last one is not padded.
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut width = [0usize; N];
+    for (i, h) in header.iter().enumerate() {
+        width[i] = h.chars().count();
+    }
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            width[i] = width[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut push = |cells: Vec<&str>| {
+        let mut line = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  ", w = width[i]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    };
+    push(header.to_vec());
+    for row in rows {
+        push(row.iter().map(String::as_str).collect());
+    }
+    out
+}

@@ -1,0 +1,366 @@
+//! `pinkeeper record` beside the daemon, against real containerd daemons (1.6, 1.7, 2.x): the
+//! recording, replayed offline through the engine, must lead to the pins (name and reason) and
+//! the final intents the daemon decided live. This is what makes a recording worth attaching
+//! to a bug report: the replay sees what the daemon saw.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use common::{cri_pinned, with_aliases, Node};
+use pinkeeper::engine::{Config, IntentState, Output, RestoreReason};
+use pinkeeper::replay::Replay;
+use pinkeeper_testkit::archive::{Layout, OciNames};
+use pinkeeper_testkit::{Version, CRI_PIN_LABEL, K3S_PIN_LABEL};
+
+const APP: &str = "docker.io/library/app:1";
+const WEB: &str = "registry.example.com/team/web:2.3";
+const PAUSE: &str = "docker.io/rancher/mirrored-pause:3.6";
+const HELM: &str = "docker.io/rancher/klipper-helm:v0.9.3";
+/// The daemon's quiet time before checking K3s's re-pins; the replay is given the same.
+const SETTLE_MS: u64 = 400;
+const ARCHIVES: &[common::Archive<'static>] = &[
+    (
+        "app.tar",
+        Layout::Oci {
+            names: OciNames::ContainerdName,
+            index_last: false,
+        },
+        &[APP],
+    ),
+    ("web.tar.gz", Layout::DockerSave, &[WEB]),
+    (
+        "k3s-airgap-images.tar.zst",
+        Layout::DockerSave,
+        &[PAUSE, HELM],
+    ),
+];
+
+/// `pinkeeper record` running as its own process, as an operator would run it.
+struct Recorder {
+    child: Option<Child>,
+    out: PathBuf,
+    log: PathBuf,
+}
+
+impl Recorder {
+    fn start(node: &Node) -> Result<Recorder> {
+        let out = node.dir.path().join("recording.jsonl");
+        let log = node.dir.path().join("record.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pinkeeper"))
+            .arg("record")
+            .arg("--out")
+            .arg(&out)
+            .arg("--containerd-socket")
+            .arg(node.containerd.socket())
+            .arg("--images-dir")
+            .arg(node.images_dir())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting pinkeeper record")?;
+        Ok(Recorder {
+            child: Some(child),
+            out,
+            log,
+        })
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the recording satisfies `check`.
+    async fn wait_until(&self, what: &str, check: impl Fn(&str) -> bool) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check(&self.text()) {
+            if Instant::now() > deadline {
+                bail!(
+                    "the recording never showed {what}:\n{}\nrecorder's log:\n{}",
+                    self.text(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: the recorder must finish the file and exit 0.
+    fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                ensure!(
+                    status.success(),
+                    "pinkeeper record exited with {status} on SIGTERM:\n{}",
+                    self.log()
+                );
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "pinkeeper record ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The envelopes of the recording for `name` (parsed), in order.
+fn envelopes_of(text: &str, name: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["payload"]["name"] == name)
+        .collect()
+}
+
+/// Which restore reason a `restored` history entry's detail explains.
+fn reason_of(detail: &str) -> Result<RestoreReason> {
+    [RestoreReason::ArchiveGone, RestoreReason::NotRepinned]
+        .into_iter()
+        .find(|r| r.explain() == detail)
+        .ok_or_else(|| anyhow!("a restore for a reason this test does not expect: {detail}"))
+}
+
+/// A pin as the test compares them: the image and why (`RestoreReason` is not `Ord`).
+fn pin(name: &str, reason: RestoreReason) -> (String, String) {
+    (name.to_string(), format!("{reason:?}"))
+}
+
+on_every_version!(a_recording_replays_to_the_daemons_decisions);
+
+/// First boot, an archive deleted, a K3s restart (the sweep and pinkeeper's restores), then an
+/// operator's unpin of another image; the daemon and the recorder run side by side throughout.
+async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Result<()> {
+    let mut node = Node::new(version, ARCHIVES, false, SETTLE_MS).await?;
+    let mut recorder = Recorder::start(&node)?;
+    recorder
+        .wait_until("its first listing", |t| t.contains(r#"{"connect":true"#))
+        .await?;
+    node.start_pinkeeper()?;
+    node.wait_log("reconciled after connecting", 1).await?;
+
+    node.k3s.start().await?;
+    let first = node.images().await?;
+    let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
+    node.wait_log("action=recorded", pinned.len()).await?;
+
+    std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
+    node.restart_k3s().await?;
+    let web = with_aliases(&first, &[WEB]);
+    node.wait_until("web's pins restored", |images| {
+        web.iter().all(|n| cri_pinned(images, n))
+    })
+    .await?;
+    // The verification of K3s's re-pins runs and ends the sweep episode.
+    node.wait_log("K3s startup sweep:", 1).await?;
+
+    node.client.ctr_remove_cri_pin(HELM).await?;
+    node.wait_log("intent released", 1).await?;
+    recorder
+        .wait_until("the operator's unpin", |t| {
+            envelopes_of(t, HELM).iter().any(|e| {
+                let labels = &e["payload"]["labels"];
+                labels.get(K3S_PIN_LABEL).is_some() && labels.get(CRI_PIN_LABEL).is_none()
+            })
+        })
+        .await?;
+    // Nothing is pending in the daemon (no churn window, no verification) once it stops.
+    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 2)).await;
+    node.stop_pinkeeper()?;
+    recorder.stop()?;
+    let recording = recorder.text();
+    ensure!(
+        recording.matches(r#"{"disconnect":true"#).count() == 1
+            && recording.matches(r#"{"connect":true"#).count() == 2,
+        "the K3s restart should be one disconnection:\n{recording}"
+    );
+
+    // What the daemon decided live, from its ledger.
+    let ledger = pinkeeper::ledger::Ledger::open(&node.state_dir())?;
+    let history = ledger.history(None, usize::MAX)?;
+    let mut live_pins = BTreeSet::new();
+    for entry in history.iter().filter(|h| h.action == "restored") {
+        live_pins.insert(pin(&entry.name, reason_of(&entry.detail)?));
+    }
+    let live_intents: BTreeMap<String, IntentState> = ledger
+        .intents()?
+        .into_iter()
+        .map(|i| (i.name, i.state))
+        .collect();
+    drop(ledger);
+    // The scenario did what it is meant to: web and its alias restored, helm released.
+    let expected: BTreeSet<_> = web
+        .iter()
+        .map(|n| pin(n, RestoreReason::ArchiveGone))
+        .collect();
+    ensure!(
+        live_pins == expected,
+        "the daemon restored {live_pins:?}, expected {expected:?}\n{}",
+        node.log()
+    );
+    ensure!(live_intents.get(HELM) == Some(&IntentState::Released));
+
+    // What the engine decides offline from the recording.
+    let mut replay = Replay::new(Config {
+        settle: SETTLE_MS,
+        ..Config::default()
+    });
+    replay
+        .run(&recording)
+        .map_err(|e| anyhow!("the recording does not replay: {e}\n{recording}"))?;
+    let replayed_pins: BTreeSet<(String, String)> = replay
+        .decisions
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Output::Pin { name, reason } => Some(pin(name, *reason)),
+            _ => None,
+        })
+        .collect();
+    let replayed_intents: BTreeMap<String, IntentState> = replay
+        .ledger
+        .values()
+        .map(|i| (i.name.clone(), i.state))
+        .collect();
+    let decisions: Vec<String> = replay
+        .decisions
+        .iter()
+        .filter_map(|(at, o)| pinkeeper::replay::describe(*at, o))
+        .collect();
+    ensure!(
+        replayed_pins == live_pins,
+        "pins: replayed {replayed_pins:?}, live {live_pins:?}\nreplay:\n{}\nlive history:\n{history:#?}",
+        decisions.join("\n")
+    );
+    ensure!(
+        replayed_intents == live_intents,
+        "intents: replayed {replayed_intents:?}, live {live_intents:?}\nreplay:\n{}",
+        decisions.join("\n")
+    );
+
+    // A recording is a fixture as it stands (the check of tests/replay.rs): reconnecting and
+    // letting every timer fire changes nothing further.
+    let pins = replay.pins_written.len();
+    replay.connect();
+    replay.settle();
+    ensure!(
+        replay.pins_written.len() == pins,
+        "the replay pinned again: {:?}",
+        replay.pins_written
+    );
+
+    // And `pinkeeper replay` prints the same decisions, as text and as JSON.
+    let run = |json: bool| -> Result<String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pinkeeper"));
+        command
+            .arg("replay")
+            .arg("--settle-ms")
+            .arg(SETTLE_MS.to_string());
+        if json {
+            command.arg("--json");
+        }
+        let output = command.arg(&recorder.out).output()?;
+        ensure!(
+            output.status.success(),
+            "pinkeeper replay failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    };
+    let text = run(false)?;
+    for name in &web {
+        ensure!(
+            text.contains(&format!("pin {name} (archive-gone: ")),
+            "pinkeeper replay did not show the pin of {name}:\n{text}"
+        );
+    }
+    let json_pins = run(true)?
+        .lines()
+        .map(serde_json::from_str::<serde_json::Value>)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|v| v["decision"] == "pin")
+        .count();
+    ensure!(
+        json_pins == web.len(),
+        "{json_pins} pins in the JSON output"
+    );
+    Ok(())
+}
+
+/// `--duration-secs` stops the recorder by itself (exit 0, a file that replays); an output file
+/// that cannot be created is exit 1 with a message naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stops_after_its_duration_and_names_a_bad_output_file() -> Result<()> {
+    let node = Node::new(Version::V1_6, ARCHIVES, false, SETTLE_MS).await?;
+    let record = |out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_pinkeeper"))
+            .arg("record")
+            .arg("--out")
+            .arg(out)
+            .arg("--containerd-socket")
+            .arg(node.containerd.socket())
+            .arg("--images-dir")
+            .arg(node.images_dir())
+            .arg("--duration-secs")
+            .arg("1")
+            .output()
+    };
+    let bad = node.dir.path().join("no-such-dir/recording.jsonl");
+    let output = record(&bad)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        output.status.code() == Some(1) && stderr.contains(&bad.display().to_string()),
+        "{:?}: {stderr}",
+        output.status
+    );
+
+    let out = node.dir.path().join("recording.jsonl");
+    let started = Instant::now();
+    let output = record(&out)?;
+    ensure!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(started.elapsed() < Duration::from_secs(10));
+    let text = std::fs::read_to_string(&out)?;
+    ensure!(
+        text.starts_with("// recorded by pinkeeper record ")
+            && text.contains(r#""web.tar.gz":["registry.example.com/team/web:2.3"]"#)
+            && text.contains(r#"{"connect":true"#),
+        "{text}"
+    );
+    let mut replay = Replay::new(Config::default());
+    replay.run(&text).map_err(|e| anyhow!("{e}\n{text}"))?;
+    ensure!(replay.connected && replay.files.len() == 3);
+    Ok(())
+}
