@@ -80,6 +80,8 @@ struct Daemon {
     captured: Option<Vec<HistoryEntry>>,
     /// Unpins that failed since the last operator call (name, why).
     unpin_failures: Vec<(String, String)>,
+    /// systemd's watchdog, when `WatchdogSec=` is set: pinged from the main loop.
+    watchdog: Option<tokio::time::Interval>,
 }
 
 /// What the daemon knows about itself for `pinkeeper status`.
@@ -99,6 +101,7 @@ enum Wake {
     Timer,
     ImagesDir,
     Control(Request),
+    Watchdog,
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
@@ -127,6 +130,11 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         status,
         captured: None,
         unpin_failures: Vec::new(),
+        watchdog: crate::notify::watchdog_period().map(|period| {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        }),
         scanner: Some(scanner),
         engine: Engine::new(config, intents),
         ledger: Writer::spawn(ledger)?,
@@ -144,6 +152,10 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         }
     };
     tokio::pin!(shutdown);
+    crate::notify::ready(&format!(
+        "waiting for containerd at {}",
+        daemon.settings.containerd_socket.display()
+    ));
     let result = tokio::select! {
         result = daemon.serve() => result,
         signal = &mut shutdown => {
@@ -151,6 +163,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             Ok(())
         }
     };
+    crate::notify::stopping();
     server.stop().await;
     // Whatever is queued for the ledger is committed before pinkeeper exits.
     daemon.ledger.close()?;
@@ -166,6 +179,10 @@ impl Daemon {
             self.follow(client).await?;
             self.client = None;
             self.status.connected_since = None;
+            crate::notify::status(&format!(
+                "containerd at {} is away (K3s restarting?); waiting for it",
+                self.settings.containerd_socket.display()
+            ));
             self.process(vec![Input::Disconnected]).await?;
         }
     }
@@ -182,6 +199,10 @@ impl Daemon {
                 Ok(client) => match client.version().await {
                     Ok(version) => {
                         info!(socket = %socket.display(), version, "connected to containerd");
+                        crate::notify::status(&format!(
+                            "connected to containerd {version} at {}",
+                            socket.display()
+                        ));
                         self.status.containerd_version = version;
                         return client;
                     }
@@ -208,6 +229,10 @@ impl Daemon {
                     if let Err(e) = self.answer(request).await {
                         warn!("{e:#}");
                     }
+                    continue;
+                }
+                _ = watchdog_due(&mut self.watchdog) => {
+                    crate::notify::watchdog();
                     continue;
                 }
             }
@@ -253,9 +278,14 @@ impl Daemon {
                 _ = sleep_until(wakeup) => Wake::Timer,
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
                 Some(request) = self.control.recv() => Wake::Control(request),
+                _ = watchdog_due(&mut self.watchdog) => Wake::Watchdog,
             };
             match woke {
                 Wake::Events => {}
+                Wake::Watchdog => {
+                    crate::notify::watchdog();
+                    continue;
+                }
                 Wake::Timer => {
                     self.process(vec![Input::Tick]).await?;
                     continue;
@@ -630,6 +660,16 @@ async fn images_dir_changed(watch: &mut Option<Watcher>) {
         Some(watch) => {
             watch.changed().await;
             debug!("the images directory changed: reading it again");
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the watchdog is due; never without one.
+async fn watchdog_due(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
         }
         None => std::future::pending().await,
     }

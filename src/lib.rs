@@ -14,5 +14,6 @@ pub mod doctor;
 pub mod engine;
 pub mod inventory;
 pub mod ledger;
+pub mod notify;
 pub mod record;
 pub mod replay;
