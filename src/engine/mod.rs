@@ -366,8 +366,25 @@ pub struct IntentView {
 impl IntentView {
     /// An intent held and its image unpinned or gone: kubelet's GC may delete it.
     pub fn at_risk(&self) -> bool {
-        self.intent.state != IntentState::Released && !(self.pinned_now && self.exists)
+        at_risk(self.intent.state, self.pinned_now, self.exists)
     }
+}
+
+fn at_risk(state: IntentState, pinned_now: bool, exists: bool) -> bool {
+    state != IntentState::Released && !(pinned_now && exists)
+}
+
+/// The intents counted by state, and those at risk ([`IntentView::at_risk`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Intents held.
+    pub held: usize,
+    /// Intents swept.
+    pub swept: usize,
+    /// Intents released.
+    pub released: usize,
+    /// Intents not released whose image is unpinned or gone now.
+    pub at_risk: usize,
 }
 
 /// Which pins a label map carries.
@@ -413,6 +430,9 @@ pub struct Engine {
     /// Intents whose CRI pin an event says was removed (not by the sweep): released once a Get
     /// confirms it.
     unpins_to_confirm: BTreeSet<String>,
+    /// Held intents an event showed losing K3s's label but keeping the CRI pin, which K3s never
+    /// does: most likely a late delivery of pinkeeper's own restore. A Get tells.
+    labels_to_confirm: BTreeSet<String>,
     /// Swept images whose archive is still present: K3s should re-pin them; checked at verify.
     awaiting_k3s: BTreeSet<String>,
     /// When the verification of a start-up is due.
@@ -446,6 +466,7 @@ impl Engine {
             pins_in_flight: BTreeMap::new(),
             awaiting_k3s,
             unpins_to_confirm: BTreeSet::new(),
+            labels_to_confirm: BTreeSet::new(),
             verify_due: None,
             verify_deadline: None,
             verify_in_flight: false,
@@ -474,14 +495,36 @@ impl Engine {
             (true, None) if intent.source.is_some() => ArchiveState::Gone,
             (true, None) => ArchiveState::None,
         };
-        let exists =
-            !self.deleted.contains_key(name) && intent.released_because.as_deref() != Some(DELETED);
+        let exists = self.exists(name, &intent);
         Some(IntentView {
             pinned_now: self.pins(&intent.labels).cri,
             exists,
             archive,
             intent,
         })
+    }
+
+    /// Whether the image record of an intent exists (as last seen).
+    fn exists(&self, name: &str, intent: &Intent) -> bool {
+        !self.deleted.contains_key(name) && intent.released_because.as_deref() != Some(DELETED)
+    }
+
+    /// What counting [`Engine::views`] gives, without building them: no copy, no archive
+    /// lookup (the daemon's metrics, with 10,000 intents, several times a minute).
+    pub fn tally(&self) -> Tally {
+        let mut tally = Tally::default();
+        for (name, intent) in &self.intents {
+            match intent.state {
+                IntentState::Held => tally.held += 1,
+                IntentState::Swept => tally.swept += 1,
+                IntentState::Released => tally.released += 1,
+            }
+            let pinned_now = self.pins(&intent.labels).cri;
+            if at_risk(intent.state, pinned_now, self.exists(name, intent)) {
+                tally.at_risk += 1;
+            }
+        }
+        tally
     }
 
     /// Every intent (released ones included) with what pinkeeper knows of it now.
@@ -524,6 +567,7 @@ impl Engine {
             Input::Pinned { name, result } => self.on_pinned(now, name, result, &mut out),
             Input::Disconnected => {
                 self.pins_in_flight.clear();
+                self.labels_to_confirm.clear();
                 self.verify_in_flight = false;
             }
             Input::Tick => self.on_tick(now, &mut out),
@@ -649,6 +693,18 @@ impl Engine {
         let old = self.pins(&intent.labels);
         let was_swept = intent.state == IntentState::Swept;
         let labels_changed = intent.labels != labels;
+        if live && new.cri && old.program && !new.program && !was_swept {
+            // K3s's label gone and the CRI pin kept: K3s never does that, and pinkeeper's own
+            // restore (CRI pin only) delivered after K3s pinned the image again looks exactly
+            // like it. Believed, it would make the next sweep read as an operator's unpin; the
+            // record itself says which it is.
+            if self.labels_to_confirm.insert(name.to_string()) {
+                out.push(Output::Fetch {
+                    name: name.to_string(),
+                });
+            }
+            return true;
+        }
         if new.cri {
             if was_swept && !self.pins_in_flight.contains_key(name) {
                 self.awaiting_k3s.remove(name);
@@ -953,10 +1009,16 @@ impl Engine {
         out: &mut Vec<Output>,
     ) {
         let confirming = self.unpins_to_confirm.remove(name);
+        let recheck = self.labels_to_confirm.remove(name) && !confirming;
         let Some(record) = record else {
             // Gone: its delete event (or the next listing) settles the intent.
             return;
         };
+        if recheck && self.holds(name) {
+            // What the record carries now, read as a listing reads it.
+            self.observe(now, name, record.labels, Some(record.digest), out);
+            return;
+        }
         if self.pins(&record.labels).any() {
             // A delete delivered late: the record exists again, pinned. (Created again without
             // a pin, it is left to the create event or the churn window.)
@@ -1133,6 +1195,8 @@ impl Engine {
         }
         let mut seen = BTreeSet::new();
         for image in images {
+            // A listing is as good as a Get.
+            self.labels_to_confirm.remove(&image.name);
             seen.insert(image.name.clone());
             if self.deleted.remove(&image.name).is_some() && !self.pins(&image.labels).any() {
                 self.release(

@@ -512,3 +512,41 @@ fn a_clone_decides_without_touching_the_original() {
     assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
     assert_eq!(what_if.intent(WEB).unwrap().state, IntentState::Swept);
 }
+
+#[test]
+fn a_late_echo_of_pinkeepers_own_restore_is_checked_not_believed() {
+    // pinkeeper restored APP (CRI pin only), K3s pinned it again (both), then the restore's
+    // event arrives late: believed, the next sweep would read as an operator's unpin.
+    let mut e = engine_with_two();
+    e.handle(1, inventory(&[(WEB, "web.tar")]));
+    e.handle(2, update(APP, Labels::new()));
+    e.handle(
+        3,
+        Input::Pinned {
+            name: APP.into(),
+            result: Ok(()),
+        },
+    );
+    e.handle(4, update(APP, both()));
+    let out = e.handle(5, update(APP, labels(&[CRI_PIN])));
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Fetch { name } if name == APP)),
+        "{out:?}"
+    );
+    assert_eq!(e.intent(APP).unwrap().labels, both());
+    e.handle(
+        6,
+        Input::Fetched {
+            name: APP.into(),
+            record: Some(record(APP, both(), "sha256:aaaa")),
+        },
+    );
+    assert_eq!(e.intent(APP).unwrap().labels, both());
+    // The next sweep is a sweep: restored at once (the archive is gone).
+    let out = e.handle(10, update(APP, Labels::new()));
+    assert_eq!(
+        pins(&out),
+        vec![(APP.to_string(), RestoreReason::ArchiveGone)]
+    );
+}
