@@ -70,3 +70,20 @@ else
 fi
 
 "$here/containerd-cache.sh"
+
+# The DaemonSet manifest's check (scripts/check-daemonset.py, `make test`): kubernetes-validate,
+# which bundles Kubernetes' JSON schemas (so it needs no network), in a venv of its own under
+# /var/cache/pinkeeper so that reruns install nothing.
+venv=/var/cache/pinkeeper/python
+if "$venv/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+    echo "install-deps: kubernetes-validate already installed"
+else
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv
+    fi
+    echo "install-deps: installing kubernetes-validate into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==1.37.0"
+fi

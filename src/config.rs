@@ -1,18 +1,29 @@
-//! Settings of `pinkeeper run`: defaults, the TOML config file, and flags (flags win).
+//! Settings of `pinkeeper run` (and `pinkeeper doctor`): defaults, the TOML config file, and
+//! flags (flags win).
 //!
 //! Owns validation: a bad value is rejected here with a message naming the flag or key and
-//! what is expected, before anything else starts.
+//! what is expected, before anything else starts. Owns which config file is read: `--config
+//! PATH` (which must exist), else [`DEFAULT_CONFIG`] when it exists, else none.
 
+use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// K3s's containerd socket.
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/pinkeeper/config.toml";
+/// K3s's containerd socket, which is RKE2's too (FACTS.md section 1; rancher/rke2
+/// `pkg/executor/staticpod/spw.go` `ContainerdSock`).
 pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/k3s/containerd/containerd.sock";
 /// CRI's namespace, where K3s imports.
 pub const DEFAULT_NAMESPACE: &str = "k8s.io";
 /// K3s's images directory (`<data-dir>/agent/images`).
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/rancher/k3s/agent/images";
+/// RKE2's images directory (`<data-dir>/agent/images`, data dir `/var/lib/rancher/rke2`).
+pub const RKE2_IMAGES_DIR: &str = "/var/lib/rancher/rke2/agent/images";
+/// RKE2's pin label (`io.cattle.<program>.pinned`, FACTS.md section 1).
+pub const RKE2_PIN: &str = "io.cattle.rke2.pinned";
 /// Where the ledger lives.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pinkeeper";
 /// The operator API's socket.
@@ -42,6 +53,14 @@ pub struct FileConfig {
     pub control_socket: Option<PathBuf>,
     /// Quiet time (ms) of a K3s start-up before pinkeeper checks K3s's re-pins.
     pub settle_ms: Option<u64>,
+    /// `k3s` or `rke2`: the label pinkeeper follows and the default images directory.
+    pub program: Option<String>,
+    /// `text` or `json`: the form of the log lines on stderr.
+    pub log_format: Option<String>,
+    /// A node-exporter textfile-collector file (`*.prom`) to write metrics to.
+    pub metrics_textfile: Option<PathBuf>,
+    /// `IP:PORT` (loopback only) to serve metrics on.
+    pub metrics_address: Option<String>,
 }
 
 /// Values given on the command line: the same keys as the file, each overriding it.
@@ -63,6 +82,94 @@ pub struct Settings {
     /// Quiet time (ms) after the last image event of a K3s start-up before pinkeeper checks
     /// that K3s re-pinned every image whose archive is still there.
     pub settle_ms: u64,
+    /// K3s or RKE2: whose pin label and sweep pinkeeper follows.
+    pub program: Program,
+    /// The form of the log lines.
+    pub log_format: LogFormat,
+    /// A node-exporter textfile-collector file to write metrics to; off when `None`.
+    pub metrics_textfile: Option<PathBuf>,
+    /// A loopback address to serve metrics on; off when `None`.
+    pub metrics_address: Option<SocketAddr>,
+}
+
+/// The Kubernetes distribution whose containerd pinkeeper watches. They differ, for pinkeeper,
+/// in the pin label they sweep (`io.cattle.<program>.pinned`) and their data directory; the
+/// containerd socket is the same (FACTS.md section 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Program {
+    /// K3s (`/var/lib/rancher/k3s`).
+    #[default]
+    K3s,
+    /// RKE2 (`/var/lib/rancher/rke2`).
+    Rke2,
+}
+
+impl Program {
+    /// Every program, in the order the help lists them.
+    pub const ALL: [Program; 2] = [Program::K3s, Program::Rke2];
+
+    /// The value of `--program` and of `program` in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Program::K3s => "k3s",
+            Program::Rke2 => "rke2",
+        }
+    }
+
+    /// Parses `k3s` or `rke2`.
+    pub fn parse(value: &str) -> Option<Program> {
+        Program::ALL.into_iter().find(|p| p.as_str() == value)
+    }
+
+    /// How people write its name.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Program::K3s => "K3s",
+            Program::Rke2 => "RKE2",
+        }
+    }
+
+    /// The label it pins with and sweeps away at start: `io.cattle.<program>.pinned`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Program::K3s => crate::engine::K3S_PIN,
+            Program::Rke2 => RKE2_PIN,
+        }
+    }
+
+    /// Its images directory by default (`<data-dir>/agent/images`).
+    pub fn default_images_dir(self) -> &'static str {
+        match self {
+            Program::K3s => DEFAULT_IMAGES_DIR,
+            Program::Rke2 => RKE2_IMAGES_DIR,
+        }
+    }
+
+    /// Its containerd socket by default: the same for both.
+    pub fn default_containerd_socket(self) -> &'static str {
+        DEFAULT_CONTAINERD_SOCKET
+    }
+}
+
+/// The form of the log lines on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum LogFormat {
+    /// One line of text per event; ANSI colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// Parses `text` or `json`.
+    pub fn parse(value: &str) -> Option<LogFormat> {
+        match value {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
 }
 
 /// A setting that cannot be used. Exit code 2.
@@ -103,14 +210,56 @@ impl FileConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        FileConfig::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })
     }
+
+    /// The config file to use: `explicit` (`--config PATH`), which must exist, else
+    /// [`DEFAULT_CONFIG`] if it exists (a systemd unit runs `pinkeeper run` with no flags and
+    /// picks it up; without it the defaults apply), else none.
+    pub fn find(explicit: Option<&Path>) -> Result<Option<(PathBuf, FileConfig)>, ConfigError> {
+        FileConfig::find_with_default(explicit, Path::new(DEFAULT_CONFIG))
+    }
+
+    /// [`FileConfig::find`] with another default path (for tests).
+    pub fn find_with_default(
+        explicit: Option<&Path>,
+        default: &Path,
+    ) -> Result<Option<(PathBuf, FileConfig)>, ConfigError> {
+        if let Some(path) = explicit {
+            return FileConfig::load(path).map(|file| Some((path.to_path_buf(), file)));
+        }
+        match std::fs::read_to_string(default) {
+            Ok(text) => FileConfig::parse(default, &text).map(|file| Some((default.into(), file))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            // There but unreadable (a directory, no permission): say so rather than run with
+            // settings the operator did not mean.
+            Err(source) => Err(ConfigError::Read {
+                path: default.to_path_buf(),
+                source,
+            }),
+        }
+    }
 }
 
 impl Settings {
+    /// [`Settings::resolve`] with the file [`FileConfig::find`] found, if any.
+    pub fn resolve_found(
+        found: Option<(PathBuf, FileConfig)>,
+        flags: Overrides,
+    ) -> Result<Settings, ConfigError> {
+        match found {
+            Some((path, file)) => Settings::resolve(Some((&path, file)), flags),
+            None => Settings::resolve(None, flags),
+        }
+    }
+
     /// Merges defaults, the config file (if any) and the flags, and validates the result.
     pub fn resolve(
         file: Option<(&Path, FileConfig)>,
@@ -132,12 +281,26 @@ impl Settings {
                 from_flag,
             )
         };
+        // The program first: it gives the defaults of the paths below.
+        let program_from_flag = flags.program.is_some();
+        let program = match flags.program.or(file.program) {
+            None => Program::default(),
+            Some(value) => Program::parse(&value).ok_or_else(|| ConfigError::Invalid {
+                what: origin("program", "program", program_from_flag),
+                value,
+                expected: "expected k3s or rke2".into(),
+            })?,
+        };
         let (containerd_socket, f1) = pick_path(
             flags.containerd_socket,
             file.containerd_socket,
-            DEFAULT_CONTAINERD_SOCKET,
+            program.default_containerd_socket(),
         );
-        let (images_dir, f2) = pick_path(flags.images_dir, file.images_dir, DEFAULT_IMAGES_DIR);
+        let (images_dir, f2) = pick_path(
+            flags.images_dir,
+            file.images_dir,
+            program.default_images_dir(),
+        );
         let (state_dir, f3) = pick_path(flags.state_dir, file.state_dir, DEFAULT_STATE_DIR);
         let (control_socket, f4) = pick_path(
             flags.control_socket,
@@ -179,6 +342,31 @@ impl Settings {
                 expected: "expected a containerd namespace: letters and digits, separated by single '.', '_' or '-', at most 76 characters (K3s uses k8s.io)".into(),
             });
         }
+        let log_from_flag = flags.log_format.is_some();
+        let log_format = match flags.log_format.or(file.log_format) {
+            None => LogFormat::default(),
+            Some(value) => LogFormat::parse(&value).ok_or_else(|| ConfigError::Invalid {
+                what: origin("log-format", "log_format", log_from_flag),
+                value,
+                expected: "expected text or json".into(),
+            })?,
+        };
+        let textfile_from_flag = flags.metrics_textfile.is_some();
+        let metrics_textfile = flags.metrics_textfile.or(file.metrics_textfile);
+        if let Some(path) = &metrics_textfile {
+            check_textfile(
+                path,
+                &origin("metrics-textfile", "metrics_textfile", textfile_from_flag),
+            )?;
+        }
+        let address_from_flag = flags.metrics_address.is_some();
+        let metrics_address = match flags.metrics_address.or(file.metrics_address) {
+            None => None,
+            Some(value) => Some(parse_metrics_address(
+                value,
+                &origin("metrics-address", "metrics_address", address_from_flag),
+            )?),
+        };
         Ok(Settings {
             containerd_socket,
             namespace,
@@ -186,6 +374,10 @@ impl Settings {
             state_dir,
             control_socket,
             settle_ms,
+            program,
+            log_format,
+            metrics_textfile,
+            metrics_address,
         })
     }
 }
@@ -220,6 +412,70 @@ fn check_dir(path: &Path, what: &str) -> Result<(), ConfigError> {
         });
     }
     Ok(())
+}
+
+/// A node-exporter textfile collector reads `*.prom` files of one directory, given as an
+/// absolute path; the file is written next to its final name and renamed, so it must not be a
+/// directory.
+fn check_textfile(path: &Path, what: &str) -> Result<(), ConfigError> {
+    let invalid = |expected: &str| ConfigError::Invalid {
+        what: what.to_string(),
+        value: path.display().to_string(),
+        expected: expected.to_string(),
+    };
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !path.is_absolute() || name.len() <= ".prom".len() || !name.ends_with(".prom") {
+        return Err(invalid(
+            "expected an absolute path of a file whose name ends in .prom, in the directory of \
+             node-exporter's textfile collector (--collector.textfile.directory), e.g. \
+             /var/lib/node_exporter/textfile_collector/pinkeeper.prom",
+        ));
+    }
+    if path.is_dir() {
+        return Err(invalid(
+            "is a directory; expected the path of a file ending in .prom",
+        ));
+    }
+    if let Some(dir) = path.parent() {
+        if dir.exists() && !dir.is_dir() {
+            return Err(invalid(
+                "its directory exists but is not a directory; expected a file in the \
+                 textfile collector's directory",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Only loopback: the metrics are for a scraper on the node itself (or a proxy beside it); a
+/// port of a root daemon open to the network is not pinkeeper's job.
+fn parse_metrics_address(value: String, what: &str) -> Result<SocketAddr, ConfigError> {
+    let invalid = |value: String, expected: &str| ConfigError::Invalid {
+        what: what.to_string(),
+        value,
+        expected: expected.to_string(),
+    };
+    let Ok(address) = value.parse::<SocketAddr>() else {
+        return Err(invalid(
+            value,
+            "expected IP:PORT with a loopback IP, e.g. 127.0.0.1:9977 or [::1]:9977 (no host \
+             names)",
+        ));
+    };
+    if !address.ip().is_loopback() {
+        return Err(invalid(
+            value,
+            "only a loopback address is accepted (127.0.0.0/8 or [::1]): serve the metrics to \
+             a scraper on the node, or use --metrics-textfile with node-exporter",
+        ));
+    }
+    if address.port() == 0 {
+        return Err(invalid(
+            value,
+            "expected a fixed port (1 to 65535), not 0: a scraper has to know where to look",
+        ));
+    }
+    Ok(address)
 }
 
 /// containerd's namespace rule (`identifiers.Validate`): alphanumerics separated by single
@@ -288,6 +544,341 @@ mod tests {
         let err = FileConfig::load(&path).unwrap_err().to_string();
         assert!(
             err.contains("containerd_sockett") && err.contains("c.toml"),
+            "{err}"
+        );
+    }
+
+    fn file(text: &str) -> FileConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    fn from_file(text: &str) -> Result<Settings, ConfigError> {
+        Settings::resolve(
+            Some((Path::new("/etc/pinkeeper/config.toml"), file(text))),
+            Overrides::default(),
+        )
+    }
+
+    fn error(result: Result<Settings, ConfigError>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn new_keys_have_their_defaults() {
+        let s = Settings::resolve(None, Overrides::default()).unwrap();
+        assert_eq!(s.program, Program::K3s);
+        assert_eq!(s.program.label(), "io.cattle.k3s.pinned");
+        assert_eq!(
+            s.program.label(),
+            crate::engine::Config::default().program_label
+        );
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.metrics_textfile, None);
+        assert_eq!(s.metrics_address, None);
+        assert_eq!(s.settle_ms, DEFAULT_SETTLE_MS);
+        assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(s.control_socket, PathBuf::from(DEFAULT_CONTROL_SOCKET));
+    }
+
+    #[test]
+    fn rke2_switches_the_label_and_the_images_dir_but_not_the_socket() {
+        let s = from_file("program = \"rke2\"").unwrap();
+        assert_eq!(s.program, Program::Rke2);
+        assert_eq!(s.program.label(), "io.cattle.rke2.pinned");
+        assert_eq!(
+            s.images_dir,
+            PathBuf::from("/var/lib/rancher/rke2/agent/images")
+        );
+        assert_eq!(
+            s.containerd_socket,
+            PathBuf::from("/run/k3s/containerd/containerd.sock")
+        );
+        let flags = Overrides {
+            program: Some("rke2".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(None, flags).unwrap();
+        assert_eq!(s.images_dir, PathBuf::from(RKE2_IMAGES_DIR));
+        assert_eq!(s.program.as_str(), "rke2");
+        assert_eq!(s.program.display_name(), "RKE2");
+    }
+
+    #[test]
+    fn explicit_paths_win_over_the_programs_defaults() {
+        let s = from_file(
+            "program = \"rke2\"\nimages_dir = \"/srv/rke2/agent/images\"\n\
+             containerd_socket = \"/run/other/containerd.sock\"",
+        )
+        .unwrap();
+        assert_eq!(s.images_dir, PathBuf::from("/srv/rke2/agent/images"));
+        assert_eq!(
+            s.containerd_socket,
+            PathBuf::from("/run/other/containerd.sock")
+        );
+        // The flag's program gives the default, the file's explicit dir still wins over it.
+        let flags = Overrides {
+            program: Some("k3s".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(
+            Some((
+                Path::new("/etc/p.toml"),
+                file("program = \"rke2\"\nimages_dir = \"/srv/images\""),
+            )),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(s.program, Program::K3s);
+        assert_eq!(s.images_dir, PathBuf::from("/srv/images"));
+    }
+
+    #[test]
+    fn program_flag_wins_and_bad_programs_are_named() {
+        let flags = Overrides {
+            program: Some("k3s".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(
+            Some((Path::new("/etc/p.toml"), file("program = \"rke2\""))),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(s.program, Program::K3s);
+        assert_eq!(s.images_dir, PathBuf::from(DEFAULT_IMAGES_DIR));
+
+        let err = error(from_file("program = \"RKE2\""));
+        assert!(
+            err.starts_with("program in /etc/pinkeeper/config.toml \"RKE2\": expected k3s or rke2"),
+            "{err}"
+        );
+        let flags = Overrides {
+            program: Some("k8s".into()),
+            ..Overrides::default()
+        };
+        let err = error(Settings::resolve(None, flags));
+        assert!(err.starts_with("--program \"k8s\""), "{err}");
+    }
+
+    #[test]
+    fn log_format_from_file_and_flag() {
+        assert_eq!(
+            from_file("log_format = \"json\"").unwrap().log_format,
+            LogFormat::Json
+        );
+        let flags = Overrides {
+            log_format: Some("text".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(
+            Some((Path::new("/etc/p.toml"), file("log_format = \"json\""))),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(s.log_format, LogFormat::Text);
+
+        let err = error(from_file("log_format = \"logfmt\""));
+        assert!(
+            err.starts_with(
+                "log_format in /etc/pinkeeper/config.toml \"logfmt\": expected text or json"
+            ),
+            "{err}"
+        );
+        let flags = Overrides {
+            log_format: Some("JSON".into()),
+            ..Overrides::default()
+        };
+        assert!(error(Settings::resolve(None, flags)).starts_with("--log-format \"JSON\""));
+    }
+
+    #[test]
+    fn metrics_textfile_from_file_and_flag() {
+        let s = from_file("metrics_textfile = \"/var/lib/node_exporter/pinkeeper.prom\"").unwrap();
+        assert_eq!(
+            s.metrics_textfile,
+            Some(PathBuf::from("/var/lib/node_exporter/pinkeeper.prom"))
+        );
+        let flags = Overrides {
+            metrics_textfile: Some("/srv/textfile/pk.prom".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(
+            Some((
+                Path::new("/etc/p.toml"),
+                file("metrics_textfile = \"/var/lib/node_exporter/pinkeeper.prom\""),
+            )),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(
+            s.metrics_textfile,
+            Some(PathBuf::from("/srv/textfile/pk.prom"))
+        );
+
+        for bad in [
+            "pinkeeper.prom",
+            "textfile/pinkeeper.prom",
+            "/var/lib/node_exporter/pinkeeper.txt",
+            "/var/lib/node_exporter/.prom",
+            "/var/lib/node_exporter/",
+            "",
+        ] {
+            let err = error(from_file(&format!("metrics_textfile = \"{bad}\"")));
+            assert!(
+                err.starts_with("metrics_textfile in /etc/pinkeeper/config.toml")
+                    && err.contains(".prom"),
+                "{bad}: {err}"
+            );
+            let flags = Overrides {
+                metrics_textfile: Some(bad.into()),
+                ..Overrides::default()
+            };
+            let err = error(Settings::resolve(None, flags));
+            assert!(err.starts_with("--metrics-textfile"), "{bad}: {err}");
+        }
+        // A directory named like a textfile, and a file where its directory should be.
+        let dir = tempfile::tempdir().unwrap();
+        let named_dir = dir.path().join("looks.prom");
+        std::fs::create_dir(&named_dir).unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        for bad in [named_dir, not_a_dir.join("pk.prom")] {
+            let flags = Overrides {
+                metrics_textfile: Some(bad.clone()),
+                ..Overrides::default()
+            };
+            let err = error(Settings::resolve(None, flags));
+            assert!(err.starts_with("--metrics-textfile"), "{err}");
+            assert!(err.contains("directory"), "{err}");
+        }
+    }
+
+    #[test]
+    fn metrics_address_is_loopback_only() {
+        let s = from_file("metrics_address = \"127.0.0.1:9977\"").unwrap();
+        assert_eq!(s.metrics_address, Some("127.0.0.1:9977".parse().unwrap()));
+        for good in ["[::1]:9977", "127.0.0.53:1"] {
+            let flags = Overrides {
+                metrics_address: Some(good.into()),
+                ..Overrides::default()
+            };
+            let s = Settings::resolve(None, flags).unwrap();
+            assert_eq!(s.metrics_address, Some(good.parse().unwrap()));
+        }
+        let flags = Overrides {
+            metrics_address: Some("[::1]:9100".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::resolve(
+            Some((
+                Path::new("/etc/p.toml"),
+                file("metrics_address = \"127.0.0.1:9977\""),
+            )),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(s.metrics_address, Some("[::1]:9100".parse().unwrap()));
+
+        for (bad, says) in [
+            ("0.0.0.0:9977", "loopback"),
+            ("10.0.0.5:9977", "loopback"),
+            ("[::]:9977", "loopback"),
+            ("[::ffff:127.0.0.1]:9977", "loopback"),
+            ("localhost:9977", "IP:PORT"),
+            ("127.0.0.1", "IP:PORT"),
+            ("127.0.0.1:99999", "IP:PORT"),
+            ("127.0.0.1:0", "port"),
+        ] {
+            let flags = Overrides {
+                metrics_address: Some(bad.into()),
+                ..Overrides::default()
+            };
+            let err = error(Settings::resolve(None, flags));
+            assert!(
+                err.starts_with(&format!("--metrics-address {bad:?}")) && err.contains(says),
+                "{bad}: {err}"
+            );
+            let err = error(from_file(&format!("metrics_address = \"{bad}\"")));
+            assert!(
+                err.starts_with("metrics_address in /etc/pinkeeper/config.toml"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_parses_from_one_file() {
+        let s = from_file(
+            "containerd_socket = \"/run/k3s/containerd/containerd.sock\"\n\
+             namespace = \"k8s.io\"\n\
+             images_dir = \"/var/lib/rancher/rke2/agent/images\"\n\
+             state_dir = \"/var/lib/pinkeeper\"\n\
+             control_socket = \"/run/pinkeeper/pinkeeper.sock\"\n\
+             settle_ms = 3000\n\
+             program = \"rke2\"\n\
+             log_format = \"json\"\n\
+             metrics_textfile = \"/var/lib/node_exporter/textfile_collector/pinkeeper.prom\"\n\
+             metrics_address = \"127.0.0.1:9977\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.program, Program::Rke2);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.metrics_textfile.is_some() && s.metrics_address.is_some());
+    }
+
+    #[test]
+    fn unknown_and_mistyped_new_keys_are_named() {
+        for (text, names) in [
+            ("programme = \"rke2\"", "programme"),
+            ("log-format = \"json\"", "log-format"),
+            ("metrics_port = 9977", "metrics_port"),
+            ("metrics_address = 9977", "metrics_address"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.toml");
+            std::fs::write(&path, text).unwrap();
+            let err = FileConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(names) && err.contains("c.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_default_config_file_is_read_only_when_it_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("config.toml");
+        // None there: the defaults apply.
+        assert!(FileConfig::find_with_default(None, &default)
+            .unwrap()
+            .is_none());
+        // There: read.
+        std::fs::write(&default, "program = \"rke2\"\n").unwrap();
+        let (path, file) = FileConfig::find_with_default(None, &default)
+            .unwrap()
+            .unwrap();
+        assert_eq!(path, default);
+        assert_eq!(file.program.as_deref(), Some("rke2"));
+        // There and broken: an error naming it, never a silent fallback to the defaults.
+        std::fs::write(&default, "program = rke2\n").unwrap();
+        let err = FileConfig::find_with_default(None, &default)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config.toml"), "{err}");
+        std::fs::remove_file(&default).unwrap();
+        std::fs::create_dir(&default).unwrap();
+        assert!(FileConfig::find_with_default(None, &default).is_err());
+        // --config wins over the default file, and must exist.
+        let explicit = dir.path().join("explicit.toml");
+        std::fs::write(&explicit, "log_format = \"json\"\n").unwrap();
+        let (path, file) = FileConfig::find_with_default(Some(&explicit), &default)
+            .unwrap()
+            .unwrap();
+        assert_eq!(path, explicit);
+        assert_eq!(file.log_format.as_deref(), Some("json"));
+        let missing = dir.path().join("missing.toml");
+        let err = FileConfig::find_with_default(Some(&missing), &default)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read the config file") && err.contains("missing.toml"),
             "{err}"
         );
     }

@@ -27,6 +27,7 @@ use crate::engine::{
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
+use crate::metrics::{Exporter, Metrics};
 
 /// First retry delay while containerd is away.
 const RETRY_MIN: Duration = Duration::from_millis(20);
@@ -82,6 +83,8 @@ struct Daemon {
     unpin_failures: Vec<(String, String)>,
     /// systemd's watchdog, when `WatchdogSec=` is set: pinged from the main loop.
     watchdog: Option<tokio::time::Interval>,
+    /// Prometheus metrics: counted and written out (textfile) when something changed.
+    metrics: Exporter,
 }
 
 /// What the daemon knows about itself for `pinkeeper status`.
@@ -102,6 +105,7 @@ enum Wake {
     ImagesDir,
     Control(Request),
     Watchdog,
+    Metrics,
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
@@ -113,6 +117,21 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     let listener = control::bind(&settings.control_socket)?;
     let (requests, control) = control::channel();
     let server = control::serve(listener, &settings.control_socket, requests).await?;
+    // Metrics (off unless asked for): the HTTP listener is up before READY too.
+    let metrics = Arc::new(Metrics::new());
+    let http = match settings.metrics_address {
+        Some(address) => crate::metrics::listen(address, metrics.clone()).await,
+        None => None,
+    };
+    if let Some(file) = &settings.metrics_textfile {
+        info!(file = %file.display(), "writing metrics for node-exporter's textfile collector");
+    }
+    let exporter = Exporter::new(
+        metrics.clone(),
+        settings.metrics_textfile.clone(),
+        http.is_some(),
+    );
+    let _http = http.map(AbortOnDrop);
     // Files read by an earlier run and unchanged since are not read again.
     let scanner = Scanner::new(&settings.images_dir).with_cache(ledger.cached_files()?);
     info!(
@@ -137,12 +156,14 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         }),
         scanner: Some(scanner),
         engine: Engine::new(config, intents),
-        ledger: Writer::spawn(ledger)?,
+        ledger: Writer::spawn_observed(ledger, metrics.ledger_observer())?,
         client: None,
         reported_files: BTreeSet::new(),
         watch: None,
         settings,
+        metrics: exporter,
     };
+    daemon.publish_metrics();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let shutdown = async move {
@@ -166,7 +187,11 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     crate::notify::stopping();
     server.stop().await;
     // Whatever is queued for the ledger is committed before pinkeeper exits.
-    daemon.ledger.close()?;
+    let closed = daemon.ledger.close();
+    // The textfile's last word: not connected, every commit counted.
+    daemon.metrics.metrics().disconnected();
+    daemon.publish_metrics();
+    closed?;
     result
 }
 
@@ -179,6 +204,7 @@ impl Daemon {
             self.follow(client).await?;
             self.client = None;
             self.status.connected_since = None;
+            self.metrics.metrics().disconnected();
             crate::notify::status(&format!(
                 "containerd at {} is away (K3s restarting?); waiting for it",
                 self.settings.containerd_socket.display()
@@ -217,6 +243,9 @@ impl Daemon {
             }
             // Drive timers while waiting (alias-churn releases, verification).
             self.tick_if_due().await.ok();
+            if self.metrics.is_due() {
+                self.publish_metrics();
+            }
             tokio::select! {
                 _ = tokio::time::sleep(jitter(delay)) => {}
                 _ = images_dir_changed(&mut self.watch) => {
@@ -265,6 +294,7 @@ impl Daemon {
         let _abort = AbortOnDrop(reader);
         self.client = Some(client);
         self.status.connected_since = Some(now_ms());
+        self.metrics.metrics().subscribed();
 
         self.resync(&shared, ListCause::Connected).await?;
         debug!(elapsed = ?subscribed_at.elapsed(), "reconciled after connecting");
@@ -279,9 +309,14 @@ impl Daemon {
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
                 Some(request) = self.control.recv() => Wake::Control(request),
                 _ = watchdog_due(&mut self.watchdog) => Wake::Watchdog,
+                _ = self.metrics.due() => Wake::Metrics,
             };
             match woke {
                 Wake::Events => {}
+                Wake::Metrics => {
+                    self.publish_metrics();
+                    continue;
+                }
                 Wake::Watchdog => {
                     crate::notify::watchdog();
                     continue;
@@ -344,7 +379,12 @@ impl Daemon {
         match client.list().await {
             Ok(images) => {
                 debug!(images = images.len(), ?cause, "listed images");
-                self.process(vec![Input::Listing { images, cause }]).await
+                let reconciling = matches!(cause, ListCause::Connected);
+                self.process(vec![Input::Listing { images, cause }]).await?;
+                if reconciling {
+                    self.metrics.metrics().reconciled();
+                }
+                Ok(())
             }
             Err(e) => {
                 // The stream breaks too; the next connection lists again.
@@ -369,13 +409,19 @@ impl Daemon {
         let Some(mut scanner) = self.scanner.take() else {
             return Ok(None);
         };
-        let (scanner, result, cached) = tokio::task::spawn_blocking(move || {
+        let mut scan = tokio::task::spawn_blocking(move || {
             let result = scanner.scan();
             let cached = scanner.cache_changes();
             (scanner, result, cached)
-        })
-        .await
-        .context("the images directory scan panicked")?;
+        });
+        // Reading gigabytes of archives never seen before can outlast systemd's WatchdogSec:
+        // the loop is alive while the scan makes progress, so it keeps saying so.
+        let (scanner, result, cached) = loop {
+            tokio::select! {
+                done = &mut scan => break done.context("the images directory scan panicked")?,
+                _ = watchdog_due(&mut self.watchdog) => crate::notify::watchdog(),
+            }
+        };
         self.scanner = Some(scanner);
         // The read cache goes to the ledger in the background (it is a cache: losing the
         // last batch to a crash only means reading those files again).
@@ -424,6 +470,12 @@ impl Daemon {
         }
     }
 
+    /// Counts the gauges and rewrites the metrics textfile (src/metrics.rs); nothing when
+    /// metrics are off.
+    fn publish_metrics(&mut self) {
+        self.metrics.publish(|| self.engine.tally());
+    }
+
     async fn tick_if_due(&mut self) -> anyhow::Result<()> {
         if self.engine.next_wakeup().is_some_and(|at| at <= now_ms()) {
             self.process(vec![Input::Tick]).await?;
@@ -468,7 +520,10 @@ impl Daemon {
             }
         }
         // Other changes need not hold up the pins: the writer commits them in the background.
-        self.commit(&mut changes, false).await
+        self.commit(&mut changes, false).await?;
+        // The gauges are counted from the engine at the next publication, not here.
+        self.metrics.metrics().touch();
+        Ok(())
     }
 
     async fn carry_out(
@@ -508,6 +563,7 @@ impl Daemon {
                 }
             }
             Output::SweepSummary(s) => {
+                self.metrics.metrics().sweep_seen(s.seen_live);
                 self.status.last_sweep = Some(s.clone());
                 log_sweep(&s);
             }
@@ -559,12 +615,15 @@ impl Daemon {
             match done {
                 Ok(Done::Pinned(name, reason, result)) => {
                     match &result {
-                        Ok(()) => info!(
-                            image = %name,
-                            reason = ?reason,
-                            "restored io.cri-containerd.pinned=pinned: {}",
-                            reason.explain()
-                        ),
+                        Ok(()) => {
+                            info!(
+                                image = %name,
+                                reason = ?reason,
+                                "restored io.cri-containerd.pinned=pinned: {}",
+                                reason.explain()
+                            );
+                            self.metrics.metrics().pinned(reason);
+                        }
                         Err(ApplyError::NotFound) => {
                             info!(image = %name, "could not restore the pin: the image record is gone")
                         }

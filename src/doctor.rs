@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{ConfigError, FileConfig, Overrides, Settings};
+use crate::config::{ConfigError, FileConfig, Overrides, Program, Settings};
 use crate::containerd::Containerd;
-use crate::engine::{ImageRecord, Intent, IntentState, CRI_PIN, K3S_PIN, PINNED};
+use crate::engine::{ImageRecord, Intent, IntentState, CRI_PIN, PINNED};
 use crate::inventory::{CachedFile, Scanner};
 use crate::ledger::{Ledger, LedgerError, FILE_NAME};
 
@@ -38,12 +38,6 @@ const TEXT_WIDTH: usize = 96;
 /// The `version` field of the JSON output.
 pub const JSON_VERSION: u32 = 1;
 
-/// RKE2's pin label (`io.cattle.<program>.pinned`, FACTS.md section 1).
-const RKE2_PIN: &str = "io.cattle.rke2.pinned";
-/// RKE2's images directory (`<data-dir>/agent/images`, data dir `/var/lib/rancher/rke2`).
-const RKE2_IMAGES_DIR: &str = "/var/lib/rancher/rke2/agent/images";
-/// K3s's images directory by default.
-const K3S_IMAGES_DIR: &str = crate::config::DEFAULT_IMAGES_DIR;
 /// The containerd socket of both K3s and RKE2 (FACTS.md section 1).
 const K3S_SOCKET: &str = crate::config::DEFAULT_CONTAINERD_SOCKET;
 
@@ -75,6 +69,8 @@ pub struct DoctorSettings {
     pub state_dir: PathBuf,
     /// The daemon's control socket.
     pub control_socket: PathBuf,
+    /// K3s or RKE2, as pinkeeper is set to follow.
+    pub program: Program,
 }
 
 impl From<Settings> for DoctorSettings {
@@ -85,6 +81,7 @@ impl From<Settings> for DoctorSettings {
             images_dir: s.images_dir,
             state_dir: s.state_dir,
             control_socket: s.control_socket,
+            program: s.program,
         }
     }
 }
@@ -476,84 +473,118 @@ fn detect_programs(root: &Path, path_var: Option<&OsStr>) -> Programs {
 fn check_program(settings: &DoctorSettings, programs: &Programs) -> Check {
     const NAME: &str = "program";
     let evidence = |list: &[String]| list.join(", ");
-    let socket_note = if settings.containerd_socket == Path::new(K3S_SOCKET) {
+    let set = settings.program;
+    let other = match set {
+        Program::K3s => Program::Rke2,
+        Program::Rke2 => Program::K3s,
+    };
+    let found = |program: Program| match program {
+        Program::K3s => &programs.k3s,
+        Program::Rke2 => &programs.rke2,
+    };
+    let name = set.display_name();
+    let (label, flag) = (set.label(), set.as_str());
+    let (default_dir, default_socket) = (set.default_images_dir(), set.default_containerd_socket());
+    let (other_name, other_label, other_dir) = (
+        other.display_name(),
+        other.label(),
+        other.default_images_dir(),
+    );
+    let socket_note = if settings.containerd_socket == Path::new(default_socket) {
         String::new()
     } else {
         format!(
-            " pinkeeper is set to containerd at {}, not {K3S_SOCKET} (K3s's and RKE2's own \
-             containerd): right only if K3s runs with --container-runtime-endpoint or a \
+            " pinkeeper is set to containerd at {}, not {default_socket} (K3s's and RKE2's own \
+             containerd): right only if {name} runs with --container-runtime-endpoint or a \
              different containerd.",
             settings.containerd_socket.display()
         )
     };
-    let dir_differs = settings.images_dir != Path::new(K3S_IMAGES_DIR);
-    match (programs.k3s.is_empty(), programs.rke2.is_empty()) {
+    let dir_differs = settings.images_dir != Path::new(default_dir);
+    match (found(set).is_empty(), found(other).is_empty()) {
         (false, true) => {
             let mut detail = format!(
-                "K3s is installed ({}). pinkeeper follows K3s's sweep of {K3S_PIN}, the label \
-                 K3s pins with.",
-                evidence(&programs.k3s)
+                "{name} is installed ({}). pinkeeper follows {name}'s sweep of {label}, the label \
+                 {name} pins with (--program {flag}).",
+                evidence(found(set))
             );
             detail.push_str(&socket_note);
             if dir_differs {
                 detail.push_str(&format!(
-                    " pinkeeper reads the images directory {}, not K3s's default \
-                     {K3S_IMAGES_DIR}: right only if K3s runs with --data-dir DIR and this is \
+                    " pinkeeper reads the images directory {}, not {name}'s default \
+                     {default_dir}: right only if {name} runs with --data-dir DIR and this is \
                      DIR/agent/images.",
                     settings.images_dir.display()
                 ));
             }
             if dir_differs || !socket_note.is_empty() {
-                Check::new(NAME, Status::Warn, detail).fix(
+                Check::new(NAME, Status::Warn, detail).fix(format!(
                     "make --images-dir and --containerd-socket (images_dir, containerd_socket in \
-                     the config) match what K3s uses: <data-dir>/agent/images and \
-                     /run/k3s/containerd/containerd.sock by default",
-                )
+                     the config) match what {name} uses: <data-dir>/agent/images and \
+                     {default_socket} by default"
+                ))
             } else {
                 Check::new(NAME, Status::Ok, detail)
             }
         }
-        (true, false) => Check::new(
-            NAME,
-            Status::Fail,
-            format!(
-                "RKE2 is installed ({}), not K3s. RKE2 pins with {RKE2_PIN} and imports from \
-                 {RKE2_IMAGES_DIR}; pinkeeper follows K3s's label {K3S_PIN} only, so it would \
-                 take RKE2's startup sweep for an operator's unpin and release its intents \
-                 instead of restoring the pins. (RKE2's containerd socket is {K3S_SOCKET}, as \
-                 K3s's.)",
-                evidence(&programs.rke2)
-            ),
-        )
-        .fix("do not rely on pinkeeper on RKE2 nodes: it does not support RKE2's label yet"),
+        (true, false) => {
+            let mut fix = format!(
+                "run pinkeeper with --program {} (program = \"{}\" in the config file)",
+                other.as_str(),
+                other.as_str()
+            );
+            if !dir_differs {
+                fix.push_str(&format!(
+                    ", which also makes {other_dir} its images directory"
+                ));
+            }
+            Check::new(
+                NAME,
+                Status::Fail,
+                format!(
+                    "{other_name} is installed ({}), not {name}, but pinkeeper is set to follow \
+                     {name} (--program {flag}). {other_name} pins with {other_label} and imports \
+                     from {other_dir}; pinkeeper follows {label} only, so it would take \
+                     {other_name}'s startup sweep for an operator's unpin and release its \
+                     intents instead of restoring the pins. (Both use the containerd socket \
+                     {K3S_SOCKET}.)",
+                    evidence(found(other))
+                ),
+            )
+            .fix(fix)
+        }
         (false, false) => Check::new(
             NAME,
             Status::Warn,
             format!(
-                "both K3s ({}) and RKE2 ({}) are installed. pinkeeper follows K3s's label \
-                 {K3S_PIN} only; RKE2 pins with {RKE2_PIN} and imports from {RKE2_IMAGES_DIR}.",
+                "both K3s ({}) and RKE2 ({}) are installed. pinkeeper is set to follow {name} \
+                 (--program {flag}) and its label {label}; {other_name} pins with {other_label} \
+                 and imports from {other_dir}.",
                 evidence(&programs.k3s),
                 evidence(&programs.rke2)
             ),
         )
-        .fix(
-            "make sure the running one is K3s (`systemctl status k3s k3s-agent rke2-server \
-             rke2-agent`); pinkeeper cannot protect RKE2's images yet",
-        ),
+        .fix(format!(
+            "make sure the running one is {name} (`systemctl status k3s k3s-agent rke2-server \
+             rke2-agent`); if it is {other_name}, run pinkeeper with --program {}",
+            other.as_str()
+        )),
         (true, true) => Check::new(
             NAME,
             Status::Warn,
             format!(
                 "neither K3s nor RKE2 is installed in the usual places (/var/lib/rancher/k3s, \
                  /etc/rancher/k3s, /usr/local/bin/k3s or k3s on PATH, k3s.service or \
-                 k3s-agent.service, and the same for rke2). pinkeeper follows K3s's label \
-                 {K3S_PIN}, K3s's images directory {K3S_IMAGES_DIR} and containerd socket \
-                 {K3S_SOCKET} by default.{socket_note}"
+                 k3s-agent.service, and the same for rke2). pinkeeper is set to follow {name} \
+                 (--program {flag}): its label {label}, the images directory {} and the \
+                 containerd socket {}.",
+                settings.images_dir.display(),
+                settings.containerd_socket.display()
             ),
         )
         .fix(
-            "run pinkeeper on a K3s node; if K3s is installed elsewhere, make --images-dir and \
-             --containerd-socket match what it uses",
+            "run pinkeeper on a K3s or RKE2 node with --program set to it; if it is installed \
+             elsewhere, make --images-dir and --containerd-socket match what it uses",
         ),
     }
 }
@@ -637,10 +668,14 @@ fn check_control(settings: &DoctorSettings, daemon: &Result<DaemonView, String>)
                  see K3s's sweep now (normal for a few seconds while K3s restarts)"
             ),
         )
-        .fix(
-            "if this lasts, check that containerd is up (`systemctl status k3s` or `k3s-agent`) \
-             and pinkeeper's log (`journalctl -u pinkeeper`)",
-        ),
+        .fix(format!(
+            "if this lasts, check that containerd is up ({}) and pinkeeper's log \
+             (`journalctl -u pinkeeper`)",
+            match settings.program {
+                Program::K3s => "`systemctl status k3s` or `k3s-agent`",
+                Program::Rke2 => "`systemctl status rke2-server` or `rke2-agent`",
+            }
+        )),
         Err(reason) => {
             let file = match std::fs::symlink_metadata(&settings.control_socket) {
                 Ok(meta) => {
@@ -689,10 +724,13 @@ enum Probe {
 async fn probe_containerd(settings: &DoctorSettings) -> Probe {
     let socket = &settings.containerd_socket;
     let shown = socket.display();
+    let (name, units) = match settings.program {
+        Program::K3s => ("K3s", "`systemctl status k3s` or `k3s-agent`"),
+        Program::Rke2 => ("RKE2", "`systemctl status rke2-server` or `rke2-agent`"),
+    };
     let down_fix = format!(
-        "start K3s (`systemctl status k3s` or `k3s-agent`: containerd runs inside it and \
-         restarts with it), or pass the socket it uses with --containerd-socket \
-         (K3s: {K3S_SOCKET})"
+        "start {name} ({units}: containerd runs inside it and restarts with it), or pass the \
+         socket it uses with --containerd-socket ({name}: {K3S_SOCKET})"
     );
     // A plain connect first: its error kind says exactly what is wrong, where the gRPC
     // stack's error is a string.
@@ -1199,7 +1237,8 @@ async fn check_at_risk(
 /// 1 when something did, 2 for bad usage.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
-    /// TOML config file of `pinkeeper run`; flags override its values.
+    /// TOML config file of `pinkeeper run`; flags override its values. Must exist when given
+    /// [default: /etc/pinkeeper/config.toml, read only if it exists]
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// containerd's gRPC socket [default: /run/k3s/containerd/containerd.sock]
@@ -1217,6 +1256,10 @@ pub struct DoctorArgs {
     /// The running pinkeeper's control socket [default: /run/pinkeeper/pinkeeper.sock]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// K3s or RKE2, as `pinkeeper run --program`: the program the node is checked for
+    /// [default: k3s]
+    #[arg(long, value_name = "PROGRAM", value_parser = ["k3s", "rke2"])]
+    pub program: Option<String>,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -1226,19 +1269,17 @@ impl DoctorArgs {
     /// The settings, resolved as `pinkeeper run` resolves them (defaults, the config file,
     /// the flags).
     pub fn settings(&self) -> Result<DoctorSettings, ConfigError> {
-        let file = match &self.config {
-            Some(path) => Some((path.as_path(), FileConfig::load(path)?)),
-            None => None,
-        };
+        let file = FileConfig::find(self.config.as_deref())?;
         let flags = Overrides {
             containerd_socket: self.containerd_socket.clone(),
             namespace: self.namespace.clone(),
             images_dir: self.images_dir.clone(),
             state_dir: self.state_dir.clone(),
             control_socket: self.control_socket.clone(),
-            settle_ms: None,
+            program: self.program.clone(),
+            ..Overrides::default()
         };
-        Settings::resolve(file, flags).map(DoctorSettings::from)
+        Settings::resolve_found(file, flags).map(DoctorSettings::from)
     }
 }
 
@@ -1292,7 +1333,8 @@ pub fn main(args: DoctorArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Origin;
+    use crate::config::{DEFAULT_IMAGES_DIR, RKE2_IMAGES_DIR, RKE2_PIN};
+    use crate::engine::{Origin, K3S_PIN};
 
     fn v(major: u64, minor: u64, patch: u64, prerelease: bool) -> Option<ContainerdVersion> {
         Some(ContainerdVersion {
@@ -1467,6 +1509,7 @@ mod tests {
             images_dir: dir.join("images"),
             state_dir: dir.join("state"),
             control_socket: dir.join("pk.sock"),
+            program: Program::K3s,
         }
     }
 
@@ -1474,9 +1517,18 @@ mod tests {
         DoctorSettings {
             containerd_socket: K3S_SOCKET.into(),
             namespace: "k8s.io".into(),
-            images_dir: K3S_IMAGES_DIR.into(),
+            images_dir: DEFAULT_IMAGES_DIR.into(),
             state_dir: "/var/lib/pinkeeper".into(),
             control_socket: "/run/pinkeeper/pinkeeper.sock".into(),
+            program: Program::K3s,
+        }
+    }
+
+    fn rke2_defaults() -> DoctorSettings {
+        DoctorSettings {
+            images_dir: RKE2_IMAGES_DIR.into(),
+            program: Program::Rke2,
+            ..k3s_defaults()
         }
     }
 
@@ -1508,11 +1560,55 @@ mod tests {
         assert_eq!(check.status, Status::Fail);
         assert!(check.detail.contains(RKE2_PIN) && check.detail.contains(RKE2_IMAGES_DIR));
         assert!(check.detail.contains("/usr/local/bin/rke2"));
+        assert!(check.fix.contains("--program rke2"), "{check:?}");
+        assert!(check.fix.contains(RKE2_IMAGES_DIR), "{check:?}");
 
         assert_eq!(check_program(&k3s_defaults(), &both).status, Status::Warn);
         let check = check_program(&k3s_defaults(), &Programs::default());
         assert_eq!(check.status, Status::Warn);
         assert!(check.detail.contains("neither"));
+        assert!(check.detail.contains("--program k3s"), "{check:?}");
+    }
+
+    #[test]
+    fn program_check_follows_the_configured_program() {
+        let k3s = Programs {
+            k3s: vec!["/var/lib/rancher/k3s".into()],
+            rke2: vec![],
+        };
+        let rke2 = Programs {
+            k3s: vec![],
+            rke2: vec!["/var/lib/rancher/rke2".into()],
+        };
+        // RKE2 set and installed: fine.
+        let check = check_program(&rke2_defaults(), &rke2);
+        assert_eq!(check.status, Status::Ok, "{check:?}");
+        assert!(check.detail.contains(RKE2_PIN) && check.detail.contains("--program rke2"));
+        assert!(check.fix.is_empty());
+        // RKE2 set with K3s's images dir: the dir is compared with RKE2's default.
+        let mut k3s_dir = rke2_defaults();
+        k3s_dir.images_dir = DEFAULT_IMAGES_DIR.into();
+        let check = check_program(&k3s_dir, &rke2);
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.detail.contains(RKE2_IMAGES_DIR), "{check:?}");
+        // RKE2 set, K3s installed: fails, says to switch back.
+        let check = check_program(&rke2_defaults(), &k3s);
+        assert_eq!(check.status, Status::Fail, "{check:?}");
+        assert!(check.detail.contains("K3s is installed") && check.detail.contains(K3S_PIN));
+        assert!(check.fix.contains("--program k3s"), "{check:?}");
+        // An explicit images dir is the operator's: the fix does not claim to change it.
+        let mut custom = rke2_defaults();
+        custom.images_dir = "/srv/images".into();
+        let check = check_program(&custom, &k3s);
+        assert!(!check.fix.contains("images directory"), "{check:?}");
+        // Both: a warning naming the one set.
+        let both = Programs {
+            k3s: k3s.k3s.clone(),
+            rke2: rke2.rke2.clone(),
+        };
+        let check = check_program(&rke2_defaults(), &both);
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.fix.contains("running one is RKE2") && check.fix.contains("--program k3s"));
     }
 
     fn intent(name: &str, state: IntentState) -> Intent {
@@ -1829,18 +1925,35 @@ mod tests {
         let config = dir.path().join("c.toml");
         std::fs::write(&config, "state_dir = \"/srv/pk\"\nnamespace = \"other\"\n").unwrap();
         let args = DoctorArgs {
-            config: Some(config),
+            config: Some(config.clone()),
             containerd_socket: None,
             namespace: Some("k8s.io".into()),
             images_dir: None,
             state_dir: None,
             control_socket: None,
+            program: None,
             json: false,
         };
         let s = args.settings().unwrap();
         assert_eq!(s.state_dir, PathBuf::from("/srv/pk"));
         assert_eq!(s.namespace, "k8s.io");
         assert_eq!(s.containerd_socket, PathBuf::from(K3S_SOCKET));
+        assert_eq!(s.program, Program::K3s);
+        assert_eq!(s.images_dir, PathBuf::from(DEFAULT_IMAGES_DIR));
+        let rke2 = DoctorArgs {
+            program: Some("rke2".into()),
+            ..args.clone()
+        };
+        let s = rke2.settings().unwrap();
+        assert_eq!(s.program, Program::Rke2);
+        assert_eq!(s.images_dir, PathBuf::from(RKE2_IMAGES_DIR));
+        std::fs::write(&config, "program = \"rke2\"\n").unwrap();
+        assert_eq!(args.settings().unwrap().program, Program::Rke2);
+        let missing = DoctorArgs {
+            config: Some(dir.path().join("missing.toml")),
+            ..args.clone()
+        };
+        assert!(missing.settings().is_err());
         let bad = DoctorArgs {
             containerd_socket: Some("relative".into()),
             ..args

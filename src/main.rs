@@ -69,16 +69,22 @@ struct InventoryArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML config file; flags override its values.
+    /// TOML config file; flags override its values. Must exist when given [default:
+    /// /etc/pinkeeper/config.toml, read only if it exists]
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// K3s or RKE2: the pin label pinkeeper follows (io.cattle.<program>.pinned) and the
+    /// default images directory [default: k3s]
+    #[arg(long, value_name = "PROGRAM", value_parser = ["k3s", "rke2"])]
+    program: Option<String>,
     /// containerd's gRPC socket [default: /run/k3s/containerd/containerd.sock]
     #[arg(long, value_name = "PATH")]
     containerd_socket: Option<PathBuf>,
     /// containerd namespace K3s imports into [default: k8s.io]
     #[arg(long, value_name = "NS")]
     namespace: Option<String>,
-    /// K3s's images directory [default: /var/lib/rancher/k3s/agent/images]
+    /// K3s's images directory [default: /var/lib/rancher/k3s/agent/images; with --program
+    /// rke2: /var/lib/rancher/rke2/agent/images]
     #[arg(long, value_name = "PATH")]
     images_dir: Option<PathBuf>,
     /// Directory of the ledger [default: /var/lib/pinkeeper]
@@ -91,6 +97,17 @@ struct RunArgs {
     /// K3s re-pinned every image whose archive is still there [default: 3000]
     #[arg(long, value_name = "MS")]
     settle_ms: Option<u64>,
+    /// Log lines on stderr as text (no colours unless stderr is a terminal) or as one JSON
+    /// object per line [default: text]
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// Write metrics to this node-exporter textfile-collector file (absolute, ending in
+    /// .prom) [default: off]
+    #[arg(long, value_name = "PATH")]
+    metrics_textfile: Option<PathBuf>,
+    /// Serve metrics on this loopback address, e.g. 127.0.0.1:9977 [default: off]
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_address: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -114,7 +131,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: pinkeeper::config::LogFormat) {
     use std::io::IsTerminal;
     // The gRPC stack's own debug lines are noise for an operator; PINKEEPER_LOG can still
     // turn them on by naming them (`h2=debug`). notify says "info" when a watched directory
@@ -124,20 +141,23 @@ fn init_logging() {
         "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,notify=warn,{wanted}"
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        pinkeeper::config::LogFormat::Text => {
+            logs.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+        // One object per line, the event's fields at the top level beside `timestamp`,
+        // `level` and `target`: what log shippers (and `kubectl logs | jq`) expect.
+        pinkeeper::config::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let file = match &args.config {
-        Some(path) => match FileConfig::load(path) {
-            Ok(f) => Some((path.as_path(), f)),
-            Err(e) => return usage_error(&e),
-        },
-        None => None,
+    let file = match FileConfig::find(args.config.as_deref()) {
+        Ok(file) => file,
+        Err(e) => return usage_error(&e),
     };
     let flags = Overrides {
         containerd_socket: args.containerd_socket,
@@ -146,12 +166,16 @@ fn run(args: RunArgs) -> ExitCode {
         state_dir: args.state_dir,
         control_socket: args.control_socket,
         settle_ms: args.settle_ms,
+        program: args.program,
+        log_format: args.log_format,
+        metrics_textfile: args.metrics_textfile,
+        metrics_address: args.metrics_address,
     };
-    let settings = match Settings::resolve(file, flags) {
+    let settings = match Settings::resolve_found(file, flags) {
         Ok(s) => s,
         Err(e) => return usage_error(&e),
     };
-    init_logging();
+    init_logging(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -163,6 +187,7 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     let engine = pinkeeper::engine::Config {
+        program_label: settings.program.label().to_string(),
         settle: settings.settle_ms,
         ..Default::default()
     };

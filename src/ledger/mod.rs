@@ -323,9 +323,20 @@ pub struct Writer {
     thread: Option<std::thread::JoinHandle<Result<(), LedgerError>>>,
 }
 
+/// Told how long each commit took, on the writer thread (the daemon's metrics).
+pub type CommitObserver = Box<dyn Fn(std::time::Duration) + Send>;
+
 impl Writer {
     /// Hands the ledger to a writer thread.
-    pub fn spawn(mut ledger: Ledger) -> Result<Writer, LedgerError> {
+    pub fn spawn(ledger: Ledger) -> Result<Writer, LedgerError> {
+        Writer::spawn_observed(ledger, Box::new(|_| {}))
+    }
+
+    /// Hands the ledger to a writer thread that reports the time of each commit.
+    pub fn spawn_observed(
+        mut ledger: Ledger,
+        on_commit: CommitObserver,
+    ) -> Result<Writer, LedgerError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let path = ledger.path.clone();
         let thread = std::thread::Builder::new()
@@ -368,7 +379,10 @@ impl Writer {
                     } else {
                         let batch: Vec<Change<'_>> =
                             changes.iter().map(OwnedChange::as_change).collect();
-                        ledger.apply(&batch)
+                        let started = std::time::Instant::now();
+                        let result = ledger.apply(&batch);
+                        on_commit(started.elapsed());
+                        result
                     };
                     let reply = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
                     for ack in acks {
@@ -551,6 +565,29 @@ mod tests {
         assert_eq!(ledger.cached_files().unwrap(), vec![a]);
         // the cache does not disturb the intents
         assert!(ledger.intents().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_writer_reports_each_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = commits.clone();
+        let mut writer = Writer::spawn_observed(
+            Ledger::open(dir.path()).unwrap(),
+            Box::new(move |_took| {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        writer
+            .write_durably(vec![OwnedChange::Save(intent("a"))])
+            .await
+            .unwrap();
+        assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A read alone commits nothing.
+        writer.history(None, 10).await.unwrap();
+        writer.close().unwrap();
+        assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -111,6 +111,11 @@ impl Node {
     }
 
     pub fn start_pinkeeper(&mut self) -> Result<()> {
+        self.start_pinkeeper_with(&[])
+    }
+
+    /// Starts pinkeeper with `extra` arguments after this node's own.
+    pub fn start_pinkeeper_with(&mut self, extra: &[&str]) -> Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -127,6 +132,7 @@ impl Node {
             .arg(self.control_socket())
             .arg("--settle-ms")
             .arg(self.settle_ms.to_string())
+            .args(extra)
             .env("PINKEEPER_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(log)
