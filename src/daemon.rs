@@ -487,9 +487,14 @@ impl Daemon {
     async fn process(&mut self, inputs: Vec<Input>) -> anyhow::Result<()> {
         let mut inputs: VecDeque<Input> = inputs.into();
         let mut changes: Vec<Output> = Vec::new();
+        let mut handled = 0usize;
         while !inputs.is_empty() {
             let mut effects = Vec::new();
             while let Some(input) = inputs.pop_front() {
+                handled += match &input {
+                    Input::Listing { images, .. } => images.len(),
+                    _ => 1,
+                };
                 for output in self.engine.handle(now_ms(), input) {
                     match output {
                         Output::Save { .. } | Output::History(_) => changes.push(output),
@@ -523,6 +528,9 @@ impl Daemon {
         self.commit(&mut changes, false).await?;
         // The gauges are counted from the engine at the next publication, not here.
         self.metrics.metrics().touch();
+        if handled >= crate::memory::BURST {
+            crate::memory::release_freed();
+        }
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod engine;
 pub mod inventory;
 pub mod ledger;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod record;

@@ -394,6 +394,11 @@ impl Writer {
                             .map_err(|e| e.to_string());
                         let _ = query.reply.send(answer);
                     }
+                    if changes.len() >= crate::memory::BURST {
+                        // The batch's encodings and redb's dirty pages are free now.
+                        drop(changes);
+                        crate::memory::release_freed();
+                    }
                     result?;
                 }
                 Ok(())

@@ -1,0 +1,19 @@
+//! Giving memory back to the system after a burst.
+//!
+//! A listing of 10,000 images, or a ledger commit of as many intents, allocates far more than
+//! pinkeeper keeps, interleaved with what it keeps: glibc's malloc holds the freed pages, and
+//! an idle daemon would carry them for its whole life. `malloc_trim` returns every free page
+//! (measured at 2,000 intents: anonymous RSS 13.0 MiB -> 9.0 MiB). Called only after bursts,
+//! never per event.
+
+/// Bursts smaller than this are not worth a trim.
+pub const BURST: usize = 1024;
+
+/// Returns free heap pages to the system (glibc only; elsewhere a no-op).
+pub fn release_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims glibc's own heaps, under their locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
