@@ -28,16 +28,8 @@ use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
 use crate::metrics::{Exporter, Metrics};
+use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RETRY_MAX_FAST};
 
-/// First retry delay while containerd is away.
-const RETRY_MIN: Duration = Duration::from_millis(20);
-/// Retry delay cap during the first minute of an outage: K3s sweeps about a second after it
-/// starts containerd, and pinkeeper wants to be subscribed by then.
-const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
-/// Retry delay cap once containerd has been away for a while (K3s stopped).
-const RETRY_MAX_SLOW: Duration = Duration::from_millis(1000);
-/// How long an outage counts as "just restarting".
-const FAST_RETRY_WINDOW: Duration = Duration::from_secs(60);
 /// Pins and Gets in flight at once: containerd serialises its metadata writes, so more buys
 /// nothing.
 const RPC_CONCURRENCY: usize = 32;
@@ -217,8 +209,7 @@ impl Daemon {
     async fn wait_for_containerd(&mut self) -> Containerd {
         self.watch_images_dir();
         let socket = self.settings.containerd_socket.clone();
-        let started = tokio::time::Instant::now();
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::default();
         let mut reported = false;
         loop {
             match Containerd::connect(&socket, &self.settings.namespace).await {
@@ -247,7 +238,7 @@ impl Daemon {
                 self.publish_metrics();
             }
             tokio::select! {
-                _ = tokio::time::sleep(jitter(delay)) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = images_dir_changed(&mut self.watch) => {
                     // Errors (the ledger) come back at the next write, in `follow`.
                     if let Err(e) = self.rescan().await {
@@ -265,12 +256,6 @@ impl Daemon {
                     continue;
                 }
             }
-            let cap = if started.elapsed() < FAST_RETRY_WINDOW {
-                RETRY_MAX_FAST
-            } else {
-                RETRY_MAX_SLOW
-            };
-            delay = (delay * 2).min(cap);
         }
     }
 
@@ -721,17 +706,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Resolves when the images directory changed and settled; never without a watch.
-async fn images_dir_changed(watch: &mut Option<Watcher>) {
-    match watch {
-        Some(watch) => {
-            watch.changed().await;
-            debug!("the images directory changed: reading it again");
-        }
-        None => std::future::pending().await,
-    }
-}
-
 /// Resolves when the watchdog is due; never without one.
 async fn watchdog_due(watchdog: &mut Option<tokio::time::Interval>) {
     match watchdog {
@@ -746,22 +720,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Up to a quarter more, so a fleet of nodes does not retry in lockstep.
-fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |t| t.subsec_nanos() as u64);
-    d + Duration::from_nanos(nanos % (d.as_nanos() as u64 / 4 + 1))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -17,5 +17,6 @@ pub mod ledger;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
+pub mod reconnect;
 pub mod record;
 pub mod replay;

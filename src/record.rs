@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -30,17 +30,9 @@ use crate::containerd::{Containerd, ContainerdError, EnvelopedEvent};
 use crate::engine::{EventKind, ImageRecord};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
+use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff};
 use crate::replay::format_timestamp;
 
-/// First retry delay after the stream broke (the daemon's policy: K3s sweeps about a second
-/// after it restarts containerd, and the recording should see that sweep as the daemon does).
-const RETRY_MIN: Duration = Duration::from_millis(20);
-/// Retry delay cap during the first minute of an outage.
-const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
-/// Retry delay cap once containerd has been away for a while (K3s stopped).
-const RETRY_MAX_SLOW: Duration = Duration::from_millis(1000);
-/// How long an outage counts as "just restarting".
-const FAST_RETRY_WINDOW: Duration = Duration::from_secs(60);
 /// Events queued between the stream reader and the writer (which waits for a `Get` per
 /// created record). Past that the recording lists again, as the daemon does on overflow:
 /// containerd never drops a slow subscriber, it buffers without bound (FACTS.md section 3).
@@ -353,10 +345,9 @@ impl Recorder<'_> {
 
     /// Connects again with capped, jittered backoff.
     async fn reconnect(&self) -> Containerd {
-        let started = tokio::time::Instant::now();
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::default();
         loop {
-            tokio::time::sleep(jitter(delay)).await;
+            tokio::time::sleep(backoff.next_delay()).await;
             if let Ok(client) =
                 Containerd::connect(&self.args.containerd_socket, &self.args.namespace).await
             {
@@ -364,12 +355,6 @@ impl Recorder<'_> {
                     return client;
                 }
             }
-            let cap = if started.elapsed() < FAST_RETRY_WINDOW {
-                RETRY_MAX_FAST
-            } else {
-                RETRY_MAX_SLOW
-            };
-            delay = (delay * 2).min(cap);
         }
     }
 
@@ -473,34 +458,10 @@ fn now() -> String {
     format_timestamp(SystemTime::now())
 }
 
-/// Resolves when the images directory changed and settled; never without a watch.
-async fn images_dir_changed(watch: &mut Option<Watcher>) {
-    match watch {
-        Some(watch) => watch.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
 async fn sleep_for(duration: Option<Duration>) {
     match duration {
         Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Up to a quarter more, so recorders on many nodes do not retry in lockstep.
-fn jitter(d: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |t| u64::from(t.subsec_nanos()));
-    d + Duration::from_nanos(nanos % (d.as_nanos() as u64 / 4 + 1))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -509,6 +470,7 @@ mod tests {
     use super::*;
     use crate::engine::{Config, ImageEvent, IntentState, Labels, Output, RestoreReason};
     use crate::replay::Replay;
+    use std::time::UNIX_EPOCH;
 
     const APP: &str = "docker.io/library/app:1";
     const WEB: &str = "docker.io/library/web:1";

@@ -4,39 +4,17 @@
 
 mod common;
 
+use common::{APP, HELM, PAUSE, SETTLE_MS, WEB};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{cri_pinned, k3s_pinned, with_aliases, Node};
-use pinkeeper_testkit::archive::{Layout, OciNames};
 use pinkeeper_testkit::{
     ImageInfo, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE,
 };
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
-const PAUSE: &str = "docker.io/rancher/mirrored-pause:3.6";
-const HELM: &str = "docker.io/rancher/klipper-helm:v0.9.3";
-/// Quiet time pinkeeper waits before checking K3s's re-pins, short for the tests.
-const SETTLE_MS: u64 = 400;
-/// The story's images directory: three archives as on the README's node.
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-    (
-        "k3s-airgap-images.tar.zst",
-        Layout::DockerSave,
-        &[PAUSE, HELM],
-    ),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::README_NODE;
 
 async fn node(version: Version, cache_json: bool) -> Result<Node> {
     Node::new(version, ARCHIVES, cache_json, SETTLE_MS).await

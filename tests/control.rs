@@ -3,31 +3,18 @@
 
 mod common;
 
+use common::{APP, SETTLE_MS, WEB};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::{cri_pinned, k3s_pinned, with_aliases, Node};
-use pinkeeper_testkit::archive::{Layout, OciNames};
 use pinkeeper_testkit::{Version, K3S_PIN_LABEL};
 use serde_json::Value;
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
 const EXTRA: &str = "docker.io/library/extra:1";
-const SETTLE_MS: u64 = 400;
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::APP_AND_WEB;
 
 fn names_of(list: &Value) -> Vec<String> {
     list["intents"]

@@ -5,27 +5,15 @@
 
 mod common;
 
+use common::{APP, WEB};
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use common::{cri_pinned, with_aliases, Node};
-use pinkeeper_testkit::archive::{Layout, OciNames};
 use pinkeeper_testkit::Version;
 use serde_json::Value;
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::APP_AND_WEB;
 
 /// Runs `pinkeeper doctor` against this node's containerd, images dir and state dir:
 /// (exit code, stdout).

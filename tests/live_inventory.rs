@@ -5,16 +5,15 @@
 
 mod common;
 
+use common::{APP, WEB};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::Node;
-use pinkeeper_testkit::archive::{write_archive, Layout, OciNames, TestImage};
+use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
 use pinkeeper_testkit::{ImageInfo, Version, CRI_PIN_LABEL, K3S_PIN_LABEL};
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
 const EXTRA: &str = "docker.io/library/extra:7";
 /// Short, so that a restore after the settle would be told apart from one at the sweep.
 const SETTLE_MS: u64 = 3000;
@@ -23,18 +22,7 @@ const RESCAN: &str = "the images directory changed: reading it again";
 /// What the engine logs about an archive deleted at runtime.
 const GONE: &str = "its pin stays, and is restored when K3s's start-up sweep removes it";
 
-/// The story's images directory: two archives.
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::APP_AND_WEB;
 
 /// pinkeeper is up, has recorded what K3s pinned, and its watch is armed and settled.
 async fn boot(version: Version, pinned: usize) -> Result<Node> {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::{APP, SETTLE_MS, WEB};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,25 +13,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::{cri_pinned, with_aliases, Node};
-use pinkeeper_testkit::archive::{Layout, OciNames};
 use pinkeeper_testkit::Version;
 use prometheus_parse::{Scrape, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
-const SETTLE_MS: u64 = 400;
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::APP_AND_WEB;
 const OPENMETRICS: &str = "application/openmetrics-text";
 const TEXT_0_0_4: &str = "text/plain; version=0.0.4";
 

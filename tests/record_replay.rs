@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::{APP, HELM, PAUSE, SETTLE_MS, WEB};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,31 +15,9 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use common::{cri_pinned, with_aliases, Node};
 use pinkeeper::engine::{Config, IntentState, Output, RestoreReason};
 use pinkeeper::replay::Replay;
-use pinkeeper_testkit::archive::{Layout, OciNames};
 use pinkeeper_testkit::{Version, CRI_PIN_LABEL, K3S_PIN_LABEL};
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
-const PAUSE: &str = "docker.io/rancher/mirrored-pause:3.6";
-const HELM: &str = "docker.io/rancher/klipper-helm:v0.9.3";
-/// The daemon's quiet time before checking K3s's re-pins; the replay is given the same.
-const SETTLE_MS: u64 = 400;
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-    (
-        "k3s-airgap-images.tar.zst",
-        Layout::DockerSave,
-        &[PAUSE, HELM],
-    ),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::README_NODE;
 
 /// `pinkeeper record` running as its own process, as an operator would run it.
 struct Recorder {

@@ -6,23 +6,10 @@ mod common;
 
 use anyhow::{ensure, Result};
 use common::{cri_pinned, with_aliases, Node};
-use pinkeeper_testkit::archive::{Layout, OciNames};
+use common::{APP, SETTLE_MS, WEB};
 use pinkeeper_testkit::{K3s, Version, K3S_PIN_LABEL, RKE2_PIN_LABEL};
 
-const APP: &str = "docker.io/library/app:1";
-const WEB: &str = "registry.example.com/team/web:2.3";
-const SETTLE_MS: u64 = 400;
-const ARCHIVES: &[common::Archive<'static>] = &[
-    (
-        "app.tar",
-        Layout::Oci {
-            names: OciNames::ContainerdName,
-            index_last: false,
-        },
-        &[APP],
-    ),
-    ("web.tar.gz", Layout::DockerSave, &[WEB]),
-];
+const ARCHIVES: &[common::Archive<'static>] = common::APP_AND_WEB;
 
 /// A node whose "K3s" is RKE2.
 async fn rke2_node(version: Version) -> Result<Node> {

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
+use pinkeeper_testkit::archive::{write_archive, Layout, OciNames, TestImage};
 use pinkeeper_testkit::{
     Client, Containerd, ImageInfo, K3s, K3sConfig, Version, CRI_PIN_LABEL, K3S_PIN_LABEL,
     K8S_NAMESPACE,
@@ -20,6 +20,37 @@ pub const K3S_SWEEP_DELAY: Duration = Duration::from_millis(1000);
 
 /// One archive of the images dir: file name, layout, image names.
 pub type Archive<'a> = (&'a str, Layout, &'a [&'a str]);
+
+pub const APP: &str = "docker.io/library/app:1";
+pub const WEB: &str = "registry.example.com/team/web:2.3";
+pub const PAUSE: &str = "docker.io/rancher/mirrored-pause:3.6";
+pub const HELM: &str = "docker.io/rancher/klipper-helm:v0.9.3";
+/// Quiet time pinkeeper waits before checking K3s's re-pins, short for the tests.
+pub const SETTLE_MS: u64 = 400;
+
+/// app.tar (OCI, containerd's name annotation) and web.tar.gz (docker save).
+pub const APP_AND_WEB: &[Archive<'static>] = &[
+    (
+        "app.tar",
+        Layout::Oci {
+            names: OciNames::ContainerdName,
+            index_last: false,
+        },
+        &[APP],
+    ),
+    ("web.tar.gz", Layout::DockerSave, &[WEB]),
+];
+
+/// The README's node: [`APP_AND_WEB`] and K3s's own air-gap images archive.
+pub const README_NODE: &[Archive<'static>] = &[
+    APP_AND_WEB[0],
+    APP_AND_WEB[1],
+    (
+        "k3s-airgap-images.tar.zst",
+        Layout::DockerSave,
+        &[PAUSE, HELM],
+    ),
+];
 
 /// A node: a private containerd, an images dir, a state dir, pinkeeper, and "K3s".
 pub struct Node {
