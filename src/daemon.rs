@@ -763,8 +763,7 @@ impl Daemon {
     }
 
     fn status(&mut self) -> pb::StatusResponse {
-        let views = self.engine.views();
-        let count = |state| views.iter().filter(|v| v.intent.state == state).count() as u32;
+        let summary = self.engine.summary();
         let facts = &self.status;
         pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -783,22 +782,12 @@ impl Daemon {
                 restored_not_repinned: s.restored_not_repinned as u32,
                 repinned_by_k3s: s.repinned_by_k3s as u32,
             }),
-            intents_held: count(IntentState::Held),
-            intents_swept: count(IntentState::Swept),
-            intents_released: count(IntentState::Released),
-            pins_restored: views.iter().map(|v| u64::from(v.intent.restores)).sum(),
-            archives_gone: views
-                .iter()
-                .filter(|v| {
-                    v.intent.state != IntentState::Released
-                        && v.archive == engine::ArchiveState::Gone
-                })
-                .count() as u32,
-            at_risk: views
-                .iter()
-                .filter(|v| v.at_risk())
-                .map(|v| v.intent.name.clone())
-                .collect(),
+            intents_held: summary.tally.held as u32,
+            intents_swept: summary.tally.swept as u32,
+            intents_released: summary.tally.released as u32,
+            pins_restored: summary.restores,
+            archives_gone: summary.archives_gone as u32,
+            at_risk: summary.at_risk,
             last_reconcile_ms: facts.last_reconcile,
             connected_since_ms: facts.connected_since.unwrap_or(0),
         }
@@ -807,11 +796,12 @@ impl Daemon {
     fn list_intents(&mut self, req: &pb::ListRequest) -> pb::ListResponse {
         let intents = self
             .engine
-            .views()
-            .into_iter()
-            .filter(|v| req.all || v.intent.state != IntentState::Released)
-            .filter(|v| control::matches(&req.pattern, &v.intent.name))
-            .map(|v| intent_info(&v))
+            .views_of(|i| {
+                (req.all || i.state != IntentState::Released)
+                    && control::matches(&req.pattern, &i.name)
+            })
+            .iter()
+            .map(intent_info)
             .collect();
         pb::ListResponse { intents }
     }

@@ -387,6 +387,19 @@ pub struct Tally {
     pub at_risk: usize,
 }
 
+/// What `pinkeeper status` shows of the intents, gathered without copying them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The intents by state, and how many are at risk.
+    pub tally: Tally,
+    /// The names at risk ([`IntentView::at_risk`]).
+    pub at_risk: Vec<String>,
+    /// Pins restored so far, over every intent.
+    pub restores: u64,
+    /// Intents not released whose archive is gone ([`ArchiveState::Gone`]).
+    pub archives_gone: usize,
+}
+
 /// Which pins a label map carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Pins {
@@ -529,8 +542,52 @@ impl Engine {
 
     /// Every intent (released ones included) with what pinkeeper knows of it now.
     pub fn views(&mut self) -> Vec<IntentView> {
-        let names: Vec<String> = self.intents.keys().cloned().collect();
+        self.views_of(|_| true)
+    }
+
+    /// The intents `keep` accepts, with what pinkeeper knows of them now: only those are
+    /// copied and have their archive looked up.
+    pub fn views_of(&mut self, keep: impl Fn(&Intent) -> bool) -> Vec<IntentView> {
+        let names: Vec<String> = self
+            .intents
+            .values()
+            .filter(|i| keep(i))
+            .map(|i| i.name.clone())
+            .collect();
         names.iter().filter_map(|n| self.view(n)).collect()
+    }
+
+    /// [`Engine::tally`] with the names at risk, the pins restored and the archives gone.
+    pub fn summary(&mut self) -> Summary {
+        let tally = self.tally();
+        let mut summary = Summary {
+            tally,
+            ..Summary::default()
+        };
+        let mut had_archive = Vec::new();
+        for (name, intent) in &self.intents {
+            summary.restores += u64::from(intent.restores);
+            if intent.state == IntentState::Released {
+                continue;
+            }
+            if at_risk(
+                intent.state,
+                self.pins(&intent.labels).cri,
+                self.exists(name, intent),
+            ) {
+                summary.at_risk.push(name.clone());
+            }
+            if intent.source.is_some() {
+                had_archive.push(name.clone());
+            }
+        }
+        if self.provided.is_some() {
+            summary.archives_gone = had_archive
+                .iter()
+                .filter(|n| self.source_of(n).is_none())
+                .count();
+        }
+        summary
     }
 
     /// The file of the images directory that provides `name` now (by name, or by digest for

@@ -550,3 +550,40 @@ fn a_late_echo_of_pinkeepers_own_restore_is_checked_not_believed() {
         vec![(APP.to_string(), RestoreReason::ArchiveGone)]
     );
 }
+
+#[test]
+fn the_summary_says_what_the_views_say() {
+    let mut e = engine_with_two();
+    e.handle(1, inventory(&[(APP, "app.tar")]));
+    e.handle(2, update(WEB, Labels::new()));
+    e.handle(
+        3,
+        Input::Pinned {
+            name: WEB.into(),
+            result: Ok(()),
+        },
+    );
+    e.handle(4, update(APP, Labels::new()));
+    let views = e.views();
+    let summary = e.summary();
+    let at_risk: Vec<String> = views
+        .iter()
+        .filter(|v| v.at_risk())
+        .map(|v| v.intent.name.clone())
+        .collect();
+    assert_eq!(summary.at_risk, at_risk);
+    assert_eq!(summary.at_risk, vec![APP.to_string()]);
+    assert_eq!(
+        summary.archives_gone,
+        views
+            .iter()
+            .filter(|v| v.archive == ArchiveState::Gone && v.intent.state != IntentState::Released)
+            .count()
+    );
+    assert_eq!(summary.archives_gone, 1);
+    assert_eq!(summary.restores, 1);
+    assert_eq!(summary.tally, e.tally());
+    let only_web = e.views_of(|i| i.name == WEB);
+    assert_eq!(only_web.len(), 1);
+    assert_eq!(only_web[0].archive, ArchiveState::Gone);
+}
