@@ -236,6 +236,8 @@ async fn metrics_through_a_k3s_restart(version: Version) -> Result<()> {
     ensure!(pinned.len() == 4, "{pinned:?}");
     node.wait_log("action=recorded", pinned.len()).await?;
     let held = pinned.len() as f64;
+    // Whatever episode the first boot opened has ended (verified, summarised) before counting.
+    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
     let version_label = env!("CARGO_PKG_VERSION");
     let booted = wait_metrics(&node, &textfile, address, "first boot", |m| {
         ensure!(m.value("pinkeeper_intents", &[("state", "held")])? == held);
@@ -244,7 +246,16 @@ async fn metrics_through_a_k3s_restart(version: Version) -> Result<()> {
         ensure!(m.value("pinkeeper_containerd_connected", &[])? == 1.0);
         ensure!(m.value("pinkeeper_images_at_risk", &[])? == 0.0);
         ensure!(m.value("pinkeeper_reconnects_total", &[])? == 0.0);
-        ensure!(m.value("pinkeeper_sweeps_seen_total", &[("seen", "live")])? == 0.0);
+        // No live sweep is asserted here: when pinkeeper lists in the middle of the first
+        // boot, K3s's import rewriting a record it had just pinned reads as a sweep, which K3s
+        // then settles by pinning it again (seen once in CI on 1.7). The restart below
+        // must add exactly one.
+        ensure!(
+            m.value(
+                "pinkeeper_sweeps_seen_total",
+                &[("seen", "after-reconnect")]
+            )? == 0.0
+        );
         ensure!(
             m.value(
                 "pinkeeper_pins_restored_total",
@@ -261,6 +272,7 @@ async fn metrics_through_a_k3s_restart(version: Version) -> Result<()> {
     })
     .await?;
     let first_reconcile = booted[0].value("pinkeeper_last_reconcile_timestamp_seconds", &[])?;
+    let live_at_boot = booted[0].value("pinkeeper_sweeps_seen_total", &[("seen", "live")])?;
 
     // web's archive deleted, K3s restarts: the sweep is seen live, web and its alias restored.
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
@@ -284,7 +296,7 @@ async fn metrics_through_a_k3s_restart(version: Version) -> Result<()> {
                 &[("reason", "not-repinned")]
             )? == 0.0
         );
-        ensure!(m.value("pinkeeper_sweeps_seen_total", &[("seen", "live")])? == 1.0);
+        ensure!(m.value("pinkeeper_sweeps_seen_total", &[("seen", "live")])? == live_at_boot + 1.0);
         ensure!(
             m.value(
                 "pinkeeper_sweeps_seen_total",
