@@ -1305,15 +1305,9 @@ pub fn main(args: DoctorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pinkeeper: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(async {
         let daemon = ask_daemon(&settings.control_socket).await;

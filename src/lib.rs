@@ -20,3 +20,15 @@ pub mod notify;
 pub mod reconnect;
 pub mod record;
 pub mod replay;
+
+/// The single-threaded runtime every subcommand runs on; `Err` (after saying why on stderr)
+/// is the exit code to return.
+pub fn runtime() -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("pinkeeper: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        })
+}

@@ -176,15 +176,9 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     init_logging(settings.log_format);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match pinkeeper::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pinkeeper: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let engine = pinkeeper::engine::Config {
         program_label: settings.program.label().to_string(),

@@ -75,29 +75,9 @@ impl Recorder {
 
     /// SIGTERM: the recorder must finish the file and exit 0.
     fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()?;
-        ensure!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                ensure!(
-                    status.success(),
-                    "pinkeeper record exited with {status} on SIGTERM:\n{}",
-                    self.log()
-                );
-                return Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "pinkeeper record ignored SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        match self.child.take() {
+            Some(child) => common::terminate(child, "pinkeeper record", || self.log()),
+            None => Ok(()),
         }
     }
 }

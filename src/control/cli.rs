@@ -92,15 +92,9 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pinkeeper: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let answer = runtime.block_on(async {
         let client = Client::connect(&common.control_socket)?;

@@ -184,26 +184,10 @@ impl Node {
 
     /// SIGTERM; pinkeeper must exit 0.
     pub fn stop_pinkeeper(&mut self) -> Result<()> {
-        if let Some(mut child) = self.pinkeeper.take() {
-            let status = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status()?;
-            ensure!(status.success(), "kill -TERM failed");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    ensure!(
-                        status.success(),
-                        "pinkeeper exited with {status} on SIGTERM"
-                    );
-                    return Ok(());
-                }
-                ensure!(Instant::now() < deadline, "pinkeeper ignored SIGTERM");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        match self.pinkeeper.take() {
+            Some(child) => terminate(child, "pinkeeper", || self.log()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Waits until pinkeeper's log shows `count` lines containing `needle`.
@@ -324,4 +308,27 @@ macro_rules! on_every_version {
             }
         }
     };
+}
+
+/// Sends SIGTERM to `child` (`what`) and waits up to 10 s for it to exit 0; `log` says what it
+/// printed when it did not.
+pub fn terminate(mut child: Child, what: &str, log: impl Fn() -> String) -> Result<()> {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()?;
+    ensure!(status.success(), "kill -TERM failed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            ensure!(
+                status.success(),
+                "{what} exited with {status} on SIGTERM:\n{}",
+                log()
+            );
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what} ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
