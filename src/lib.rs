@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod doctor;
 pub mod engine;
+pub mod escape;
 pub mod inventory;
 pub mod ledger;
 pub mod memory;

@@ -271,8 +271,9 @@ pub struct Intent {
     /// Target digest, from `Images.Get` or a listing.
     #[serde(default)]
     pub digest: Option<String>,
-    /// The file of the images directory that provides (or last provided) the image.
-    #[serde(default)]
+    /// The file of the images directory that provides (or last provided) the image: any
+    /// bytes, stored losslessly (a string when UTF-8).
+    #[serde(default, with = "crate::escape::path_bytes::option")]
     pub source: Option<PathBuf>,
     /// The labels last seen on the record.
     #[serde(default)]
