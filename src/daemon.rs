@@ -102,8 +102,21 @@ enum Wake {
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
 pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
-    let ledger = Ledger::open(&settings.state_dir)?;
-    let intents = ledger.intents()?;
+    // Only another pinkeeper holding the ledger stops the start: a damaged ledger is moved
+    // aside, one that cannot be written is retried by the writer, and protection goes on
+    // from memory and the listing meanwhile (src/ledger/mod.rs, `Ledger::start`).
+    let started = Ledger::start(&settings.state_dir, now_ms() / 1000)?;
+    let ledger_path = settings.state_dir.join(crate::ledger::FILE_NAME);
+    if let Some(recovered) = &started.recovered {
+        tracing::error!("{recovered}");
+    }
+    if let Some(problem) = &started.problem {
+        tracing::error!(
+            "{problem}; pinkeeper protects from memory and the listing, and keeps trying to \
+             write the ledger"
+        );
+    }
+    let intents = started.contents.intents;
     // Before any thread is started (the socket is created under a umask) and before
     // READY: an operator can ask as soon as pinkeeper says it runs.
     let listener = control::bind(&settings.control_socket)?;
@@ -125,15 +138,15 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     );
     let _http = http.map(AbortOnDrop);
     // Files read by an earlier run and unchanged since are not read again.
-    let scanner = Scanner::new(&settings.images_dir).with_cache(ledger.cached_files()?);
+    let scanner = Scanner::new(&settings.images_dir).with_cache(started.contents.cached);
     info!(
-        ledger = %ledger.path().display(),
+        ledger = %crate::escape::path(&ledger_path),
         intents = intents.iter().filter(|i| i.state != engine::IntentState::Released).count(),
         "pinkeeper started"
     );
     let status = StatusFacts {
         started: now_ms(),
-        ledger_path: ledger.path().to_path_buf(),
+        ledger_path: ledger_path.clone(),
         ..StatusFacts::default()
     };
     let mut daemon = Daemon {
@@ -148,13 +161,28 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         }),
         scanner: Some(scanner),
         engine: Engine::new(config, intents),
-        ledger: Writer::spawn_observed(ledger, metrics.ledger_observer())?,
+        ledger: Writer::spawn_observed(
+            started.ledger,
+            &settings.state_dir,
+            started.problem,
+            metrics.ledger_observer(),
+        )?,
         client: None,
         reported_files: BTreeSet::new(),
         watch: None,
         settings,
         metrics: exporter,
     };
+    if let Some(recovered) = started.recovered {
+        let entry = HistoryEntry {
+            at: now_ms(),
+            name: "(ledger)".into(),
+            action: "ledger-recovered".into(),
+            detail: recovered.clone(),
+        };
+        daemon.ledger.set_recovered(Some(recovered));
+        let _ = daemon.ledger.write(vec![OwnedChange::History(entry)]);
+    }
     daemon.publish_metrics();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
@@ -183,7 +211,10 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     // The textfile's last word: not connected, every commit counted.
     daemon.metrics.metrics().disconnected();
     daemon.publish_metrics();
-    closed?;
+    if let Err(e) = closed {
+        // Said, not fatal: what could not be written is re-learned from containerd.
+        tracing::error!("{e}");
+    }
     result
 }
 
@@ -410,14 +441,9 @@ impl Daemon {
         self.scanner = Some(scanner);
         // The read cache goes to the ledger in the background (it is a cache: losing the
         // last batch to a crash only means reading those files again).
-        if !cached.is_empty()
-            && self
-                .ledger
-                .write(OwnedChange::from_cache_changes(cached))
-                .is_err()
-        {
-            self.ledger.close()?;
-            anyhow::bail!("the ledger writer stopped");
+        if !cached.is_empty() {
+            // An error only means the writer is gone; the cache is not worth stopping for.
+            let _ = self.ledger.write(OwnedChange::from_cache_changes(cached));
         }
         match result {
             Ok(inventory) => {
@@ -458,6 +484,7 @@ impl Daemon {
     /// Counts the gauges and rewrites the metrics textfile (src/metrics.rs); nothing when
     /// metrics are off.
     fn publish_metrics(&mut self) {
+        self.metrics.metrics().ledger(&self.ledger.health());
         self.metrics.publish(|| self.engine.tally());
     }
 
@@ -663,10 +690,11 @@ impl Daemon {
         } else {
             self.ledger.write(batch)
         };
-        if sent.is_err() {
-            // The writer stopped on an error: report that one. Nothing more can be recorded.
-            self.ledger.close()?;
-            anyhow::bail!("the ledger writer stopped");
+        if let Err(e) = sent {
+            // The ledger cannot be written now (a full disk): the writer keeps the changes,
+            // says so once and retries. Protection goes on from memory: the pins of this
+            // batch are set all the same (contract rule 7 is kept as soon as the disk allows).
+            debug!("ledger write not durable yet: {e}");
         }
         if let Some(captured) = self.captured.as_mut() {
             captured.extend(history.iter().cloned());
@@ -764,6 +792,7 @@ impl Daemon {
 
     fn status(&mut self) -> pb::StatusResponse {
         let summary = self.engine.summary();
+        let ledger = self.ledger.health();
         let facts = &self.status;
         pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -790,6 +819,10 @@ impl Daemon {
             at_risk: summary.at_risk,
             last_reconcile_ms: facts.last_reconcile,
             connected_since_ms: facts.connected_since.unwrap_or(0),
+            ledger_problem: ledger.problem.unwrap_or_default(),
+            ledger_write_errors: ledger.write_errors,
+            ledger_pending: u32::try_from(ledger.pending).unwrap_or(u32::MAX),
+            ledger_recovered: ledger.recovered.unwrap_or_default(),
         }
     }
 

@@ -54,6 +54,10 @@ pub struct DaemonView {
     pub intents_held: usize,
     /// Image names with an intent held but unpinned right now.
     pub at_risk: Vec<String>,
+    /// Why the daemon cannot write its ledger now; empty when it can.
+    pub ledger_problem: String,
+    /// A damaged ledger the daemon moved aside at start; empty if none.
+    pub ledger_recovered: String,
 }
 
 /// Where the doctor looks: the same settings as `pinkeeper run`.
@@ -625,6 +629,8 @@ async fn examine_on(
         Ok(view) => LedgerRead::HeldByDaemon {
             path: view.ledger_path.clone(),
             intents: view.intents_held,
+            problem: view.ledger_problem.clone(),
+            recovered: view.ledger_recovered.clone(),
         },
         Err(_) => read_ledger(&settings.state_dir),
     };
@@ -925,7 +931,14 @@ fn check_images_dir(dir: &Path, cached: Vec<CachedFile>) -> Check {
 /// What the doctor could learn of the ledger.
 enum LedgerRead {
     /// The running daemon answered: its own ledger.
-    HeldByDaemon { path: PathBuf, intents: usize },
+    HeldByDaemon {
+        path: PathBuf,
+        intents: usize,
+        /// Why the daemon cannot write it now; empty when it can.
+        problem: String,
+        /// A damaged ledger the daemon moved aside; empty if none.
+        recovered: String,
+    },
     /// No ledger file.
     Missing { path: PathBuf },
     /// Another process (a running pinkeeper) holds it.
@@ -969,31 +982,27 @@ fn read_ledger(state_dir: &Path) -> LedgerRead {
             };
         }
     }
-    let ledger = match Ledger::open(state_dir) {
-        Ok(ledger) => ledger,
-        Err(LedgerError::Busy { .. }) => return LedgerRead::Busy { path },
-        Err(e) => {
-            return LedgerRead::Broken {
-                error: e.to_string(),
+    // Read without writing (a damaged file is reported, never panicked on nor rewritten),
+    // and closed at once: a pinkeeper starting now must not find it held.
+    match Ledger::inspect(state_dir) {
+        Ok(Some(contents)) => match contents.problem() {
+            Some(problem) => LedgerRead::Broken {
+                error: problem,
                 path,
-            }
-        }
-    };
-    let read = match ledger.intents() {
-        Ok(intents) => LedgerRead::Read {
-            // A cache that cannot be read only means the archives are read again.
-            cached: ledger.cached_files().unwrap_or_default(),
-            intents,
-            path,
+            },
+            None => LedgerRead::Read {
+                cached: contents.cached,
+                intents: contents.intents,
+                path,
+            },
         },
+        Ok(None) => LedgerRead::Missing { path },
+        Err(LedgerError::Busy { .. }) => LedgerRead::Busy { path },
         Err(e) => LedgerRead::Broken {
             error: e.to_string(),
             path,
         },
-    };
-    // Closed at once: a pinkeeper starting now must not find it held.
-    drop(ledger);
-    read
+    }
 }
 
 fn is_held(intent: &Intent) -> bool {
@@ -1003,7 +1012,27 @@ fn is_held(intent: &Intent) -> bool {
 fn check_ledger(settings: &DoctorSettings, ledger: &LedgerRead) -> Check {
     const NAME: &str = "ledger";
     match ledger {
-        LedgerRead::HeldByDaemon { path, intents } => Check::new(
+        LedgerRead::HeldByDaemon { path, problem, .. } if !problem.is_empty() => Check::new(
+            NAME,
+            Status::Fail,
+            format!(
+                "the running pinkeeper cannot write {}: {problem}. It keeps protecting from \
+                 memory and retries; what it learns meanwhile is lost if it stops before the \
+                 ledger can be written",
+                crate::escape::path(path)
+            ),
+        ),
+        LedgerRead::HeldByDaemon {
+            path, recovered, ..
+        } if !recovered.is_empty() => Check::new(
+            NAME,
+            Status::Warn,
+            format!(
+                "{} is in use by the running pinkeeper; at its start {recovered}",
+                crate::escape::path(path)
+            ),
+        ),
+        LedgerRead::HeldByDaemon { path, intents, .. } => Check::new(
             NAME,
             Status::Ok,
             format!(
@@ -1293,6 +1322,8 @@ pub async fn ask_daemon(socket: &Path) -> Result<DaemonView, String> {
         ledger_path: PathBuf::from(status.ledger_path),
         intents_held: (status.intents_held + status.intents_swept) as usize,
         at_risk: status.at_risk,
+        ledger_problem: status.ledger_problem,
+        ledger_recovered: status.ledger_recovered,
     })
 }
 
@@ -1873,6 +1904,8 @@ mod tests {
             ledger_path: "/var/lib/pinkeeper/ledger.redb".into(),
             intents_held: 4,
             at_risk: vec!["docker.io/library/db:2".into()],
+            ledger_problem: String::new(),
+            ledger_recovered: String::new(),
         };
         let report = examine_on(&s, Ok(view.clone()), &host(dir.path())).await;
         assert_eq!(status_of(&report, "control-socket"), Status::Ok);

@@ -75,6 +75,11 @@ pub struct Metrics {
     reconnects: Counter,
     last_reconcile: Gauge<f64, AtomicU64>,
     ledger_write: Histogram,
+    ledger_degraded: Gauge,
+    ledger_pending: Gauge,
+    ledger_write_errors: Counter,
+    /// The writer's error count already added to `ledger_write_errors`.
+    ledger_errors_seen: AtomicU64,
     subscribed_before: AtomicBool,
     changed: Arc<Changed>,
 }
@@ -147,6 +152,24 @@ impl Metrics {
             Unit::Seconds,
             ledger_write.clone(),
         );
+        let ledger_degraded = Gauge::default();
+        registry.register(
+            "ledger_degraded",
+            "1 while the ledger cannot be written (full disk, I/O error, damaged file moved aside and no new one yet): pinkeeper protects from memory and retries; else 0",
+            ledger_degraded.clone(),
+        );
+        let ledger_pending = Gauge::default();
+        registry.register(
+            "ledger_pending_changes",
+            "Changes held in memory until the ledger can be written again",
+            ledger_pending.clone(),
+        );
+        let ledger_write_errors = Counter::default();
+        registry.register(
+            "ledger_write_errors",
+            "Ledger commits (or openings of the ledger) that failed; each is retried",
+            ledger_write_errors.clone(),
+        );
         let build_info = Family::<[(&'static str, &'static str); 1], Gauge>::default();
         registry.register(
             "build_info",
@@ -176,6 +199,10 @@ impl Metrics {
             reconnects,
             last_reconcile,
             ledger_write,
+            ledger_degraded,
+            ledger_pending,
+            ledger_write_errors,
+            ledger_errors_seen: AtomicU64::new(0),
             subscribed_before: AtomicBool::new(false),
             changed: Arc::new(Changed::default()),
         }
@@ -247,6 +274,20 @@ impl Metrics {
             histogram.observe(took.as_secs_f64());
             changed.mark();
         })
+    }
+
+    /// How the ledger is doing (the writer's [`crate::ledger::Health`]).
+    pub fn ledger(&self, health: &crate::ledger::Health) {
+        self.ledger_degraded
+            .set(i64::from(health.problem.is_some()));
+        self.ledger_pending
+            .set(i64::try_from(health.pending).unwrap_or(i64::MAX));
+        let seen = self
+            .ledger_errors_seen
+            .swap(health.write_errors, Ordering::Relaxed);
+        if health.write_errors > seen {
+            self.ledger_write_errors.inc_by(health.write_errors - seen);
+        }
     }
 
     /// Sets the gauges of the intents by state and of those at risk.

@@ -271,7 +271,19 @@ fn show_status(s: &pb::StatusResponse) -> String {
     };
     line(&mut out, "at risk", risk);
     line(&mut out, "last reconcile", when(s.last_reconcile_ms));
-    line(&mut out, "ledger", s.ledger_path.clone());
+    let ledger = if s.ledger_problem.is_empty() {
+        s.ledger_path.clone()
+    } else {
+        format!(
+            "{}: CANNOT BE WRITTEN ({}); {} change(s) held in memory, {} failed write(s); \
+             pinkeeper keeps protecting from memory and retries",
+            s.ledger_path, s.ledger_problem, s.ledger_pending, s.ledger_write_errors
+        )
+    };
+    line(&mut out, "ledger", ledger);
+    if !s.ledger_recovered.is_empty() {
+        line(&mut out, "ledger damaged", s.ledger_recovered.clone());
+    }
     out
 }
 

@@ -8,13 +8,17 @@
 //! It also keeps the images directory's read cache ([`CachedFile`]s, by path), so that an
 //! unchanged archive is not read again after a restart.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 
 use crate::engine::{HistoryEntry, Intent};
+use crate::escape;
 use crate::inventory::CachedFile;
 
 /// Image name -> JSON of [`Intent`].
@@ -36,7 +40,7 @@ pub const FILE_NAME: &str = "ledger.redb";
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     /// The state directory cannot be created.
-    #[error("cannot create the state directory {path}: {source}; create it (as root) or pass another --state-dir")]
+    #[error("cannot create the state directory {}: {source}; create it (as root) or pass another --state-dir", escape::path(path))]
     StateDir {
         /// The directory.
         path: PathBuf,
@@ -44,13 +48,22 @@ pub enum LedgerError {
         source: std::io::Error,
     },
     /// Another process holds the ledger.
-    #[error("the ledger {path} is already open in another process: is another pinkeeper running with this --state-dir? Stop it first")]
+    #[error("the ledger {} is already open in another process: is another pinkeeper running with this --state-dir? Stop it first", escape::path(path))]
     Busy {
         /// The file.
         path: PathBuf,
     },
-    /// The file cannot be opened or is damaged.
-    #[error("cannot open the ledger {path}: {reason}. If the file is damaged, move it aside (mv {path} {path}.broken) and start pinkeeper again: it re-learns every image that is pinned now, but forgets the intents of images that are unpinned right now")]
+    /// The file exists but is not a ledger pinkeeper can trust: empty, not a redb file, not
+    /// pinkeeper's, or damaged. Never taken for a new ledger.
+    #[error("the ledger {} is damaged: {reason}. `pinkeeper run` moves it aside (to {}.damaged-<time>) and starts a new one with every intent it could still read; keep the damaged copy for a bug report", escape::path(path), escape::path(path))]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file cannot be opened.
+    #[error("cannot open the ledger {}: {reason}", escape::path(path))]
     Open {
         /// The file.
         path: PathBuf,
@@ -58,7 +71,7 @@ pub enum LedgerError {
         reason: String,
     },
     /// A read or write failed.
-    #[error("ledger {path}: {reason}")]
+    #[error("ledger {}: {reason}", escape::path(path))]
     Io {
         /// The file.
         path: PathBuf,
@@ -72,6 +85,8 @@ pub enum LedgerError {
 pub enum Change<'a> {
     /// Insert or replace an intent.
     Save(&'a Intent),
+    /// Delete an intent's record (its history stays).
+    Forget(&'a str),
     /// Append to the history.
     History(&'a HistoryEntry),
     /// Insert or replace the cached read of a file of the images directory.
@@ -89,44 +104,348 @@ pub struct Ledger {
     next_seq: u64,
 }
 
-impl Ledger {
-    /// Opens (or creates) `<state_dir>/ledger.redb`.
-    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::StateDir {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
-        let path = state_dir.join(FILE_NAME);
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => {
-                    LedgerError::Busy { path: path.clone() }
+/// What a ledger file holds, read without writing to it.
+#[derive(Debug, Default, Clone)]
+pub struct Contents {
+    /// Every intent that could be decoded, released ones included.
+    pub intents: Vec<Intent>,
+    /// The images directory's read cache.
+    pub cached: Vec<CachedFile>,
+    /// Intent records that could not be decoded (named in [`Contents::problem`]).
+    pub undecodable: Vec<String>,
+}
+
+impl Contents {
+    /// What is wrong with the records, if anything.
+    pub fn problem(&self) -> Option<String> {
+        (!self.undecodable.is_empty()).then(|| {
+            let first: Vec<String> = self
+                .undecodable
+                .iter()
+                .take(5)
+                .map(|n| escape::text(n).to_string())
+                .collect();
+            format!(
+                "{} intent record(s) cannot be decoded and are ignored ({}{})",
+                self.undecodable.len(),
+                first.join(", "),
+                if self.undecodable.len() > 5 {
+                    ", ..."
+                } else {
+                    ""
                 }
-                other => LedgerError::Open {
-                    path: path.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
-        let mut ledger = Ledger {
-            db,
+            )
+        })
+    }
+}
+
+/// How the daemon's ledger came up: see [`Ledger::start`].
+#[derive(Debug)]
+pub struct Start {
+    /// The ledger, open for writing; `None` while it cannot be (a full disk, a read-only
+    /// state directory): the writer keeps trying.
+    pub ledger: Option<Ledger>,
+    /// What the ledger held.
+    pub contents: Contents,
+    /// Why the ledger is not fully working, for the log, `status` and the metrics.
+    pub problem: Option<String>,
+    /// A damaged ledger that was moved aside at this start, and what was saved from it.
+    pub recovered: Option<String>,
+}
+
+/// The redb file's first bytes (redb `tree_store/page_store/header.rs`, `MAGICNUMBER`).
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+/// Runs `f`, turning a panic into an error: redb may panic on a file damaged outside it
+/// (redb's `Database::open` documentation), and no file on disk may take pinkeeper down.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Err(LedgerError::Damaged {
+            path: path.to_path_buf(),
+            reason: format!("reading it failed inside the database library ({what})"),
+        })
+    })
+}
+
+fn database_error(path: &Path, e: redb::DatabaseError) -> LedgerError {
+    let path = path.to_path_buf();
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => LedgerError::Busy { path },
+        redb::DatabaseError::UpgradeRequired(v) => LedgerError::Damaged {
             path,
-            next_seq: 0,
+            reason: format!("it is in an older database format ({v}), not one pinkeeper wrote"),
+        },
+        redb::DatabaseError::Storage(e) => storage_error(path, e),
+        other => LedgerError::Open {
+            path,
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn storage_error(path: PathBuf, e: redb::StorageError) -> LedgerError {
+    match e {
+        redb::StorageError::Corrupted(reason) => LedgerError::Damaged {
+            path,
+            reason: format!("the database check failed ({reason})"),
+        },
+        redb::StorageError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            LedgerError::Damaged {
+                path,
+                reason: format!("the file is cut short ({e})"),
+            }
+        }
+        redb::StorageError::Io(e) => LedgerError::Io {
+            path,
+            reason: io_reason(&e),
+        },
+        other => LedgerError::Io {
+            path,
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// An I/O error in words, with what to do for the ones an operator can fix.
+fn io_reason(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!(
+            "{e}: the filesystem of the state directory is full; free space there (pinkeeper \
+             keeps protecting from memory and writes everything once it can)"
+        ),
+        Some(libc::EROFS) => format!(
+            "{e}: the state directory is on a read-only filesystem; pinkeeper protects from \
+             memory only until it can write"
+        ),
+        _ => e.to_string(),
+    }
+}
+
+impl Ledger {
+    /// Opens `<state_dir>/ledger.redb`, or creates it when there is no such file. A file
+    /// that is there but empty, foreign or damaged is refused ([`LedgerError::Damaged`]),
+    /// never taken for a new ledger; nothing is moved (that is [`Ledger::start`]'s job).
+    pub fn open(state_dir: &Path) -> Result<Ledger, LedgerError> {
+        let path = state_dir.join(FILE_NAME);
+        if std::fs::symlink_metadata(&path).is_err() {
+            create_state_dir(state_dir)?;
+            return Ledger::create_new(&path);
+        }
+        check_header(&path)?;
+        Ledger::open_existing(&path)
+    }
+
+    /// Reads `<state_dir>/ledger.redb` without writing it, as far as redb allows (a file
+    /// left by a crash is repaired first, as any open does): `None` when there is no file.
+    pub fn inspect(state_dir: &Path) -> Result<Option<Contents>, LedgerError> {
+        let path = state_dir.join(FILE_NAME);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(None);
+        }
+        check_header(&path)?;
+        let mut partial = Contents::default();
+        match read_only(&path, &mut partial) {
+            Err(LedgerError::Open { .. }) => {
+                // Needs the repair an open after a crash does.
+                let ledger = Ledger::open_existing(&path)?;
+                let mut contents = Contents::default();
+                guarded(&path, || ledger.read_contents(&mut contents))?;
+                Ok(Some(contents))
+            }
+            other => other.map(|()| Some(partial)),
+        }
+    }
+
+    /// Opens the daemon's ledger, staying up whatever the file's state: only another
+    /// pinkeeper holding it is an error. A damaged (empty, foreign, corrupt) ledger is moved
+    /// aside to `ledger.redb.damaged-<unix seconds>`, kept for inspection, and a new one is
+    /// started with every intent that could still be read; a ledger that cannot be written
+    /// (full disk, read-only filesystem) is read, and [`Writer`] opens it again later.
+    pub fn start(state_dir: &Path, now_secs: u64) -> Result<Start, LedgerError> {
+        let path = state_dir.join(FILE_NAME);
+        let mut contents = Contents::default();
+        let exists = std::fs::symlink_metadata(&path).is_ok();
+        let opened = if !exists {
+            create_state_dir(state_dir).and_then(|()| Ledger::create_new(&path))
+        } else {
+            check_header(&path)
+                .and_then(|()| match read_only(&path, &mut contents) {
+                    // A file left by a crash: the read-write open repairs it.
+                    Err(LedgerError::Open { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                    Ok(()) => Ok(true),
+                })
+                .and_then(|read| {
+                    let ledger = Ledger::open_existing(&path)?;
+                    if !read {
+                        contents = Contents::default();
+                        guarded(&path, || ledger.read_contents(&mut contents))?;
+                    }
+                    Ok(ledger)
+                })
         };
-        // Create the tables so readers never see them missing.
-        ledger.write(|txn| {
-            txn.open_table(INTENTS)?;
-            txn.open_table(HISTORY)?;
-            txn.open_table(FILES)?;
+        let problem = contents.problem();
+        match opened {
+            Ok(ledger) => Ok(Start {
+                ledger: Some(ledger),
+                contents,
+                problem,
+                recovered: None,
+            }),
+            Err(LedgerError::Busy { path }) => Err(LedgerError::Busy { path }),
+            Err(LedgerError::Damaged { reason, .. }) => {
+                Ok(Ledger::recover(&path, &reason, contents, now_secs))
+            }
+            Err(e) => Ok(Start {
+                ledger: None,
+                problem: Some(e.to_string()),
+                contents,
+                recovered: None,
+            }),
+        }
+    }
+
+    /// Moves a damaged ledger aside and starts a new one with what could be read of it.
+    fn recover(path: &Path, reason: &str, contents: Contents, now_secs: u64) -> Start {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(format!(".damaged-{now_secs}"));
+        let aside = PathBuf::from(aside);
+        let saved = contents.intents.len();
+        if let Err(e) = std::fs::rename(path, &aside) {
+            return Start {
+                ledger: None,
+                problem: Some(format!(
+                    "the ledger {} is damaged ({reason}) and cannot be moved aside ({}); \
+                     pinkeeper protects from memory only: move it away by hand",
+                    escape::path(path),
+                    io_reason(&e)
+                )),
+                contents,
+                recovered: None,
+            };
+        }
+        let recovered = format!(
+            "the ledger {} was damaged ({reason}): moved aside to {}, and a new ledger started \
+             with the {saved} intent(s) that could be read; images pinned right now are \
+             recorded again from containerd, intents of images that are unpinned right now \
+             may be lost",
+            escape::path(path),
+            escape::path(&aside)
+        );
+        let created = Ledger::create_new(path).and_then(|mut ledger| {
+            let changes: Vec<Change<'_>> = contents.intents.iter().map(Change::Save).collect();
+            ledger.apply(&changes)?;
+            Ok(ledger)
+        });
+        match created {
+            Ok(ledger) => Start {
+                ledger: Some(ledger),
+                problem: None,
+                contents,
+                recovered: Some(recovered),
+            },
+            Err(e) => Start {
+                ledger: None,
+                problem: Some(e.to_string()),
+                contents,
+                recovered: Some(recovered),
+            },
+        }
+    }
+
+    /// Creates a new ledger atomically: initialised under a temporary name and renamed into
+    /// place, so a crash or a full disk never leaves an empty `ledger.redb` behind.
+    fn create_new(path: &Path) -> Result<Ledger, LedgerError> {
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(".new");
+        let temp = PathBuf::from(temp);
+        let io = |e: std::io::Error| LedgerError::Io {
+            path: path.to_path_buf(),
+            reason: io_reason(&e),
+        };
+        match std::fs::remove_file(&temp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        let made = guarded(path, || {
+            let db = Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&temp)
+                .map_err(|e| database_error(path, e))?;
+            let txn = db.begin_write().map_err(|e| transaction_error(path, e))?;
+            create_tables(&txn).map_err(|e| LedgerError::Io {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            txn.commit().map_err(|e| commit_error(path, e))?;
             Ok(())
-        })?;
-        ledger.next_seq = ledger.read(|txn| {
-            let table = txn.open_table(HISTORY)?;
-            let next = table.last()?.map_or(0, |(k, _)| k.value() + 1);
-            Ok(next)
-        })?;
-        Ok(ledger)
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        std::fs::rename(&temp, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            // The rename is durable once the directory is.
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ledger::open_existing(path)
+    }
+
+    /// Opens a ledger file that exists, checking every page (redb's integrity check) so a
+    /// file damaged outside redb is reported, not trusted.
+    fn open_existing(path: &Path) -> Result<Ledger, LedgerError> {
+        guarded(path, || {
+            let db = Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .set_check_integrity_on_open(true)
+                .open(path)
+                .map_err(|e| database_error(path, e))?;
+            let mut ledger = Ledger {
+                db,
+                path: path.to_path_buf(),
+                next_seq: 0,
+            };
+            let tables = ledger.read(|txn| {
+                Ok(txn
+                    .list_tables()?
+                    .map(|t| t.name().to_string())
+                    .collect::<Vec<_>>())
+            })?;
+            let ours = [INTENTS.name(), HISTORY.name(), FILES.name()];
+            if !tables.is_empty() && !tables.iter().any(|t| t == INTENTS.name()) {
+                return Err(LedgerError::Damaged {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "it is a database, but not pinkeeper's (tables: {})",
+                        tables.join(", ")
+                    ),
+                });
+            }
+            if ours.iter().any(|t| !tables.iter().any(|have| have == t)) {
+                ledger.write(create_tables)?;
+            }
+            ledger.next_seq = ledger.read(|txn| {
+                let table = txn.open_table(HISTORY)?;
+                let next = table.last()?.map_or(0, |(k, _)| k.value() + 1);
+                Ok(next)
+            })?;
+            Ok(ledger)
+        })
+    }
+
+    /// Every intent and cached read, into `into` (so that what was read before a failure is
+    /// kept by the caller).
+    fn read_contents(&self, into: &mut Contents) -> Result<(), LedgerError> {
+        self.read(|txn| read_tables(txn, into))
     }
 
     /// The file.
@@ -134,43 +453,20 @@ impl Ledger {
         &self.path
     }
 
-    /// Every intent, released ones included. A record that cannot be decoded is an error
-    /// naming it (nothing is dropped silently).
+    /// Every intent, released ones included. Records that cannot be decoded are left out
+    /// (see [`Contents::undecodable`]).
     pub fn intents(&self) -> Result<Vec<Intent>, LedgerError> {
-        let rows = self.read(|txn| {
-            let table = txn.open_table(INTENTS)?;
-            let mut rows = Vec::new();
-            for row in table.iter()? {
-                let (k, v) = row?;
-                rows.push((k.value().to_string(), v.value().to_vec()))
-            }
-            Ok(rows)
-        })?;
-        rows.into_iter()
-            .map(|(name, bytes)| {
-                serde_json::from_slice(&bytes).map_err(|e| LedgerError::Io {
-                    path: self.path.clone(),
-                    reason: format!("the record of {name} cannot be decoded ({e})"),
-                })
-            })
-            .collect()
+        let mut contents = Contents::default();
+        guarded(&self.path, || self.read_contents(&mut contents))?;
+        Ok(contents.intents)
     }
 
     /// The cached reads of the images directory's files. A record that cannot be decoded
     /// (written by another version) is left out: that file is simply read again.
     pub fn cached_files(&self) -> Result<Vec<CachedFile>, LedgerError> {
-        self.read(|txn| {
-            let table = txn.open_table(FILES)?;
-            let mut files = Vec::new();
-            for row in table.iter()? {
-                let (k, v) = row?;
-                if let Ok(mut file) = serde_json::from_slice::<CachedFile>(v.value()) {
-                    file.path = PathBuf::from(OsStr::from_bytes(k.value()));
-                    files.push(file);
-                }
-            }
-            Ok(files)
-        })
+        let mut contents = Contents::default();
+        guarded(&self.path, || self.read_contents(&mut contents))?;
+        Ok(contents.cached)
     }
 
     /// History entries, newest first, optionally of one image, at most `limit`.
@@ -213,6 +509,9 @@ impl Ledger {
                         let bytes = serde_json::to_vec(intent).map_err(boxed)?;
                         intents.insert(intent.name.as_str(), bytes.as_slice())?;
                     }
+                    Change::Forget(name) => {
+                        intents.remove(*name)?;
+                    }
                     Change::History(entry) => {
                         let bytes = serde_json::to_vec(entry).map_err(boxed)?;
                         history.insert(seq, bytes.as_slice())?;
@@ -241,13 +540,15 @@ impl Ledger {
         &mut self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, Box<dyn std::error::Error>>,
     ) -> Result<T, LedgerError> {
-        let io = |e: &dyn std::fmt::Display| LedgerError::Io {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| transaction_error(&self.path, e))?;
+        let value = f(&txn).map_err(|e| LedgerError::Io {
             path: self.path.clone(),
-            reason: e.to_string(),
-        };
-        let txn = self.db.begin_write().map_err(|e| io(&e))?;
-        let value = f(&txn).map_err(|e| io(&e))?;
-        txn.commit().map_err(|e| io(&e))?;
+            reason: boxed_reason(e.as_ref()),
+        })?;
+        txn.commit().map_err(|e| commit_error(&self.path, e))?;
         Ok(value)
     }
 
@@ -271,6 +572,8 @@ impl Ledger {
 pub enum OwnedChange {
     /// Insert or replace an intent.
     Save(Intent),
+    /// Delete an intent's record (its history stays).
+    Forget(String),
     /// Append to the history.
     History(HistoryEntry),
     /// Insert or replace the cached read of a file of the images directory.
@@ -284,6 +587,7 @@ impl OwnedChange {
     pub fn as_change(&self) -> Change<'_> {
         match self {
             OwnedChange::Save(i) => Change::Save(i),
+            OwnedChange::Forget(n) => Change::Forget(n),
             OwnedChange::History(h) => Change::History(h),
             OwnedChange::CacheFile(f) => Change::CacheFile(f),
             OwnedChange::ForgetFile(p) => Change::ForgetFile(p),
@@ -295,6 +599,95 @@ impl OwnedChange {
         let removed = changes.removed.into_iter().map(OwnedChange::ForgetFile);
         let updated = changes.updated.into_iter().map(OwnedChange::CacheFile);
         removed.chain(updated).collect()
+    }
+}
+
+/// How the ledger is doing, shared by the writer thread with `status` and the metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Why the ledger cannot be written now (`None`: every change is on disk or on its way).
+    pub problem: Option<String>,
+    /// Failed commits (and failed attempts to open the ledger) since pinkeeper started.
+    pub write_errors: u64,
+    /// Changes kept in memory until the ledger can be written again.
+    pub pending: usize,
+    /// History entries dropped because too many piled up while the ledger could not be
+    /// written (intents are never dropped).
+    pub history_dropped: u64,
+    /// A damaged ledger moved aside at start, and what was saved from it.
+    pub recovered: Option<String>,
+}
+
+/// The shared [`Health`].
+pub type SharedHealth = std::sync::Arc<std::sync::Mutex<Health>>;
+
+fn health_of(health: &SharedHealth) -> std::sync::MutexGuard<'_, Health> {
+    // A poisoned lock only means a panic elsewhere; the figures are still consistent.
+    health.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// History entries held in memory at most while the ledger cannot be written.
+pub const MAX_PENDING_HISTORY: usize = 10_000;
+/// Retries of a failed commit: the first after this, doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest wait between two attempts to write a failed batch again.
+const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Changes that could not be committed yet: the latest record per intent (every intent kept,
+/// whatever the count), the history up to [`MAX_PENDING_HISTORY`]. Cache updates are not
+/// kept: the cache is only a cache, a stale entry is read again.
+#[derive(Debug, Default)]
+struct Pending {
+    saves: BTreeMap<String, Intent>,
+    forgets: BTreeSet<String>,
+    history: VecDeque<HistoryEntry>,
+    files: Vec<OwnedChange>,
+    history_dropped: u64,
+}
+
+impl Pending {
+    fn add(&mut self, change: OwnedChange) {
+        match change {
+            OwnedChange::Save(intent) => {
+                self.forgets.remove(&intent.name);
+                self.saves.insert(intent.name.clone(), intent);
+            }
+            OwnedChange::Forget(name) => {
+                self.saves.remove(&name);
+                self.forgets.insert(name);
+            }
+            OwnedChange::History(entry) => {
+                if self.history.len() >= MAX_PENDING_HISTORY {
+                    self.history.pop_front();
+                    self.history_dropped += 1;
+                }
+                self.history.push_back(entry);
+            }
+            file @ (OwnedChange::CacheFile(_) | OwnedChange::ForgetFile(_)) => {
+                self.files.push(file)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.saves.len() + self.forgets.len() + self.history.len() + self.files.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn batch(&self) -> Vec<Change<'_>> {
+        let forgets = self.forgets.iter().map(|n| Change::Forget(n));
+        let saves = self.saves.values().map(Change::Save);
+        let history = self.history.iter().map(Change::History);
+        let files = self.files.iter().map(OwnedChange::as_change);
+        forgets.chain(saves).chain(history).chain(files).collect()
+    }
+
+    /// After a failed commit: what is worth trying again.
+    fn keep_after_failure(&mut self) {
+        self.files.clear();
     }
 }
 
@@ -317,100 +710,245 @@ enum Job {
 /// Writes the ledger on a thread of its own, so an fsync never holds up the event loop, and
 /// folds every batch queued while a commit was running into the next transaction: a burst of
 /// events costs a handful of fsyncs. [`Writer::write_durably`] waits for its batch to be on disk.
+///
+/// A commit that fails (a full disk, an I/O error, a ledger that cannot be opened at all) never
+/// stops it: the changes stay in memory ([`Pending`]), are tried again with capped backoff
+/// (the ledger is opened again first: redb refuses further writes after an I/O error), and
+/// [`Health`] says so. The daemon keeps protecting from what it holds in memory meanwhile.
 #[derive(Debug)]
 pub struct Writer {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
-    thread: Option<std::thread::JoinHandle<Result<(), LedgerError>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    health: SharedHealth,
 }
 
 /// Told how long each commit took, on the writer thread (the daemon's metrics).
 pub type CommitObserver = Box<dyn Fn(std::time::Duration) + Send>;
 
+/// The writer thread's state.
+struct WriterThread {
+    ledger: Option<Ledger>,
+    state_dir: PathBuf,
+    pending: Pending,
+    health: SharedHealth,
+    on_commit: CommitObserver,
+    /// Attempts failed in a row, for the backoff.
+    failures: u32,
+}
+
+impl WriterThread {
+    fn run(mut self, queue: std::sync::mpsc::Receiver<Job>) {
+        loop {
+            let first = if self.pending.is_empty() && self.ledger.is_some() {
+                match queue.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return,
+                }
+            } else {
+                match queue.recv_timeout(self.retry_delay()) {
+                    Ok(job) => Some(job),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    // Stopping: one last attempt at what is pending.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        let _ = self.commit();
+                        return;
+                    }
+                }
+            };
+            let mut acks: Vec<Ack> = Vec::new();
+            let mut reads: Vec<HistoryQuery> = Vec::new();
+            let mut received = 0usize;
+            if let Some(first) = first {
+                received += self.take(first, &mut acks, &mut reads);
+                // Changes nobody waits for are held a moment, so a trickle of events
+                // (CRI labelling images one by one) shares one fsync; a durable write or
+                // a read is served at once.
+                let linger_until = std::time::Instant::now() + WRITE_LINGER;
+                loop {
+                    let waited_for = !acks.is_empty() || !reads.is_empty();
+                    let next = if waited_for {
+                        queue.try_recv().ok()
+                    } else {
+                        let left =
+                            linger_until.saturating_duration_since(std::time::Instant::now());
+                        queue.recv_timeout(left).ok()
+                    };
+                    let Some(job) = next else { break };
+                    received += self.take(job, &mut acks, &mut reads);
+                }
+            }
+            let reply = self.commit();
+            for ack in acks {
+                let _ = ack.send(reply.clone());
+            }
+            for query in reads {
+                let answer = match &self.ledger {
+                    Some(ledger) => guarded(&ledger.path, || {
+                        ledger.history(query.name.as_deref(), query.limit)
+                    })
+                    .map_err(|e| e.to_string()),
+                    None => Err(self.problem()),
+                };
+                let _ = query.reply.send(answer);
+            }
+            if received >= crate::memory::BURST {
+                // The batch's encodings and redb's dirty pages are free now.
+                crate::memory::release_freed();
+            }
+        }
+    }
+
+    fn take(&mut self, job: Job, acks: &mut Vec<Ack>, reads: &mut Vec<HistoryQuery>) -> usize {
+        match job {
+            Job::Write(changes, ack) => {
+                let n = changes.len();
+                for change in changes {
+                    self.pending.add(change);
+                }
+                acks.extend(ack);
+                n
+            }
+            Job::History(query) => {
+                reads.push(query);
+                0
+            }
+        }
+    }
+
+    fn problem(&self) -> String {
+        health_of(&self.health)
+            .problem
+            .clone()
+            .unwrap_or_else(|| "the ledger is not open".into())
+    }
+
+    fn retry_delay(&self) -> std::time::Duration {
+        let doubled = RETRY_FIRST.saturating_mul(1 << self.failures.saturating_sub(1).min(8));
+        doubled.min(RETRY_MAX)
+    }
+
+    /// Writes what is pending; the ledger is (re)opened first if needed.
+    fn commit(&mut self) -> Result<(), String> {
+        if self.pending.is_empty() && self.ledger.is_some() {
+            return Ok(());
+        }
+        let result = self.try_commit();
+        let mut health = health_of(&self.health);
+        health.history_dropped = self.pending.history_dropped;
+        match result {
+            Ok(()) => {
+                if let Some(problem) = health.problem.take() {
+                    tracing::info!(
+                        "the ledger can be written again; everything kept in memory is on disk \
+                         (the problem was: {problem})"
+                    );
+                }
+                self.failures = 0;
+                health.pending = 0;
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                self.failures = self.failures.saturating_add(1);
+                health.write_errors += 1;
+                self.pending.keep_after_failure();
+                health.pending = self.pending.len();
+                if health.problem.is_none() {
+                    tracing::error!(
+                        pending = self.pending.len(),
+                        "cannot write the ledger: {reason}; pinkeeper keeps protecting from memory and tries again (every {}s at most)",
+                        RETRY_MAX.as_secs()
+                    );
+                } else {
+                    tracing::debug!("the ledger still cannot be written: {reason}");
+                }
+                health.problem = Some(reason.clone());
+                // redb refuses writes after an I/O error until it is opened again.
+                self.ledger = None;
+                Err(reason)
+            }
+        }
+    }
+
+    fn try_commit(&mut self) -> Result<(), LedgerError> {
+        if self.ledger.is_none() {
+            self.ledger = Some(Ledger::open(&self.state_dir)?);
+        }
+        let Some(ledger) = self.ledger.as_mut() else {
+            return Ok(());
+        };
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let batch = self.pending.batch();
+        let started = std::time::Instant::now();
+        let path = ledger.path.clone();
+        guarded(&path, || ledger.apply(&batch))?;
+        (self.on_commit)(started.elapsed());
+        self.pending = Pending {
+            history_dropped: self.pending.history_dropped,
+            ..Pending::default()
+        };
+        Ok(())
+    }
+}
+
 impl Writer {
     /// Hands the ledger to a writer thread.
     pub fn spawn(ledger: Ledger) -> Result<Writer, LedgerError> {
-        Writer::spawn_observed(ledger, Box::new(|_| {}))
+        let state_dir = ledger
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        Writer::spawn_observed(Some(ledger), &state_dir, None, Box::new(|_| {}))
     }
 
-    /// Hands the ledger to a writer thread that reports the time of each commit.
+    /// Hands the ledger (or, when it could not be opened, the state directory to open it in
+    /// later) to a writer thread that reports the time of each commit.
     pub fn spawn_observed(
-        mut ledger: Ledger,
+        ledger: Option<Ledger>,
+        state_dir: &Path,
+        problem: Option<String>,
         on_commit: CommitObserver,
     ) -> Result<Writer, LedgerError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        let path = ledger.path.clone();
+        let health = SharedHealth::default();
+        if ledger.is_none() {
+            // The thread keeps trying to open it.
+            health_of(&health).problem =
+                Some(problem.unwrap_or_else(|| "the ledger is not open".into()));
+        }
+        let thread = WriterThread {
+            ledger,
+            state_dir: state_dir.to_path_buf(),
+            pending: Pending::default(),
+            health: health.clone(),
+            on_commit,
+            failures: 1,
+        };
         let thread = std::thread::Builder::new()
             .name("pinkeeper-ledger".into())
-            .spawn(move || {
-                while let Ok(first) = queue.recv() {
-                    let mut changes = Vec::new();
-                    let mut acks: Vec<Ack> = Vec::new();
-                    let mut reads: Vec<HistoryQuery> = Vec::new();
-                    let take =
-                        |job: Job,
-                         changes: &mut Vec<OwnedChange>,
-                         acks: &mut Vec<Ack>,
-                         reads: &mut Vec<HistoryQuery>| match job {
-                            Job::Write(more, ack) => {
-                                changes.extend(more);
-                                acks.extend(ack);
-                            }
-                            Job::History(query) => reads.push(query),
-                        };
-                    take(first, &mut changes, &mut acks, &mut reads);
-                    // Changes nobody waits for are held a moment, so a trickle of events
-                    // (CRI labelling images one by one) shares one fsync; a durable write or
-                    // a read is served at once.
-                    let linger_until = std::time::Instant::now() + WRITE_LINGER;
-                    loop {
-                        let waited_for = !acks.is_empty() || !reads.is_empty();
-                        let next = if waited_for {
-                            queue.try_recv().ok()
-                        } else {
-                            let left =
-                                linger_until.saturating_duration_since(std::time::Instant::now());
-                            queue.recv_timeout(left).ok()
-                        };
-                        let Some(job) = next else { break };
-                        take(job, &mut changes, &mut acks, &mut reads);
-                    }
-                    let result = if changes.is_empty() {
-                        Ok(())
-                    } else {
-                        let batch: Vec<Change<'_>> =
-                            changes.iter().map(OwnedChange::as_change).collect();
-                        let started = std::time::Instant::now();
-                        let result = ledger.apply(&batch);
-                        on_commit(started.elapsed());
-                        result
-                    };
-                    let reply = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
-                    for ack in acks {
-                        let _ = ack.send(reply.clone());
-                    }
-                    for query in reads {
-                        let answer = ledger
-                            .history(query.name.as_deref(), query.limit)
-                            .map_err(|e| e.to_string());
-                        let _ = query.reply.send(answer);
-                    }
-                    if changes.len() >= crate::memory::BURST {
-                        // The batch's encodings and redb's dirty pages are free now.
-                        drop(changes);
-                        crate::memory::release_freed();
-                    }
-                    result?;
-                }
-                Ok(())
-            })
+            .spawn(move || thread.run(queue))
             .map_err(|e| LedgerError::Io {
-                path,
+                path: state_dir.join(FILE_NAME),
                 reason: format!("cannot start the ledger writer thread: {e}"),
             })?;
         Ok(Writer {
             jobs: Some(jobs),
             thread: Some(thread),
+            health,
         })
+    }
+
+    /// How the ledger is doing.
+    pub fn health(&self) -> Health {
+        health_of(&self.health).clone()
+    }
+
+    /// Records the recovery of a damaged ledger at start, for `status`.
+    pub fn set_recovered(&self, recovered: Option<String>) {
+        health_of(&self.health).recovered = recovered;
     }
 
     /// Queues a batch; it is committed soon, with whatever else is queued.
@@ -418,7 +956,8 @@ impl Writer {
         self.send(changes, None)
     }
 
-    /// Queues a batch and waits until it is on disk.
+    /// Queues a batch and waits until it is on disk. An error says the ledger cannot be
+    /// written now: the batch stays queued and is written once it can.
     pub async fn write_durably(&self, changes: Vec<OwnedChange>) -> Result<(), String> {
         let (ack, done) = tokio::sync::oneshot::channel();
         self.send(changes, Some(ack))?;
@@ -447,19 +986,31 @@ impl Writer {
     fn job(&self, job: Job) -> Result<(), String> {
         let jobs = self.jobs.as_ref().ok_or("the ledger writer is closed")?;
         jobs.send(job)
-            .map_err(|_| "the ledger writer stopped after an error".to_string())
+            .map_err(|_| "the ledger writer stopped".to_string())
     }
 
-    /// Commits everything queued and stops the thread; returns the first write error.
+    /// Commits everything queued (one last attempt if the ledger cannot be written) and stops
+    /// the thread; returns the problem if changes could not be written.
     pub fn close(&mut self) -> Result<(), LedgerError> {
         self.jobs = None;
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(LedgerError::Io {
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                return Err(LedgerError::Io {
+                    path: PathBuf::new(),
+                    reason: "the ledger writer thread panicked".into(),
+                });
+            }
+        }
+        let health = self.health();
+        match health.problem {
+            Some(reason) if health.pending > 0 => Err(LedgerError::Io {
                 path: PathBuf::new(),
-                reason: "the ledger writer thread panicked".into(),
+                reason: format!(
+                    "{} change(s) could not be written: {reason}",
+                    health.pending
+                ),
             }),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 }
@@ -472,6 +1023,146 @@ impl Drop for Writer {
 
 fn boxed(e: serde_json::Error) -> Box<dyn std::error::Error> {
     Box::new(e)
+}
+
+/// A table operation's error in words (a full disk says what to do).
+fn boxed_reason(e: &(dyn std::error::Error + 'static)) -> String {
+    match e.downcast_ref::<redb::StorageError>() {
+        Some(redb::StorageError::Io(io)) => io_reason(io),
+        _ => e.to_string(),
+    }
+}
+
+fn create_state_dir(state_dir: &Path) -> Result<(), LedgerError> {
+    std::fs::create_dir_all(state_dir).map_err(|source| LedgerError::StateDir {
+        path: state_dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Refuses a file that cannot be a ledger before redb sees it: redb initialises an empty file
+/// as a new database, which would silently forget every intent.
+fn check_header(path: &Path) -> Result<(), LedgerError> {
+    let damaged = |reason: String| LedgerError::Damaged {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| LedgerError::Open {
+        path: path.to_path_buf(),
+        reason: io_reason(&e),
+    })?;
+    if !meta.is_file() {
+        return Err(damaged("it is not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        return Err(damaged(
+            "the file is empty (0 bytes), which pinkeeper never leaves behind".into(),
+        ));
+    }
+    let mut head = [0u8; REDB_MAGIC.len()];
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        use std::io::Read;
+        let mut filled = 0;
+        while filled < head.len() {
+            match f.read(&mut head[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        Ok(filled)
+    });
+    match read {
+        Ok(n) if n == head.len() && head == REDB_MAGIC => Ok(()),
+        Ok(_) => Err(damaged(
+            "it does not start like a pinkeeper ledger (a redb database)".into(),
+        )),
+        Err(e) => Err(LedgerError::Open {
+            path: path.to_path_buf(),
+            reason: io_reason(&e),
+        }),
+    }
+}
+
+/// Reads a ledger without writing to it. `Err(Open)` when the file needs the repair of an
+/// open after a crash (redb refuses to repair read-only); what was read before a failure
+/// stays in `into`.
+fn read_only(path: &Path, into: &mut Contents) -> Result<(), LedgerError> {
+    guarded(path, || {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .open_read_only(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::RepairAborted => LedgerError::Open {
+                    path: path.to_path_buf(),
+                    reason: "it needs repair after an unclean stop".into(),
+                },
+                other => database_error(path, other),
+            })?;
+        let txn = db.begin_read().map_err(|e| transaction_error(path, e))?;
+        read_tables(&txn, into).map_err(|e| LedgerError::Damaged {
+            path: path.to_path_buf(),
+            reason: format!("its records cannot be read ({e})"),
+        })
+    })
+}
+
+fn create_tables(txn: &redb::WriteTransaction) -> Result<(), Box<dyn std::error::Error>> {
+    txn.open_table(INTENTS)?;
+    txn.open_table(HISTORY)?;
+    txn.open_table(FILES)?;
+    Ok(())
+}
+
+/// The intents (a record that cannot be decoded is named in `undecodable`) and the cached
+/// reads (a record of another version is left out: that file is read again).
+fn read_tables(
+    txn: &redb::ReadTransaction,
+    into: &mut Contents,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let has = |name: &str| -> Result<bool, redb::StorageError> {
+        Ok(txn.list_tables()?.any(|t| t.name() == name))
+    };
+    if has(INTENTS.name())? {
+        let table = txn.open_table(INTENTS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            match serde_json::from_slice::<Intent>(v.value()) {
+                Ok(intent) => into.intents.push(intent),
+                Err(_) => into.undecodable.push(k.value().to_string()),
+            }
+        }
+    }
+    if has(FILES.name())? {
+        let table = txn.open_table(FILES)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            if let Ok(mut file) = serde_json::from_slice::<CachedFile>(v.value()) {
+                file.path = PathBuf::from(OsStr::from_bytes(k.value()));
+                into.cached.push(file);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn transaction_error(path: &Path, e: redb::TransactionError) -> LedgerError {
+    match e {
+        redb::TransactionError::Storage(e) => storage_error(path.to_path_buf(), e),
+        other => LedgerError::Io {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn commit_error(path: &Path, e: redb::CommitError) -> LedgerError {
+    match e {
+        redb::CommitError::Storage(e) => storage_error(path.to_path_buf(), e),
+        other => LedgerError::Io {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -578,7 +1269,9 @@ mod tests {
         let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let seen = commits.clone();
         let mut writer = Writer::spawn_observed(
-            Ledger::open(dir.path()).unwrap(),
+            Some(Ledger::open(dir.path()).unwrap()),
+            dir.path(),
+            None,
             Box::new(move |_took| {
                 seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
@@ -604,18 +1297,195 @@ mod tests {
     }
 
     #[test]
-    fn garbage_file_is_reported_with_recovery_advice() {
+    fn a_file_that_is_not_a_ledger_is_damaged_never_new() {
+        for (what, bytes) in [
+            ("garbage", b"not a database at all, just bytes".to_vec()),
+            ("empty", Vec::new()),
+            ("magic only", REDB_MAGIC.to_vec()),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(FILE_NAME), &bytes).unwrap();
+            let err = Ledger::open(dir.path()).unwrap_err();
+            assert!(matches!(err, LedgerError::Damaged { .. }), "{what}: {err}");
+            assert!(err.to_string().contains("moves it aside"), "{what}: {err}");
+            let err = Ledger::inspect(dir.path()).unwrap_err();
+            assert!(matches!(err, LedgerError::Damaged { .. }), "{what}: {err}");
+            // Neither open nor inspect touched it.
+            assert_eq!(
+                std::fs::read(dir.path().join(FILE_NAME)).unwrap(),
+                bytes,
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_database_that_is_not_pinkeepers_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(FILE_NAME),
-            b"not a database at all, just bytes",
-        )
-        .unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let other: TableDefinition<&str, &str> = TableDefinition::new("someone-else");
+            txn.open_table(other).unwrap().insert("k", "v").unwrap();
+            txn.commit().unwrap();
+        }
         let err = Ledger::open(dir.path()).unwrap_err();
-        let text = err.to_string();
-        assert!(
-            text.contains("ledger.redb") && text.contains("move it aside"),
-            "{text}"
+        assert!(err.to_string().contains("not pinkeeper's"), "{err}");
+    }
+
+    /// A ledger with `intents` intents and some history, closed cleanly.
+    fn ledger_with(dir: &Path, intents: usize) -> Vec<u8> {
+        let mut ledger = Ledger::open(dir).unwrap();
+        let all: Vec<Intent> = (0..intents)
+            .map(|i| intent(&format!("img-{i:04}")))
+            .collect();
+        let h = HistoryEntry {
+            at: 5,
+            name: "a".into(),
+            action: "recorded".into(),
+            detail: "x".repeat(200),
+        };
+        let mut changes: Vec<Change<'_>> = all.iter().map(Change::Save).collect();
+        changes.extend(std::iter::repeat_n(Change::History(&h), 500));
+        ledger.apply(&changes).unwrap();
+        drop(ledger);
+        std::fs::read(dir.join(FILE_NAME)).unwrap()
+    }
+
+    #[test]
+    fn random_damage_never_panics_and_start_keeps_what_it_can() {
+        // The damage of issue 9: 4 KiB of random bytes in the middle of the file.
+        let mut detected = 0;
+        for seed in 0..16u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let good = ledger_with(dir.path(), 300);
+            let mut bytes = good.clone();
+            let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let at = bytes.len() / 4 + (next() as usize % (bytes.len() / 2));
+            let end = (at + 4096).min(bytes.len());
+            for b in &mut bytes[at..end] {
+                *b = next() as u8;
+            }
+            let path = dir.path().join(FILE_NAME);
+            std::fs::write(&path, &bytes).unwrap();
+            // Neither panics (a panic fails this test).
+            let _ = Ledger::inspect(dir.path());
+            let _ = Ledger::open(dir.path());
+            std::fs::write(&path, &bytes).unwrap();
+            let start = Ledger::start(dir.path(), 1234).unwrap();
+            let ledger = start.ledger.expect("a writable ledger after recovery");
+            let kept = ledger.intents().unwrap();
+            if let Some(recovered) = &start.recovered {
+                detected += 1;
+                // The damaged file is kept aside, byte for byte, and what was read is kept.
+                let aside = dir.path().join(format!("{FILE_NAME}.damaged-1234"));
+                assert_eq!(std::fs::read(&aside).unwrap(), bytes, "seed {seed}");
+                assert!(recovered.contains("moved aside"), "{recovered}");
+                assert_eq!(kept.len(), start.contents.intents.len(), "seed {seed}");
+            } else {
+                assert_eq!(kept.len(), 300, "seed {seed}: undamaged intents");
+            }
+        }
+        eprintln!("damage detected in {detected} of 16 files");
+        assert!(detected > 0);
+    }
+
+    #[test]
+    fn start_moves_an_empty_ledger_aside_instead_of_taking_it_for_new() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"").unwrap();
+        let start = Ledger::start(dir.path(), 77).unwrap();
+        assert!(start.ledger.is_some());
+        let recovered = start.recovered.expect("said");
+        assert!(recovered.contains("empty"), "{recovered}");
+        assert!(dir.path().join("ledger.redb.damaged-77").exists());
+    }
+
+    #[test]
+    fn start_without_a_writable_state_dir_still_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the state directory should be: it cannot be created.
+        let state = dir.path().join("state");
+        std::fs::write(&state, b"").unwrap();
+        let start = Ledger::start(&state, 1).unwrap();
+        assert!(start.ledger.is_none());
+        assert!(start.problem.is_some());
+    }
+
+    #[test]
+    fn a_non_utf8_source_is_stored_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = intent("a");
+        a.source = Some(PathBuf::from(OsStr::from_bytes(b"/images/caf\xe9.tar")));
+        Ledger::open(dir.path())
+            .unwrap()
+            .apply(&[Change::Save(&a)])
+            .unwrap();
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().intents().unwrap(),
+            vec![a]
         );
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_failed_changes_and_writes_them_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // The state directory cannot be created yet (a file is in the way).
+        std::fs::write(&state, b"").unwrap();
+        let writer =
+            Writer::spawn_observed(None, &state, Some("blocked".into()), Box::new(|_| {})).unwrap();
+        let err = writer
+            .write_durably(vec![OwnedChange::Save(intent("a"))])
+            .await
+            .unwrap_err();
+        assert!(err.contains("state directory"), "{err}");
+        let health = writer.health();
+        assert!(health.problem.is_some() && health.pending == 1 && health.write_errors >= 1);
+        // The way is cleared: the next retry (within RETRY_MAX) writes it.
+        std::fs::remove_file(&state).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while writer.health().problem.is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                writer.health()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop(writer);
+        assert_eq!(
+            Ledger::open(&state).unwrap().intents().unwrap(),
+            vec![intent("a")]
+        );
+    }
+
+    #[test]
+    fn pending_changes_keep_every_intent_and_bound_the_history() {
+        let mut pending = Pending::default();
+        let h = HistoryEntry {
+            at: 1,
+            name: "a".into(),
+            action: "recorded".into(),
+            detail: String::new(),
+        };
+        for _ in 0..MAX_PENDING_HISTORY + 7 {
+            pending.add(OwnedChange::History(h.clone()));
+        }
+        pending.add(OwnedChange::Save(intent("a")));
+        pending.add(OwnedChange::Save(intent("a")));
+        pending.add(OwnedChange::Save(intent("b")));
+        pending.add(OwnedChange::Forget("b".into()));
+        assert_eq!(pending.history.len(), MAX_PENDING_HISTORY);
+        assert_eq!(pending.history_dropped, 7);
+        assert_eq!(pending.saves.len(), 1);
+        assert!(pending.forgets.contains("b"));
     }
 }
