@@ -35,6 +35,20 @@ use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RETRY_MAX_FAST}
 const RPC_CONCURRENCY: usize = 32;
 /// Events handed to the engine per batch (one ledger commit each).
 const BATCH: usize = 4096;
+/// How long a (re)connection waits for the images directory's scan before it lists anyway.
+/// A scan of an unchanged directory takes milliseconds; a longer one (gigabytes of new
+/// archives) is applied when it ends, and the engine restores then what it shows gone.
+const SCAN_WAIT: Duration = Duration::from_secs(1);
+/// How long an operator's `reconcile` waits for the scan: they asked for a fresh look.
+const OPERATOR_SCAN_WAIT: Duration = Duration::from_secs(5);
+
+/// What a scan on the blocking pool hands back: the scanner (with its cache), the inventory,
+/// and the cache changes for the ledger.
+type ScanOutcome = (
+    Scanner,
+    Result<crate::inventory::Inventory, crate::inventory::InventoryError>,
+    crate::inventory::CacheChanges,
+);
 
 /// The wall clock, in the engine's unit.
 pub fn now_ms() -> Millis {
@@ -59,6 +73,17 @@ struct Daemon {
     ledger: Writer,
     /// Taken while a scan runs on the blocking pool.
     scanner: Option<Scanner>,
+    /// The scan running on the blocking pool: the loop goes on serving events, restores and
+    /// the operator meanwhile, and applies its result when it ends.
+    scan_task: Option<tokio::task::JoinHandle<ScanOutcome>>,
+    /// Scans started so far; the one in flight is number `scans_started`.
+    scans_started: u64,
+    /// The directory changed (or a verification asked) while a scan ran: scan again after it.
+    rescan_wanted: bool,
+    /// A start-up verification waits for the scan of this number, then lists.
+    verify_after_scan: Option<u64>,
+    /// The last error of a whole scan (the directory unreadable), said once until it changes.
+    scan_error: Option<String>,
     client: Option<Containerd>,
     /// Broken files of the images directory already reported (path, error): said once.
     reported_files: BTreeSet<(PathBuf, String)>,
@@ -98,6 +123,7 @@ enum Wake {
     Control(Request),
     Watchdog,
     Metrics,
+    Scanned(Result<ScanOutcome, tokio::task::JoinError>),
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
@@ -160,6 +186,11 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             interval
         }),
         scanner: Some(scanner),
+        scan_task: None,
+        scans_started: 0,
+        rescan_wanted: false,
+        verify_after_scan: None,
+        scan_error: None,
         engine: Engine::new(config, intents),
         ledger: Writer::spawn_observed(
             started.ledger,
@@ -220,8 +251,9 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
 
 impl Daemon {
     async fn serve(&mut self) -> anyhow::Result<()> {
-        // Know the directory before the first listing: no archive is called gone unread.
-        self.rescan().await?;
+        // The directory is read while pinkeeper connects; no archive is called gone unread
+        // (the engine takes every archive as present until the first inventory).
+        self.start_scan();
         loop {
             let client = self.wait_for_containerd().await;
             self.follow(client).await?;
@@ -270,11 +302,12 @@ impl Daemon {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = images_dir_changed(&mut self.watch) => {
-                    // Errors (the ledger) come back at the next write, in `follow`.
-                    if let Err(e) = self.rescan().await {
+                _ = images_dir_changed(&mut self.watch) => self.start_scan(),
+                done = scan_finished(&mut self.scan_task) => {
+                    if let Err(e) = self.scanned(done).await {
                         warn!("{e:#}");
                     }
+                    continue;
                 }
                 Some(request) = self.control.recv() => {
                     if let Err(e) = self.answer(request).await {
@@ -323,6 +356,7 @@ impl Daemon {
                 _ = shared.wake.notified() => Wake::Events,
                 _ = sleep_until(wakeup) => Wake::Timer,
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
+                done = scan_finished(&mut self.scan_task) => Wake::Scanned(done),
                 Some(request) = self.control.recv() => Wake::Control(request),
                 _ = watchdog_due(&mut self.watchdog) => Wake::Watchdog,
                 _ = self.metrics.due() => Wake::Metrics,
@@ -342,8 +376,13 @@ impl Daemon {
                     continue;
                 }
                 Wake::ImagesDir => {
-                    self.rescan().await?;
+                    self.start_scan();
                     continue;
+                }
+                Wake::Scanned(done) => {
+                    // Events that came first are applied first.
+                    self.drain(&shared).await?;
+                    self.scanned(done).await?;
                 }
                 Wake::Control(request) => {
                     // Events that came first are applied first: the answer (and a
@@ -383,7 +422,7 @@ impl Daemon {
 
     /// Rescans the directory and lists every image: events before this are covered by it.
     async fn resync(&mut self, shared: &Shared, cause: ListCause) -> anyhow::Result<()> {
-        self.rescan().await?;
+        self.rescan_within(SCAN_WAIT).await?;
         lock(&shared.queue).clear();
         self.list(cause).await
     }
@@ -410,60 +449,109 @@ impl Daemon {
         }
     }
 
-    /// Reads the images directory and hands it to the engine.
-    async fn rescan(&mut self) -> anyhow::Result<()> {
-        if let Some(provided) = self.scan().await? {
+    /// Starts a scan of the images directory on the blocking pool, or, if one is running,
+    /// asks for another after it.
+    fn start_scan(&mut self) {
+        let Some(mut scanner) = self.scanner.take() else {
+            self.rescan_wanted = true;
+            return;
+        };
+        self.rescan_wanted = false;
+        self.scans_started += 1;
+        self.scan_task = Some(tokio::task::spawn_blocking(move || {
+            let result = scanner.scan();
+            let cached = scanner.cache_changes();
+            (scanner, result, cached)
+        }));
+    }
+
+    /// Scans the directory and waits for the result up to `budget`; a scan that takes longer
+    /// goes on, and is applied when it ends.
+    async fn rescan_within(&mut self, budget: Duration) -> anyhow::Result<()> {
+        self.start_scan();
+        let Some(task) = self.scan_task.as_mut() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(budget, task).await {
+            Ok(done) => {
+                self.scan_task = None;
+                self.scanned(done).await
+            }
+            Err(_) => {
+                debug!(
+                    ?budget,
+                    "the images directory is still being read; going on without waiting"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// A scan ended: its cache goes to the ledger, its broken files are reported, its
+    /// inventory goes to the engine; then a verification waiting for it lists, and a scan
+    /// asked for meanwhile starts.
+    async fn scanned(
+        &mut self,
+        done: Result<ScanOutcome, tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let finished = self.scans_started;
+        let provided = match done {
+            Ok((scanner, result, cached)) => {
+                self.scanner = Some(scanner);
+                if !cached.is_empty() {
+                    // The read cache goes to the ledger in the background (it is a cache:
+                    // losing the last batch to a crash only means reading those files again).
+                    let _ = self.ledger.write(OwnedChange::from_cache_changes(cached));
+                }
+                match result {
+                    Ok(inventory) => {
+                        self.scan_error = None;
+                        self.report_broken_files(&inventory);
+                        Some(inventory.provided())
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        if self.scan_error.as_ref() != Some(&e) {
+                            warn!("{e}");
+                            self.scan_error = Some(e);
+                        }
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                // Nothing read from disk may stop pinkeeper: start again with an empty cache.
+                warn!("the images directory scan failed ({e}); reading it again from scratch");
+                self.scanner = Some(Scanner::new(&self.settings.images_dir));
+                self.rescan_wanted = true;
+                None
+            }
+        };
+        if let Some(provided) = provided {
             self.process(vec![Input::Inventory(provided)]).await?;
+        }
+        if self.verify_after_scan.is_some_and(|n| n <= finished) {
+            self.verify_after_scan = None;
+            self.list(ListCause::Verify).await?;
+        }
+        if self.rescan_wanted {
+            self.start_scan();
         }
         Ok(())
     }
 
-    /// Reads the images directory (blocking I/O, off the async thread). Broken files are
-    /// reported once each; a directory that cannot be read gives `None` (nothing is called
-    /// gone then; K3s's own re-pins and the verification still apply).
-    async fn scan(&mut self) -> anyhow::Result<Option<BTreeMap<String, PathBuf>>> {
-        let Some(mut scanner) = self.scanner.take() else {
-            return Ok(None);
-        };
-        let mut scan = tokio::task::spawn_blocking(move || {
-            let result = scanner.scan();
-            let cached = scanner.cache_changes();
-            (scanner, result, cached)
-        });
-        // Reading gigabytes of archives never seen before can outlast systemd's WatchdogSec:
-        // the loop is alive while the scan makes progress, so it keeps saying so.
-        let (scanner, result, cached) = loop {
-            tokio::select! {
-                done = &mut scan => break done.context("the images directory scan panicked")?,
-                _ = watchdog_due(&mut self.watchdog) => crate::notify::watchdog(),
+    /// Says which files of the images directory are broken, once each.
+    fn report_broken_files(&mut self, inventory: &crate::inventory::Inventory) {
+        let mut reported = BTreeSet::new();
+        for entry in inventory.errors() {
+            let error = entry.error.clone().unwrap_or_default();
+            let key = (entry.path.clone(), error.clone());
+            if !self.reported_files.contains(&key) {
+                warn!(file = %entry.path.display(), "skipping a file of the images directory: {error}");
             }
-        };
-        self.scanner = Some(scanner);
-        // The read cache goes to the ledger in the background (it is a cache: losing the
-        // last batch to a crash only means reading those files again).
-        if !cached.is_empty() {
-            // An error only means the writer is gone; the cache is not worth stopping for.
-            let _ = self.ledger.write(OwnedChange::from_cache_changes(cached));
+            reported.insert(key);
         }
-        match result {
-            Ok(inventory) => {
-                let mut reported = BTreeSet::new();
-                for entry in inventory.errors() {
-                    let error = entry.error.clone().unwrap_or_default();
-                    let key = (entry.path.clone(), error.clone());
-                    if !self.reported_files.contains(&key) {
-                        warn!(file = %entry.path.display(), "skipping a file of the images directory: {error}");
-                    }
-                    reported.insert(key);
-                }
-                self.reported_files = reported;
-                Ok(Some(inventory.provided()))
-            }
-            Err(e) => {
-                warn!("{e}");
-                Ok(None)
-            }
-        }
+        self.reported_files = reported;
     }
 
     /// Starts watching the images directory, or checks the watch (re-added if it was lost).
@@ -533,7 +621,7 @@ impl Daemon {
             calls.sort_by_key(|c| !matches!(c, Output::Pin { .. }));
             self.call_all(calls, &mut inputs).await;
             for effect in others {
-                self.carry_out(effect, &mut inputs).await?;
+                self.carry_out(effect).await?;
             }
         }
         // Other changes need not hold up the pins: the writer commits them in the background.
@@ -546,25 +634,16 @@ impl Daemon {
         Ok(())
     }
 
-    async fn carry_out(
-        &mut self,
-        effect: Output,
-        inputs: &mut VecDeque<Input>,
-    ) -> anyhow::Result<()> {
+    async fn carry_out(&mut self, effect: Output) -> anyhow::Result<()> {
         match effect {
             Output::Verify => {
-                debug!("start-up settled: checking that every intent is pinned");
-                if let Some(provided) = self.scan().await? {
-                    inputs.push_back(Input::Inventory(provided));
-                }
-                if let Some(client) = self.client.clone() {
-                    match client.list().await {
-                        Ok(images) => inputs.push_back(Input::Listing {
-                            images,
-                            cause: ListCause::Verify,
-                        }),
-                        Err(e) => warn!("{e}"),
-                    }
+                debug!("start-up settled: reading the images directory, then checking that every intent is pinned");
+                // The listing follows the scan that starts after this (see `scanned`), so
+                // a slow directory never holds up the loop.
+                self.verify_after_scan = Some(self.scans_started + 1);
+                self.start_scan();
+                if self.scan_task.is_none() {
+                    self.verify_after_scan = None;
                 }
             }
             Output::Unpin { name } => {
@@ -732,6 +811,20 @@ async fn read_events(mut subscription: crate::containerd::Subscription, shared: 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means a panic elsewhere; the data is still consistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolves when the scan in flight ends; never without one. Cancel-safe: the task stays.
+async fn scan_finished(
+    task: &mut Option<tokio::task::JoinHandle<ScanOutcome>>,
+) -> Result<ScanOutcome, tokio::task::JoinError> {
+    match task {
+        Some(handle) => {
+            let done = handle.await;
+            *task = None;
+            done
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the watchdog is due; never without one.
@@ -1047,7 +1140,9 @@ impl Daemon {
             Err(r) => return Ok(Err(r)),
         };
         let decisions = if dry_run {
-            let provided = self.scan().await?;
+            // The engine's copy has the last inventory (the watch keeps it fresh): a dry run
+            // reads nothing that would change the real engine.
+            let provided = None;
             let images = match client.list().await {
                 Ok(images) => images,
                 Err(e) => return Ok(Err(Refusal::unavailable(e.to_string()))),
@@ -1057,7 +1152,7 @@ impl Daemon {
         } else {
             self.captured = Some(Vec::new());
             let done = async {
-                self.rescan().await?;
+                self.rescan_within(OPERATOR_SCAN_WAIT).await?;
                 self.list(ListCause::Connected).await
             }
             .await;

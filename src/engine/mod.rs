@@ -1005,6 +1005,13 @@ impl Engine {
             return Some(path.clone());
         }
         let digest = self.intents.get(name)?.digest.as_ref()?;
+        // Only K3s's own digest alias (`<repo>@<digest>`, FACTS.md section 2, import item 4)
+        // belongs to the archive and is re-pinned by K3s with it. Any other name that only
+        // shares the digest (another tag, an operator's `ctr tag`) is pinned by nobody after
+        // the sweep: it is restored at once, not after the start-up settles.
+        if name.rsplit_once('@').is_none_or(|(_, d)| d != digest) {
+            return None;
+        }
         let intents = &self.intents;
         let by_digest = self.provided_digests.get_or_insert_with(|| {
             provided
@@ -1040,6 +1047,24 @@ impl Engine {
         };
         self.provided = Some(provided);
         self.provided_digests = None;
+        // Images swept in this episode and left to K3s because their archive was there (or
+        // not read yet): those whose archive this inventory shows gone are restored now, not
+        // at the verification. (Intents swept before a restart of pinkeeper wait for the
+        // listing, which shows whether their record is still there.)
+        let left_to_k3s: Vec<String> = match &self.episode {
+            Some(ep) => self
+                .awaiting_k3s
+                .iter()
+                .filter(|n| ep.open.contains(*n))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        for name in left_to_k3s {
+            if self.source_of(&name).is_none() {
+                self.settle(&name, now, out);
+            }
+        }
         let names: Vec<String> = self.intents.keys().cloned().collect();
         for name in names {
             if let Some(source) = self.source_of(&name) {
@@ -1047,10 +1072,10 @@ impl Engine {
             } else if was_provided.contains(&name) {
                 // Deleted while K3s runs: K3s unpins nothing now, its next start's sweep
                 // will (FACTS.md section 2, item 7). The pin stays; `source` keeps the file.
-                let file = self.intents[&name]
-                    .source
-                    .as_ref()
-                    .map_or_else(|| "its archive".to_string(), |f| f.display().to_string());
+                let file = self.intents[&name].source.as_ref().map_or_else(
+                    || "its archive".to_string(),
+                    |f| crate::escape::path(f).to_string(),
+                );
                 let detail = format!(
                     "archive of {name} is gone ({file}); its pin stays, and is restored when K3s's start-up sweep removes it"
                 );

@@ -587,3 +587,42 @@ fn the_summary_says_what_the_views_say() {
     assert_eq!(only_web.len(), 1);
     assert_eq!(only_web[0].archive, ArchiveState::Gone);
 }
+
+#[test]
+fn a_name_that_only_shares_the_digest_is_restored_at_once() {
+    // Another tag of app's image, not K3s's `repo@digest` alias: K3s re-pins nothing of it.
+    const RETAG: &str = "registry.example.com/mirror/app:1";
+    let mut e = engine_with_two();
+    e.handle(
+        0,
+        Input::Listing {
+            images: vec![
+                record(APP, both(), "sha256:aaaa"),
+                record(ALIAS, both(), "sha256:aaaa"),
+                record(RETAG, both(), "sha256:aaaa"),
+                record(WEB, both(), "sha256:bbbb"),
+            ],
+            cause: ListCause::Connected,
+        },
+    );
+    assert!(pins(&e.handle(1, update(ALIAS, Labels::new()))).is_empty());
+    assert_eq!(
+        pins(&e.handle(2, update(RETAG, Labels::new()))),
+        vec![(RETAG.to_string(), RestoreReason::ArchiveGone)]
+    );
+    assert_eq!(e.archive_of(RETAG), None);
+    assert_eq!(e.archive_of(ALIAS), Some(PathBuf::from("app.tar")));
+}
+
+#[test]
+fn an_inventory_that_shows_an_archive_gone_restores_a_swept_image_at_once() {
+    let mut e = engine_with_two();
+    // The sweep comes while the last inventory still has web.tar ...
+    assert!(pins(&e.handle(1, update(WEB, Labels::new()))).is_empty());
+    // ... and the scan that ends next shows it deleted: no wait for the verification.
+    let out = e.handle(2, inventory(&[(APP, "app.tar")]));
+    assert_eq!(
+        pins(&out),
+        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
+    );
+}
