@@ -34,6 +34,8 @@ pub const DEFAULT_SETTLE_MS: u64 = 3_000;
 const MAX_SETTLE_MS: u64 = 120_000;
 /// The longest path a unix socket address holds (`sun_path`, less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+/// The largest config file read: it has ten short keys; anything bigger is not one.
+const MAX_CONFIG_BYTES: u64 = 64 * 1024;
 
 /// Values of the settings, each optional: the config file's keys (unknown keys are an error)
 /// and, as [`Overrides`], the flags of `pinkeeper run` (`--containerd-socket` for
@@ -176,15 +178,26 @@ impl LogFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file cannot be read.
-    #[error("cannot read the config file {path}: {source}")]
+    #[error("cannot read the config file {}: {source}", crate::escape::path(path))]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
+    /// The config file is not a regular file (a FIFO, a directory, a device) or is too big.
+    #[error(
+        "the config file {} {what}; pass a regular TOML file with --config",
+        crate::escape::path(path)
+    )]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        what: String,
+    },
     /// The config file is not valid TOML or has unknown keys / wrong types.
-    #[error("config file {path}: {message}")]
+    #[error("config file {}: {message}", crate::escape::path(path))]
     Parse {
         /// The file.
         path: PathBuf,
@@ -206,10 +219,7 @@ pub enum ConfigError {
 impl FileConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_regular(path)?;
         FileConfig::parse(path, &text)
     }
 
@@ -235,15 +245,14 @@ impl FileConfig {
         if let Some(path) = explicit {
             return FileConfig::load(path).map(|file| Some((path.to_path_buf(), file)));
         }
-        match std::fs::read_to_string(default) {
+        match read_regular(default) {
             Ok(text) => FileConfig::parse(default, &text).map(|file| Some((default.into(), file))),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            // There but unreadable (a directory, no permission): say so rather than run with
-            // settings the operator did not mean.
-            Err(source) => Err(ConfigError::Read {
-                path: default.to_path_buf(),
-                source,
-            }),
+            Err(ConfigError::Read { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                Ok(None)
+            }
+            // There but unreadable (a directory, a FIFO, no permission): say so rather than run
+            // with settings the operator did not mean.
+            Err(e) => Err(e),
         }
     }
 }
@@ -335,6 +344,17 @@ impl Settings {
         )?;
         check_dir(&images_dir, &origin("images-dir", "images_dir", f2))?;
         check_dir(&state_dir, &origin("state-dir", "state_dir", f3))?;
+        if normal(&state_dir).starts_with(normal(&images_dir)) {
+            return Err(ConfigError::Invalid {
+                what: origin("state-dir", "state_dir", f3),
+                value: state_dir.display().to_string(),
+                expected: format!(
+                    "is inside the images directory {}, which holds K3s's archives; put the \
+                     ledger elsewhere (default {DEFAULT_STATE_DIR})",
+                    images_dir.display()
+                ),
+            });
+        }
         if !valid_namespace(&namespace) {
             return Err(ConfigError::Invalid {
                 what: origin("namespace", "namespace", ns_from_flag),
@@ -382,9 +402,93 @@ impl Settings {
     }
 }
 
+/// Reads a config file that must be a regular file, without ever blocking: opened with
+/// `O_NONBLOCK` (a FIFO's open does not wait for a writer), its type checked on the open file
+/// (`fstat`, so nothing can be swapped in between), and at most [`MAX_CONFIG_BYTES`] read.
+fn read_regular(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_a_file = |what: &str| ConfigError::NotAFile {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            // A directory opened for reading fails only at read time on some systems; this
+            // one says so at once on others.
+            Some(libc::EISDIR) => not_a_file("is a directory"),
+            Some(libc::ENXIO) => not_a_file("is a socket or a device without a reader"),
+            _ => read_error(e),
+        })?;
+    let meta = file.metadata().map_err(read_error)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "is a directory"
+        } else if kind.is_fifo() {
+            "is a FIFO (named pipe)"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "is a device"
+        } else if kind.is_socket() {
+            "is a socket"
+        } else {
+            "is not a regular file"
+        };
+        return Err(not_a_file(what));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(not_a_file(&format!(
+            "is {} bytes, more than a config file's {MAX_CONFIG_BYTES}",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    // Bounded even if the file grows while it is read.
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(not_a_file(&format!(
+            "is more than a config file's {MAX_CONFIG_BYTES} bytes"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: "is not UTF-8 text (TOML files are UTF-8)".into(),
+    })
+}
+
+/// A NUL byte ends a path at the system call: no file can have one in its name, and a path
+/// cut short there would be some other file.
+fn check_no_nul(path: &Path, what: &str) -> Result<(), ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(ConfigError::Invalid {
+            what: what.to_string(),
+            value: path.display().to_string(),
+            expected: "contains a NUL byte (\\u0000 in TOML), which no path can hold; remove it"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 fn check_socket(path: &Path, what: &str) -> Result<(), ConfigError> {
+    check_no_nul(path, what)?;
     let bytes = path.as_os_str().len();
-    if path.as_os_str().is_empty() || !path.is_absolute() || bytes > MAX_SOCKET_PATH {
+    if path.as_os_str().is_empty()
+        || !path.is_absolute()
+        || bytes > MAX_SOCKET_PATH
+        || path.file_name().is_none()
+        || path.as_os_str().as_encoded_bytes().ends_with(b"/")
+    {
         return Err(ConfigError::Invalid {
             what: what.to_string(),
             value: path.display().to_string(),
@@ -393,10 +497,47 @@ fn check_socket(path: &Path, what: &str) -> Result<(), ConfigError> {
             ),
         });
     }
+    let invalid = |expected: &str| ConfigError::Invalid {
+        what: what.to_string(),
+        value: path.display().to_string(),
+        expected: expected.to_string(),
+    };
+    // Only what is there already and clearly wrong: the socket itself may appear later.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() && !meta.file_type().is_symlink() {
+            return Err(invalid(
+                "exists and is not a unix socket; remove it or give the path of a socket",
+            ));
+        }
+    }
+    check_ancestors(path, what)
+}
+
+/// The nearest existing ancestor of `path` must be a directory: otherwise creating the path
+/// (or anything under it) fails later, once the daemon has started.
+fn check_ancestors(path: &Path, what: &str) -> Result<(), ConfigError> {
+    for dir in path.ancestors().skip(1) {
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(_) => {
+                return Err(ConfigError::Invalid {
+                    what: what.to_string(),
+                    value: path.display().to_string(),
+                    expected: format!(
+                        "{} exists and is not a directory; expected a path under a directory",
+                        dir.display()
+                    ),
+                })
+            }
+            Err(_) => continue,
+        }
+    }
     Ok(())
 }
 
 fn check_dir(path: &Path, what: &str) -> Result<(), ConfigError> {
+    check_no_nul(path, what)?;
     if path.as_os_str().is_empty() || !path.is_absolute() {
         return Err(ConfigError::Invalid {
             what: what.to_string(),
@@ -411,7 +552,7 @@ fn check_dir(path: &Path, what: &str) -> Result<(), ConfigError> {
             expected: "exists but is not a directory".into(),
         });
     }
-    Ok(())
+    check_ancestors(path, what)
 }
 
 /// A node-exporter textfile collector reads `*.prom` files of one directory, given as an
@@ -423,6 +564,7 @@ fn check_textfile(path: &Path, what: &str) -> Result<(), ConfigError> {
         value: path.display().to_string(),
         expected: expected.to_string(),
     };
+    check_no_nul(path, what)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if !path.is_absolute() || name.len() <= ".prom".len() || !name.ends_with(".prom") {
         return Err(invalid(
@@ -476,6 +618,11 @@ fn parse_metrics_address(value: String, what: &str) -> Result<SocketAddr, Config
         ));
     }
     Ok(address)
+}
+
+/// `path` with its `.` components and trailing slashes gone (no file system access).
+fn normal(path: &Path) -> PathBuf {
+    path.components().collect()
 }
 
 /// containerd's namespace rule (`identifiers.Validate`): alphanumerics separated by single
@@ -881,5 +1028,197 @@ mod tests {
             err.starts_with("cannot read the config file") && err.contains("missing.toml"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    fn error(result: Result<Settings, ConfigError>) -> String {
+        result.unwrap_err().to_string()
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn a_fifo_a_directory_or_a_device_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config.toml");
+        mkfifo(&fifo);
+        // No writer ever opens the FIFO: a blocking open would never return.
+        let err = FileConfig::load(&fifo).unwrap_err().to_string();
+        assert!(
+            err.contains("is a FIFO") && err.contains("config.toml"),
+            "{err}"
+        );
+        // The same when it is the default file.
+        let err = FileConfig::find_with_default(None, &fifo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a FIFO"), "{err}");
+        let err = FileConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = FileConfig::load(Path::new("/dev/null"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a device"), "{err}");
+    }
+
+    #[test]
+    fn a_huge_or_binary_config_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let err = FileConfig::load(&big).unwrap_err().to_string();
+        assert!(err.contains("bytes"), "{err}");
+        let binary = dir.path().join("bin.toml");
+        std::fs::write(&binary, b"program = \"k3s\"\n\xff\xfe").unwrap();
+        let err = FileConfig::load(&binary).unwrap_err().to_string();
+        assert!(
+            err.contains("not UTF-8") && err.contains("bin.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_nul_byte_in_any_path_is_refused_naming_the_key() {
+        for key in [
+            "state_dir",
+            "images_dir",
+            "containerd_socket",
+            "control_socket",
+            "metrics_textfile",
+        ] {
+            let text = format!("{key} = \"/var/lib/pk\\u0000x.prom\"\n");
+            let file: FileConfig = toml::from_str(&text).unwrap();
+            let err = error(Settings::resolve(
+                Some((Path::new("/etc/pinkeeper/config.toml"), file)),
+                Overrides::default(),
+            ));
+            assert!(
+                err.starts_with(&format!("{key} in /etc/pinkeeper/config.toml"))
+                    && err.contains("NUL byte"),
+                "{key}: {err}"
+            );
+        }
+        // A flag cannot carry one from a shell, but an exec can be given any OsString.
+        let flags = Overrides {
+            state_dir: Some(PathBuf::from(OsString::from_vec(b"/var/\0lib".to_vec()))),
+            ..Overrides::default()
+        };
+        let err = error(Settings::resolve(None, flags));
+        assert!(
+            err.starts_with("--state-dir") && err.contains("NUL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn other_bad_paths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "").unwrap();
+        let long = format!("/{}", "s".repeat(MAX_SOCKET_PATH));
+        let cases: Vec<(Overrides, &str, &str)> = vec![
+            (
+                Overrides {
+                    state_dir: Some("".into()),
+                    ..Overrides::default()
+                },
+                "--state-dir",
+                "absolute",
+            ),
+            (
+                Overrides {
+                    state_dir: Some("var/lib/pinkeeper".into()),
+                    ..Overrides::default()
+                },
+                "--state-dir",
+                "absolute",
+            ),
+            (
+                Overrides {
+                    control_socket: Some(long.into()),
+                    ..Overrides::default()
+                },
+                "--control-socket",
+                "107 bytes",
+            ),
+            (
+                Overrides {
+                    control_socket: Some("/".into()),
+                    ..Overrides::default()
+                },
+                "--control-socket",
+                "unix socket",
+            ),
+            (
+                Overrides {
+                    control_socket: Some("/run/pinkeeper/".into()),
+                    ..Overrides::default()
+                },
+                "--control-socket",
+                "unix socket",
+            ),
+            (
+                Overrides {
+                    control_socket: Some(file.clone()),
+                    ..Overrides::default()
+                },
+                "--control-socket",
+                "not a unix socket",
+            ),
+            (
+                Overrides {
+                    containerd_socket: Some(dir.path().to_path_buf()),
+                    ..Overrides::default()
+                },
+                "--containerd-socket",
+                "not a unix socket",
+            ),
+            (
+                Overrides {
+                    state_dir: Some(file.join("state")),
+                    ..Overrides::default()
+                },
+                "--state-dir",
+                "is not a directory",
+            ),
+            (
+                Overrides {
+                    control_socket: Some(file.join("p.sock")),
+                    ..Overrides::default()
+                },
+                "--control-socket",
+                "is not a directory",
+            ),
+            (
+                Overrides {
+                    state_dir: Some(PathBuf::from(DEFAULT_IMAGES_DIR).join("pinkeeper")),
+                    ..Overrides::default()
+                },
+                "--state-dir",
+                "inside the images directory",
+            ),
+            (
+                Overrides {
+                    state_dir: Some(format!("{DEFAULT_IMAGES_DIR}/./").into()),
+                    ..Overrides::default()
+                },
+                "--state-dir",
+                "inside the images directory",
+            ),
+        ];
+        for (flags, starts, says) in cases {
+            let err = error(Settings::resolve(None, flags));
+            assert!(err.starts_with(starts) && err.contains(says), "{err}");
+        }
     }
 }

@@ -669,7 +669,8 @@ impl Daemon {
             Output::Pin { .. }
             | Output::Fetch { .. }
             | Output::Save { .. }
-            | Output::History(_) => {}
+            | Output::History(_)
+            | Output::Forget { .. } => {}
         }
         Ok(())
     }

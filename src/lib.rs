@@ -15,6 +15,7 @@ pub mod engine;
 pub mod escape;
 pub mod inventory;
 pub mod ledger;
+pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod notify;

@@ -141,16 +141,24 @@ fn init_logging(format: pinkeeper::config::LogFormat) {
         "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,notify=warn,{wanted}"
     ))
     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         pinkeeper::config::LogFormat::Text => {
-            logs.with_ansi(std::io::stderr().is_terminal()).init()
+            // Every control character of an event is escaped (a file name's newline cannot
+            // forge a line); colours only on a terminal (src/logging.rs).
+            let ansi = std::io::stderr().is_terminal();
+            logs.with_writer(pinkeeper::logging::Escaping::new(std::io::stderr, ansi))
+                .with_ansi(ansi)
+                .init()
         }
         // One object per line, the event's fields at the top level beside `timestamp`,
-        // `level` and `target`: what log shippers (and `kubectl logs | jq`) expect.
-        pinkeeper::config::LogFormat::Json => logs.json().flatten_event(true).init(),
+        // `level` and `target`: what log shippers (and `kubectl logs | jq`) expect. serde_json
+        // escapes control characters itself.
+        pinkeeper::config::LogFormat::Json => logs
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .init(),
     }
 }
 

@@ -224,6 +224,9 @@ impl Replay {
                         self.ledger.insert(intent.name.clone(), intent);
                     }
                     Output::History(entry) => self.history.push(entry),
+                    Output::Forget { name } => {
+                        self.ledger.remove(&name);
+                    }
                     Output::SweepSummary(_) => {}
                 }
             }
@@ -580,7 +583,7 @@ pub fn describe(at: Millis, output: &Output) -> Option<String> {
             s.restored_not_repinned,
             s.repinned_by_k3s
         ),
-        Output::Fetch { .. } | Output::Save { .. } => return None,
+        Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } => return None,
     })
 }
 
@@ -610,7 +613,7 @@ pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
             "restored_not_repinned": s.restored_not_repinned,
             "repinned_by_k3s": s.repinned_by_k3s,
         }),
-        Output::Fetch { .. } | Output::Save { .. } => return None,
+        Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } => return None,
     })
 }
 

@@ -14,7 +14,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use pinkeeper::engine::{Config, EventKind, ImageEvent, Input, Labels, CRI_PIN, K3S_PIN, PINNED};
+use pinkeeper::engine::{
+    Config, EventKind, ImageEvent, Input, IntentState, Labels, CRI_PIN, DEFAULT_RETENTION, K3S_PIN,
+    PINNED,
+};
 use pinkeeper::replay::Replay;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -771,8 +774,43 @@ impl Model {
         Ok(())
     }
 
+    /// Forgetting: the engine holds no released intent past its retention (unless the record
+    /// still carries a pin, [`Config::retention`]), and the ledger holds exactly the engine's
+    /// intents, so a forgotten one is not loaded again at the next start.
+    fn check_memory(&self) -> Result<(), String> {
+        let engine = &self.replay.engine;
+        let retention = engine.config().retention;
+        let now = self.replay.now;
+        for intent in engine.intents() {
+            let pinned = pinned(&intent.labels, K3S_PIN) || pinned(&intent.labels, CRI_PIN);
+            if intent.state == IntentState::Released
+                && !pinned
+                && intent.since.saturating_add(retention) <= now
+            {
+                return Err(format!(
+                    "{} was released at {} and is still held at {now}",
+                    intent.name, intent.since
+                ));
+            }
+            if self.replay.ledger.get(&intent.name) != Some(intent) {
+                return Err(format!(
+                    "{}: the ledger has {:?}, the engine {intent:?}",
+                    intent.name,
+                    self.replay.ledger.get(&intent.name)
+                ));
+            }
+        }
+        for name in self.replay.ledger.keys() {
+            if engine.intent(name).is_none() {
+                return Err(format!("{name} was forgotten but stays in the ledger"));
+            }
+        }
+        Ok(())
+    }
+
     /// The invariants of DESIGN.md section 2 on the state at the end of a story.
     fn check_end(&self) -> Result<(), String> {
+        self.check_memory()?;
         let store = &self.replay.store.images;
         // Rule 5: pinkeeper creates and deletes no record, and changes no label but the CRI pin.
         let names: BTreeSet<&String> = store.keys().collect();
@@ -899,6 +937,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => Just(Step::Reconnect),
         2 => prop::sample::select(vec![100u64, 1_000, 3_000, 6_000, 60_000, 200_000])
             .prop_map(Step::Advance),
+        // Past the retention of released intents: the engine forgets them (issue 9, item 8).
+        1 => Just(Step::Advance(DEFAULT_RETENTION + 1_000)),
         1 => any::<usize>().prop_map(Step::Duplicate),
     ]
 }

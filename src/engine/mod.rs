@@ -57,7 +57,18 @@ pub struct Config {
     /// How long a deleted record may stay away before its intent is released: K3s re-tags an
     /// alias by deleting and creating it again at once (FACTS.md section 2, `forceCreateTag`).
     pub churn_window: Millis,
+    /// How long a released intent stays in the engine (for `pinkeeper list`, `status` and the
+    /// rules that look at what it was released with), counted from its release
+    /// ([`Intent::since`]). Then it is forgotten ([`Output::Forget`]); its history stays.
+    pub retention: Millis,
 }
+
+/// [`Config::retention`] by default: an hour. Forgetting changes no decision
+/// ([`Engine::forget_at`]), so this only says how long `pinkeeper list --all` and `status`
+/// still show a release (the ledger's history keeps it for good). An hour is far beyond any
+/// K3s start-up or alias churn (seconds) and bounds memory to an hour of releases: a node
+/// creating and deleting pinned images all day (20,000 cycles, issue 9) holds no more.
+pub const DEFAULT_RETENTION: Millis = 60 * 60 * 1000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -66,6 +77,7 @@ impl Default for Config {
             settle: 3_000,
             settle_max: 120_000,
             churn_window: 3_000,
+            retention: DEFAULT_RETENTION,
         }
     }
 }
@@ -237,6 +249,13 @@ pub enum Output {
     },
     /// Append this to the ledger's history.
     History(HistoryEntry),
+    /// Delete the ledger's record of this intent: it was released more than
+    /// [`Config::retention`] ago and the engine has forgotten it. Its history stays. Should
+    /// the name be seen pinned again, it is recorded again like any new name.
+    Forget {
+        /// The image.
+        name: String,
+    },
     /// A sweep episode ended (after its verification): one log line for the operator.
     SweepSummary(SweepSummary),
 }
@@ -282,7 +301,8 @@ pub struct Intent {
     pub state: IntentState,
     /// How it came to be.
     pub origin: Origin,
-    /// When it was recorded (or last re-recorded after a release).
+    /// When it was recorded (or last re-recorded after a release); for a released intent, when
+    /// it was released (ledgers written before 0.x hold the time it was recorded).
     pub since: Millis,
     /// How many times pinkeeper restored the pin.
     #[serde(default)]
@@ -458,6 +478,8 @@ pub struct Engine {
     /// A verification listing is being applied: unpinned intents are restored, not deferred.
     verifying: bool,
     episode: Option<Episode>,
+    /// Released intents to forget, by when ([`Engine::forget_at`]): the earliest is the head.
+    forget: BTreeSet<(Millis, String)>,
 }
 
 impl Engine {
@@ -471,7 +493,7 @@ impl Engine {
             .filter(|i| i.state == IntentState::Swept)
             .map(|i| i.name.clone())
             .collect();
-        Engine {
+        let mut engine = Engine {
             config,
             intents,
             provided: None,
@@ -486,7 +508,46 @@ impl Engine {
             verify_in_flight: false,
             verifying: false,
             episode: None,
+            forget: BTreeSet::new(),
+        };
+        // Those already past their retention go at the first tick, which `next_wakeup` asks
+        // for at once (the engine has no clock to read here).
+        let forget = engine
+            .intents
+            .values()
+            .filter_map(|i| Some((engine.forget_at(i)?, i.name.clone())))
+            .collect();
+        engine.forget = forget;
+        engine
+    }
+
+    /// When a released intent is forgotten: [`Config::retention`] after its release, and only
+    /// while the labels it was last seen with carry no pin. Forgetting then changes no
+    /// decision: a record seen again without a pin is ignored either way, and one seen with a
+    /// pin is recorded either way (contract rule 1). One left with K3s's label (an operator
+    /// removed only the CRI pin) is kept until its record is gone, or it would be recorded and
+    /// released again at every listing.
+    fn forget_at(&self, intent: &Intent) -> Option<Millis> {
+        (intent.state == IntentState::Released && !self.pins(&intent.labels).any())
+            .then(|| intent.since.saturating_add(self.config.retention))
+    }
+
+    /// Keeps [`Engine::forget`] in step after the intent `name` changed from `before`.
+    fn reindex(&mut self, name: &str, before: Option<Millis>) {
+        let after = self.intents.get(name).and_then(|i| self.forget_at(i));
+        if before != after {
+            if let Some(at) = before {
+                self.forget.remove(&(at, name.to_string()));
+            }
+            if let Some(at) = after {
+                self.forget.insert((at, name.to_string()));
+            }
         }
+    }
+
+    /// The forget time of the intent `name` as it stands, for [`Engine::reindex`].
+    fn forget_key(&self, name: &str) -> Option<Millis> {
+        self.intents.get(name).and_then(|i| self.forget_at(i))
     }
 
     /// The intents, released ones included.
@@ -605,10 +666,8 @@ impl Engine {
     /// When the engine next needs an [`Input::Tick`], if ever.
     pub fn next_wakeup(&self) -> Option<Millis> {
         let churn = self.deleted.values().min().copied();
-        match (churn, self.verify_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let forget = self.forget.first().map(|(at, _)| *at);
+        [churn, self.verify_due, forget].into_iter().flatten().min()
     }
 
     /// Feeds one observation made at `now`; returns what to do.
@@ -658,6 +717,8 @@ impl Engine {
                     // A delete may be delivered after the create that followed it (FACTS.md
                     // section 3): a Get tells.
                     out.push(Output::Fetch { name: event.name });
+                } else {
+                    self.record_gone(&event.name, out);
                 }
             }
             EventKind::Create => {
@@ -901,7 +962,9 @@ impl Engine {
             last_restored: previous.and_then(|p| p.last_restored),
             released_because: None,
         };
+        let before = self.forget_key(name);
         self.intents.insert(name.to_string(), intent.clone());
+        self.reindex(name, before);
         self.provided_digests = None;
         if let Some(source) = self.source_of(name) {
             intent.source = Some(source.clone());
@@ -946,6 +1009,7 @@ impl Engine {
         }
         self.update_intent(name, out, |i| {
             i.state = IntentState::Released;
+            i.since = now;
             i.released_because = Some(why.to_string());
             if let Some(labels) = seen {
                 i.labels = labels;
@@ -965,7 +1029,10 @@ impl Engine {
         };
         let before = intent.clone();
         change(intent);
-        if intent.digest != before.digest {
+        let new_digest = intent.digest != before.digest;
+        let forget_before = self.forget_at(&before);
+        self.reindex(name, forget_before);
+        if new_digest {
             // The digest ties K3s's aliases to their archive.
             self.provided_digests = None;
             if let Some(source) = self.source_of(name) {
@@ -1228,12 +1295,14 @@ impl Engine {
                 labels: after.unwrap_or_default(),
                 state: IntentState::Released,
                 origin: previous.map_or(Origin::Operator, |p| p.origin),
-                since: previous.map_or(now, |p| p.since),
+                since: now,
                 restores: previous.map_or(0, |p| p.restores),
                 last_restored: previous.and_then(|p| p.last_restored),
                 released_because: Some(OPERATOR_UNPIN.to_string()),
             };
+            let before = self.forget_key(name);
             self.intents.insert(name.to_string(), intent.clone());
+            self.reindex(name, before);
             self.provided_digests = None;
             out.push(Output::Save { intent, new: false });
             self.history(now, name, "released", OPERATOR_UNPIN, out);
@@ -1245,7 +1314,40 @@ impl Engine {
         }
     }
 
+    /// The record of a released intent is gone: what it showed is no longer there (so that
+    /// the intent can be forgotten in time, [`Engine::forget_at`]).
+    fn record_gone(&mut self, name: &str, out: &mut Vec<Output>) {
+        if self
+            .intents
+            .get(name)
+            .is_some_and(|i| i.state == IntentState::Released && !i.labels.is_empty())
+        {
+            self.update_intent(name, out, |i| i.labels.clear());
+        }
+    }
+
+    /// Drops the released intents whose retention is over.
+    fn forget_due(&mut self, now: Millis, out: &mut Vec<Output>) {
+        while let Some((at, name)) = self.forget.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.forget.pop_first();
+            if self.intents.remove(&name).is_none() {
+                continue;
+            }
+            // A released intent is in none of these; a late answer about it finds nothing.
+            self.deleted.remove(&name);
+            self.awaiting_k3s.remove(&name);
+            self.unpins_to_confirm.remove(&name);
+            self.labels_to_confirm.remove(&name);
+            self.provided_digests = None;
+            out.push(Output::Forget { name });
+        }
+    }
+
     fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) {
+        self.forget_due(now, out);
         let due: Vec<String> = self
             .deleted
             .iter()
@@ -1295,12 +1397,21 @@ impl Engine {
         }
         // Records that are gone were deleted while pinkeeper was not watching. Released after
         // the churn window unless created again (K3s may be in the middle of re-tagging).
+        let mut gone = Vec::new();
         for intent in self.intents.values() {
-            if intent.state != IntentState::Released && !seen.contains(&intent.name) {
+            if seen.contains(&intent.name) {
+                continue;
+            }
+            if intent.state != IntentState::Released {
                 self.deleted
                     .entry(intent.name.clone())
                     .or_insert(now + self.config.churn_window);
+            } else if !intent.labels.is_empty() {
+                gone.push(intent.name.clone());
             }
+        }
+        for name in gone {
+            self.record_gone(&name, out);
         }
         // Swept intents that were waiting (for K3s, or from before pinkeeper restarted).
         let waiting: Vec<String> = self.awaiting_k3s.iter().cloned().collect();

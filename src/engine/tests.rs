@@ -625,4 +625,176 @@ fn an_inventory_that_shows_an_archive_gone_restores_a_swept_image_at_once() {
         pins(&out),
         vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
     );
+
+fn forgotten(out: &[Output]) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Forget { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Deletes `name` for good: released once the churn window is over.
+fn delete_for_good(e: &mut Engine, at: Millis, name: &str) -> Millis {
+    e.handle(at, event(EventKind::Delete, name, Labels::new()));
+    e.handle(
+        at,
+        Input::Fetched {
+            name: name.into(),
+            record: None,
+        },
+    );
+    let released = at + e.config().churn_window;
+    e.handle(released, Input::Tick);
+    assert_eq!(e.intent(name).unwrap().state, IntentState::Released);
+    released
+}
+
+#[test]
+fn a_released_intent_is_forgotten_after_the_retention_and_recorded_again_when_pinned() {
+    let mut e = engine_with_two();
+    let retention = e.config().retention;
+    assert_eq!(retention, DEFAULT_RETENTION);
+    let released = delete_for_good(&mut e, 1_000, WEB);
+    // The release time is the intent's `since`, and the next wakeup is its forgetting.
+    assert_eq!(e.intent(WEB).unwrap().since, released);
+    assert_eq!(e.next_wakeup(), Some(released + retention));
+    assert!(forgotten(&e.handle(released + retention - 1, Input::Tick)).is_empty());
+    let out = e.handle(released + retention, Input::Tick);
+    assert_eq!(forgotten(&out), [WEB]);
+    assert!(e.intent(WEB).is_none());
+    assert_eq!(e.next_wakeup(), None);
+    assert_eq!(e.tally().released, 0);
+    // Contract rule 1: seen pinned again, it is recorded like any new name.
+    let later = released + retention + 5;
+    let out = e.handle(later, event(EventKind::Create, WEB, both()));
+    assert!(out
+        .iter()
+        .any(|o| matches!(o, Output::Save { new: true, intent } if intent.name == WEB)));
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
+    assert_eq!(e.intent(WEB).unwrap().since, later);
+    // Seen again without a pin, it stays unknown, as it would have stayed released.
+    let mut f = engine_with_two();
+    let released = delete_for_good(&mut f, 1_000, WEB);
+    f.handle(released + retention, Input::Tick);
+    assert!(f
+        .handle(
+            released + retention + 1,
+            event(EventKind::Create, WEB, Labels::new())
+        )
+        .is_empty());
+    assert!(f.intent(WEB).is_none());
+}
+
+#[test]
+fn pinned_again_before_the_retention_the_intent_is_not_forgotten() {
+    let mut e = engine_with_two();
+    let retention = e.config().retention;
+    let released = delete_for_good(&mut e, 1_000, WEB);
+    e.handle(released + 10, event(EventKind::Create, WEB, both()));
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
+    assert_eq!(e.next_wakeup(), None);
+    let out = e.handle(released + retention + 1, Input::Tick);
+    assert!(forgotten(&out).is_empty());
+    assert!(e.intent(WEB).is_some());
+}
+
+#[test]
+fn a_released_intent_whose_record_keeps_k3s_label_stays_until_the_record_is_gone() {
+    let mut e = engine_with_two();
+    let retention = e.config().retention;
+    // An operator removes the CRI pin only: K3s's label stays on the record.
+    e.handle(100, update(WEB, labels(&[K3S_PIN])));
+    e.handle(
+        100,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(record(WEB, labels(&[K3S_PIN]), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
+    // Forgotten, it would be recorded and released again at every listing.
+    assert_eq!(e.next_wakeup(), None);
+    assert!(forgotten(&e.handle(100 + retention + 1, Input::Tick)).is_empty());
+    // Its record is deleted: now it can go, a retention after its release.
+    let out = e.handle(
+        200 + retention,
+        event(EventKind::Delete, WEB, Labels::new()),
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::Save { .. })));
+    assert_eq!(e.next_wakeup(), Some(100 + retention));
+    assert_eq!(forgotten(&e.handle(200 + retention, Input::Tick)), [WEB]);
+    // The same when a listing finds the record gone.
+    let mut f = engine_with_two();
+    f.handle(
+        100,
+        Input::OperatorUnpin {
+            name: WEB.into(),
+            record: Some(record(WEB, both(), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(f.next_wakeup(), None);
+    f.handle(
+        200,
+        Input::Listing {
+            images: vec![record(APP, both(), "sha256:aaaa")],
+            cause: ListCause::Connected,
+        },
+    );
+    assert_eq!(f.intent(WEB).unwrap().labels, Labels::new());
+    f.handle(100 + retention, Input::Tick);
+    assert!(f.intent(WEB).is_none());
+}
+
+#[test]
+fn intents_past_their_retention_in_the_ledger_go_at_the_first_tick() {
+    let mut e = engine_with_two();
+    let retention = e.config().retention;
+    delete_for_good(&mut e, 1_000, WEB);
+    let intents: Vec<Intent> = e.intents().cloned().collect();
+    // Restarted a week later.
+    let mut e = Engine::new(Config::default(), intents);
+    let due = e.next_wakeup().unwrap();
+    assert!(due <= 1_000 + 3_000 + retention);
+    assert_eq!(forgotten(&e.handle(7 * retention, Input::Tick)), [WEB]);
+    assert_eq!(e.intents().count(), 2);
+    assert_eq!(e.next_wakeup(), None);
+}
+
+/// 20,000 create+delete cycles of pinned images: with forgetting, the engine holds only the
+/// intents released within the retention (issue 9, item 10).
+#[test]
+fn churn_does_not_accumulate_released_intents() {
+    let config = Config {
+        retention: 60_000,
+        ..Config::default()
+    };
+    let mut e = Engine::new(config, []);
+    e.handle(0, inventory(&[]));
+    let mut now = 0;
+    let mut most = 0;
+    for n in 0..20_000u64 {
+        now += 100;
+        let name = format!("docker.io/library/churn:{n}");
+        e.handle(now, event(EventKind::Create, &name, labels(&[CRI_PIN])));
+        e.handle(
+            now,
+            Input::Fetched {
+                name: name.clone(),
+                record: Some(record(&name, labels(&[CRI_PIN]), "sha256:cccc")),
+            },
+        );
+        e.handle(now + 1, event(EventKind::Delete, &name, Labels::new()));
+        while let Some(at) = e.next_wakeup().filter(|at| *at <= now + 50) {
+            e.handle(at, Input::Tick);
+        }
+        most = most.max(e.intents().count());
+    }
+    // One release every 100 ms, kept 60 s (+ the 3 s churn window): about 630 at once.
+    assert!(most <= 700, "{most}");
+    while let Some(at) = e.next_wakeup() {
+        e.handle(at, Input::Tick);
+    }
+    assert_eq!(e.intents().count(), 0);
 }
