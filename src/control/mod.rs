@@ -314,8 +314,8 @@ pub fn channel() -> (mpsc::Sender<Request>, mpsc::Receiver<Request>) {
 /// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit, and logs it. The
 /// daemon calls it once at start. Many systems start services with a soft limit of 1024 and a
 /// far higher hard one; pinkeeper uses no `select()`, so the hard limit is safe. Under the
-/// packaged unit, `LimitNOFILE=` sets both already (and the unit's `SystemCallFilter=` refuses
-/// `setrlimit`), so this changes nothing there; a failure is logged and harmless.
+/// packaged unit, `LimitNOFILE=` sets both to the same value, so there is nothing to raise. A
+/// failure is logged and harmless (the control socket's accept loop backs off at the limit).
 pub fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
