@@ -921,16 +921,19 @@ impl Daemon {
     }
 
     fn list_intents(&mut self, req: &pb::ListRequest) -> pb::ListResponse {
+        // One page (control::ListPage): the engine offers intents in name order.
+        let page = control::ListPage::new(req);
         let intents = self
             .engine
             .views_of(|i| {
                 (req.all || i.state != IntentState::Released)
                     && control::matches(&req.pattern, &i.name)
+                    && page.takes(&i.name)
             })
             .iter()
             .map(intent_info)
             .collect();
-        pb::ListResponse { intents }
+        page.answer(intents)
     }
 
     fn connected(&self) -> Result<crate::containerd::Containerd, Refusal> {

@@ -3,3 +3,7 @@
 #![allow(missing_docs, clippy::all)]
 
 include!(concat!(env!("OUT_DIR"), "/mod.rs"));
+
+/// The prost these messages are built with (0.13, not the main crate's 0.14): for
+/// `Message::encoded_len` when the daemon sizes a page of `List`.
+pub use prost;

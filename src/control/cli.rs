@@ -138,6 +138,7 @@ pub fn list(args: ListArgs) -> ExitCode {
     let req = pb::ListRequest {
         pattern: args.pattern.unwrap_or_default(),
         all: args.all,
+        ..Default::default()
     };
     call(
         &args.common,

@@ -135,12 +135,38 @@ impl Client {
             .map_err(|e| self.error(e))
     }
 
-    /// `List`.
-    pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse, ClientError> {
-        self.inner
-            .list(Self::ctx(CALL_TIMEOUT), &req)
-            .await
-            .map_err(|e| self.error(e))
+    /// `List`, every page of it: asks for [`super::LIST_PAGE`] intents at a time and follows
+    /// `next_page_token` (a daemon from before paging answers everything at once).
+    pub async fn list(&self, mut req: pb::ListRequest) -> Result<pb::ListResponse, ClientError> {
+        req.page_size = super::LIST_PAGE;
+        req.page_token.clear();
+        let mut intents = Vec::new();
+        loop {
+            let page = self
+                .inner
+                .list(Self::ctx(CALL_TIMEOUT), &req)
+                .await
+                .map_err(|e| self.error(e))?;
+            intents.extend(page.intents);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            if page.next_page_token <= req.page_token {
+                return Err(ClientError::Other {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "the daemon's list pages do not advance (next page after {:?} again); \
+                         restart it (systemctl restart pinkeeper) and report this",
+                        page.next_page_token
+                    ),
+                });
+            }
+            req.page_token = page.next_page_token;
+        }
+        Ok(pb::ListResponse {
+            intents,
+            next_page_token: String::new(),
+        })
     }
 
     /// `Pin`.

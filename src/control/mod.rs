@@ -9,16 +9,21 @@
 pub mod cli;
 pub mod client;
 
+use std::cell::Cell;
 use std::os::fd::RawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use pinkeeper_proto::prost::Message as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
 use ttrpc::asynchronous::{Server, TtrpcContext};
-use ttrpc::security_extension::{AcceptHook, HookError, HookOutput};
 
 pub use pinkeeper_proto::pinkeeper::v1 as pb;
 
@@ -138,10 +143,43 @@ pub struct Request {
 /// Requests waiting for the daemon's loop: a few operators at once at most.
 const QUEUE: usize = 16;
 
+/// Connections served at once. The CLI opens one per command and an operator runs a few at a
+/// time; a monitoring script adds one. A connection over the limit is accepted and closed at
+/// once (logged at most once per [`LOG_INTERVAL`], with a count), so a flood of connections
+/// costs neither file descriptors nor memory (the shape of mini-redis's `MAX_CONNECTIONS` and
+/// its semaphore). 64 leaves the daemon's own fds (containerd, ledger, inotify) far below any
+/// usual fd limit.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The largest request the daemon reads, in bytes (the length in a ttrpc frame header). The
+/// API's requests are a name or a pattern, well under 1 KiB. ttrpc's own limit is 4 MiB and it
+/// allocates the announced length before reading it: 200 connections announcing 4 MiB took
+/// the daemon to 838 MB. A frame announcing more is refused when its header is read, before
+/// ttrpc sees it, and the connection is closed.
+pub const MAX_FRAME: u32 = 64 << 10;
+
+/// The recurring problems of the socket (accept errors, connections over the limit, frames
+/// over [`MAX_FRAME`], refused peers) are logged at most once per interval each, with a count.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// After an accept error (EMFILE, ENFILE, ENOBUFS...) the loop waits, doubling from the first
+/// delay up to the cap; a successful accept resets it. Capped low so that `status` is answered
+/// within a second of fds being free again.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// `List` pages: at most this many intents per answer (the CLI asks for this many)...
+pub const LIST_PAGE: u32 = 1000;
+/// ... and the daemon never gives more than this many, whatever is asked...
+pub const LIST_PAGE_MAX: u32 = 5000;
+/// ... nor more than about this many bytes (ttrpc refuses answers over 4 MiB).
+pub const LIST_PAGE_BYTES: usize = 1 << 20;
+
 /// The served control socket. Dropping it (or [`ControlServer::stop`]) stops serving; `stop`
 /// also removes the socket file if it is still this one.
 pub struct ControlServer {
     server: Server,
+    accept: tokio::task::JoinHandle<()>,
     path: PathBuf,
     inode: u64,
 }
@@ -207,6 +245,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 
 /// Serves the API on a socket from [`bind`]; calls go to `requests`. Must run inside the
 /// tokio runtime.
+///
+/// pinkeeper owns the accept loop (ttrpc's logs every accept error and retries at once: 11,671
+/// lines a second at the fd limit) and hands ttrpc only connections that are under
+/// [`MAX_CONNECTIONS`], come from root, and are read through [`Bounded`].
 pub async fn serve(
     listener: UnixListener,
     path: &Path,
@@ -222,20 +264,24 @@ pub async fn serve(
     listener
         .set_nonblocking(true)
         .map_err(|e| io(e.to_string()))?;
-    let listener = ttrpc::asynchronous::transport::Listener::try_from(listener)
-        .map_err(|e| io(e.to_string()))?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| io(e.to_string()))?;
+    let (accepted, incoming) = mpsc::channel(1);
+    let accept = tokio::spawn(accept_loop(listener, accepted));
+    let incoming = ttrpc::asynchronous::transport::Listener::new(
+        tokio_stream::wrappers::ReceiverStream::new(incoming),
+    );
     let service: Arc<dyn pb::Control + Send + Sync> = Arc::new(Service { requests });
     let mut server = Server::new()
-        .add_listener(listener)
-        .set_accept_hook(RootOnly {
-            // SAFETY: geteuid cannot fail.
-            own_uid: unsafe { libc::geteuid() },
-        })
+        .add_listener(incoming)
         .register_service(pb::create_control(service));
-    server.start().await.map_err(|e| io(format!("{e:?}")))?;
+    if let Err(e) = server.start().await {
+        accept.abort();
+        return Err(io(format!("{e:?}")));
+    }
     info!(socket = %path.display(), "serving the control API");
     Ok(ControlServer {
         server,
+        accept,
         path: path.to_path_buf(),
         inode,
     })
@@ -244,10 +290,19 @@ pub async fn serve(
 impl ControlServer {
     /// Stops serving and removes the socket file, unless another process replaced it.
     pub async fn stop(mut self) {
+        // ttrpc's accept loop first: it panics in shutdown() when its listener (our channel)
+        // has already ended. Then ours, which ends anyway once ttrpc drops the channel.
         self.server.shutdown().await.ok();
+        self.accept.abort();
         if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             std::fs::remove_file(&self.path).ok();
         }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.accept.abort();
     }
 }
 
@@ -256,31 +311,378 @@ pub fn channel() -> (mpsc::Sender<Request>, mpsc::Receiver<Request>) {
     mpsc::channel(QUEUE)
 }
 
-/// Refuses every peer but root (and the daemon's own user, for a daemon run unprivileged in a
-/// test): the socket's mode already keeps others out; this holds if the mode is loosened.
-#[derive(Debug)]
-struct RootOnly {
-    own_uid: u32,
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit, and logs it. The
+/// daemon calls it once at start. Many systems start services with a soft limit of 1024 and a
+/// far higher hard one; pinkeeper uses no `select()`, so the hard limit is safe. Under the
+/// packaged unit, `LimitNOFILE=` sets both to the same value, so there is nothing to raise. A
+/// failure is logged and harmless (the control socket's accept loop backs off at the limit).
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is valid for writes of its size.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(
+            "cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: `limit` is a valid rlimit; raising the soft limit up to the hard one needs no
+    // privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        warn!(
+            soft,
+            hard = limit.rlim_max,
+            "cannot raise the open-file limit to the hard limit: {}; set LimitNOFILE= in the unit",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    info!(
+        from = soft,
+        to = limit.rlim_max,
+        "raised the open-file limit (soft) to the hard limit"
+    );
 }
 
-impl AcceptHook for RootOnly {
-    fn on_accept(&self, fd: RawFd) -> Result<HookOutput, HookError> {
-        match peer_uid(fd) {
-            Ok((uid, _)) if uid == 0 || uid == self.own_uid => Ok(HookOutput {
-                data: Default::default(),
-                payload_transform: None,
-            }),
-            Ok((uid, pid)) => {
+/// Logs a recurring event at most once per [`LOG_INTERVAL`], with how many were not logged.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    /// `Some(n)` when this occurrence is to be logged, `n` the ones not logged since the last.
+    fn tick(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < LOG_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Throttles shared by the accept loop and the connections.
+#[derive(Debug, Default)]
+struct Throttles {
+    frames: Mutex<Throttle>,
+}
+
+/// Accepts connections until `accepted` is closed (the server stopped): backs off on errors,
+/// closes connections over [`MAX_CONNECTIONS`] and those of other users, hands the rest to ttrpc.
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    accepted: mpsc::Sender<std::io::Result<Bounded>>,
+) {
+    // SAFETY: geteuid cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let throttles = Arc::new(Throttles::default());
+    let (mut errors, mut over, mut refused) = (
+        Throttle::default(),
+        Throttle::default(),
+        Throttle::default(),
+    );
+    let mut failing = 0u64;
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    loop {
+        let next = tokio::select! {
+            next = listener.accept() => next,
+            _ = accepted.closed() => return,
+        };
+        let stream = match next {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                failing += 1;
+                if let Some(more) = errors.tick(Instant::now()) {
+                    warn!(
+                        retry_ms = backoff.as_millis() as u64,
+                        not_logged = more,
+                        "cannot accept a control connection: {e}; retrying with backoff, logged \
+                         at most once per {}s (raise LimitNOFILE= if it is the fd limit)",
+                        LOG_INTERVAL.as_secs()
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = accepted.closed() => return,
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        if failing > 0 {
+            info!(
+                errors = failing,
+                "accepting control connections again after accept errors"
+            );
+            failing = 0;
+            errors = Throttle::default();
+        }
+        backoff = ACCEPT_BACKOFF_FIRST;
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if let Some(more) = over.tick(Instant::now()) {
                 warn!(
-                    uid,
-                    pid, "refused a control connection: only root may use pinkeeper's API"
+                    limit = MAX_CONNECTIONS,
+                    not_logged = more,
+                    "closed a control connection: {MAX_CONNECTIONS} are open already (the \
+                     connection limit); logged at most once per {}s",
+                    LOG_INTERVAL.as_secs()
                 );
-                Err(HookError::Rejected(format!("uid {uid} is not root")))
+            }
+            drop(stream);
+            continue;
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => {}
+            Ok(cred) => {
+                if let Some(more) = refused.tick(Instant::now()) {
+                    warn!(
+                        uid = cred.uid(),
+                        pid = cred.pid().unwrap_or(0),
+                        not_logged = more,
+                        "refused a control connection: only root may use pinkeeper's API"
+                    );
+                }
+                continue;
             }
             Err(e) => {
-                warn!("refused a control connection: cannot read its credentials: {e}");
-                Err(HookError::Io(e))
+                if let Some(more) = refused.tick(Instant::now()) {
+                    warn!(
+                        not_logged = more,
+                        "refused a control connection: cannot read its credentials: {e}"
+                    );
+                }
+                continue;
             }
+        }
+        let bounded = Bounded {
+            inner: stream,
+            frame: FrameCheck::default(),
+            throttles: throttles.clone(),
+            _permit: permit,
+        };
+        if accepted.send(Ok(bounded)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Follows the ttrpc frames read from a connection (a 10-byte header whose first 4 bytes are
+/// the payload's length, big-endian, then the payload) and finds a header announcing more than
+/// [`MAX_FRAME`] as soon as its last byte is read.
+#[derive(Debug, Default)]
+struct FrameCheck {
+    header: [u8; ttrpc::proto::MESSAGE_HEADER_LENGTH],
+    have: usize,
+    body_left: u64,
+    refused: Option<u32>,
+}
+
+impl FrameCheck {
+    /// Takes the bytes just read; `Err(length)` when a header announces more than the limit.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), u32> {
+        if let Some(len) = self.refused {
+            return Err(len);
+        }
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = bytes
+                    .len()
+                    .min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
+                bytes = &bytes[n..];
+                self.body_left -= n as u64;
+                continue;
+            }
+            let n = (self.header.len() - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == self.header.len() {
+                self.have = 0;
+                let len = u32::from_be_bytes([
+                    self.header[0],
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                ]);
+                if len > MAX_FRAME {
+                    self.refused = Some(len);
+                    return Err(len);
+                }
+                self.body_left = u64::from(len);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An accepted connection as ttrpc reads it: frames over [`MAX_FRAME`] end it with an error
+/// before ttrpc allocates them, and it holds its place under [`MAX_CONNECTIONS`] until ttrpc
+/// drops it.
+struct Bounded {
+    inner: tokio::net::UnixStream,
+    frame: FrameCheck,
+    throttles: Arc<Throttles>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Bounded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(len) = this.frame.refused {
+            return Poll::Ready(Err(frame_too_large(len)));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        match this.frame.feed(&buf.filled()[before..]) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(len) => {
+                let logged = this
+                    .throttles
+                    .frames
+                    .lock()
+                    .map(|mut t| t.tick(Instant::now()))
+                    .unwrap_or(None);
+                if let Some(more) = logged {
+                    warn!(
+                        length = len,
+                        limit = MAX_FRAME,
+                        not_logged = more,
+                        "closed a control connection: its frame announces {len} bytes, over the \
+                         limit of {MAX_FRAME} (the API's requests are small); logged at most \
+                         once per {}s",
+                        LOG_INTERVAL.as_secs()
+                    );
+                }
+                Poll::Ready(Err(frame_too_large(len)))
+            }
+        }
+    }
+}
+
+fn frame_too_large(len: u32) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("control frame of {len} bytes, over the limit of {MAX_FRAME}"),
+    )
+}
+
+impl AsyncWrite for Bounded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// One page of `List`: which intents it takes and how it ends.
+///
+/// The daemon offers the intents that match the request to [`ListPage::takes`] in name order
+/// (the engine's order), then gives what it built to [`ListPage::answer`]. A page continues
+/// after the last name of the previous one (`page_token`), so an intent added or released
+/// between two pages is listed at most once and the others exactly once. `page_size` 0 (a
+/// client from before paging) gets every intent in one answer, as before.
+#[derive(Debug)]
+pub struct ListPage<'a> {
+    after: &'a str,
+    limit: Option<usize>,
+    taken: Cell<usize>,
+}
+
+impl<'a> ListPage<'a> {
+    /// The page `req` asks for.
+    pub fn new(req: &'a pb::ListRequest) -> ListPage<'a> {
+        ListPage {
+            after: &req.page_token,
+            limit: (req.page_size > 0).then(|| req.page_size.min(LIST_PAGE_MAX) as usize),
+            taken: Cell::new(0),
+        }
+    }
+
+    /// Whether the intent `name` (one that matches the request) goes in this page. Takes one
+    /// more than the page size, to know whether another page follows.
+    pub fn takes(&self, name: &str) -> bool {
+        if !self.after.is_empty() && name <= self.after {
+            return false;
+        }
+        match self.limit {
+            Some(limit) if self.taken.get() > limit => false,
+            _ => {
+                self.taken.set(self.taken.get() + 1);
+                true
+            }
+        }
+    }
+
+    /// The answer, from the intents taken (in name order).
+    pub fn answer(&self, mut intents: Vec<pb::IntentInfo>) -> pb::ListResponse {
+        let Some(limit) = self.limit else {
+            return pb::ListResponse {
+                intents,
+                next_page_token: String::new(),
+            };
+        };
+        let mut keep = intents.len().min(limit);
+        let mut bytes = 0;
+        for (at, intent) in intents.iter().take(keep).enumerate() {
+            bytes += intent.encoded_len() + 8;
+            if bytes > LIST_PAGE_BYTES && at > 0 {
+                keep = at;
+                break;
+            }
+        }
+        let more = keep < intents.len();
+        intents.truncate(keep);
+        let next_page_token = match intents.last() {
+            Some(last) if more => last.name.clone(),
+            _ => String::new(),
+        };
+        pb::ListResponse {
+            intents,
+            next_page_token,
         }
     }
 }
@@ -491,5 +893,154 @@ mod tests {
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(bind(&file), Err(ControlError::NotASocket { .. })));
+    }
+
+    fn header(len: u32) -> Vec<u8> {
+        let mut h = len.to_be_bytes().to_vec();
+        h.extend_from_slice(&[0, 0, 0, 1, 1, 0]);
+        h
+    }
+
+    #[test]
+    fn frames_over_the_limit_are_found_at_their_header_in_any_chunking() {
+        // Two small frames, then one announcing 4 MiB: fed whole, and a byte at a time.
+        let mut wire = header(3);
+        wire.extend_from_slice(b"abc");
+        wire.extend(header(MAX_FRAME));
+        wire.extend(std::iter::repeat_n(7u8, MAX_FRAME as usize));
+        let small = wire.len();
+        wire.extend(header(4 << 20));
+        wire.extend_from_slice(b"junk");
+        let mut whole = FrameCheck::default();
+        assert_eq!(whole.feed(&wire[..small]), Ok(()));
+        assert_eq!(whole.feed(&wire[small..]), Err(4 << 20));
+        assert_eq!(whole.feed(b"more"), Err(4 << 20), "stays refused");
+        let mut bytewise = FrameCheck::default();
+        let mut refused_at = None;
+        for (at, b) in wire.iter().enumerate() {
+            if bytewise.feed(std::slice::from_ref(b)).is_err() {
+                refused_at = Some(at);
+                break;
+            }
+        }
+        assert_eq!(
+            refused_at,
+            Some(small + ttrpc::proto::MESSAGE_HEADER_LENGTH - 1)
+        );
+    }
+
+    #[test]
+    fn a_throttle_logs_once_per_interval_with_a_count() {
+        let mut t = Throttle::default();
+        let start = Instant::now();
+        assert_eq!(t.tick(start), Some(0));
+        for ms in 1..1000 {
+            assert_eq!(t.tick(start + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(t.tick(start + LOG_INTERVAL), Some(999));
+        assert_eq!(t.tick(start + LOG_INTERVAL), None);
+    }
+
+    fn info(name: &str) -> pb::IntentInfo {
+        pb::IntentInfo {
+            name: name.to_string(),
+            digest: format!("sha256:{:064}", 7),
+            state: "held".into(),
+            archive: "present".into(),
+            source: format!("/var/lib/rancher/k3s/agent/images/{name}.tar"),
+            why: "seen pinned; imported by K3s from a file".into(),
+            ..Default::default()
+        }
+    }
+
+    /// What the daemon does with a ListPage, over a name-ordered map like the engine's.
+    fn page_of(
+        intents: &std::collections::BTreeMap<String, pb::IntentInfo>,
+        req: &pb::ListRequest,
+    ) -> pb::ListResponse {
+        let page = ListPage::new(req);
+        let taken = intents
+            .values()
+            .filter(|i| matches(&req.pattern, &i.name) && page.takes(&i.name))
+            .cloned()
+            .collect();
+        page.answer(taken)
+    }
+
+    #[test]
+    fn list_pages_cover_100000_intents_once_each_in_order_under_the_frame_limit() {
+        let mut intents: std::collections::BTreeMap<String, pb::IntentInfo> = (0..100_000)
+            .map(|n| format!("registry.example/team/app-{n:06}:1"))
+            .map(|n| (n.clone(), info(&n)))
+            .collect();
+        // Unpaged (a client from before paging): everything at once, as before.
+        let all = page_of(&intents, &pb::ListRequest::default());
+        assert_eq!(all.intents.len(), 100_000);
+        assert!(all.next_page_token.is_empty());
+
+        let mut req = pb::ListRequest {
+            page_size: LIST_PAGE,
+            ..Default::default()
+        };
+        let mut listed = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = page_of(&intents, &req);
+            pages += 1;
+            assert!(page.intents.len() <= LIST_PAGE as usize);
+            assert!(page.encoded_len() < ttrpc::proto::MESSAGE_LENGTH_MAX / 2);
+            listed.extend(page.intents.iter().map(|i| i.name.clone()));
+            if pages == 50 {
+                // Between pages: one added before the cursor, one after, one removed ahead.
+                for n in [
+                    "registry.example/team/app-000000:0",
+                    "registry.example/zzz:1",
+                ] {
+                    intents.insert(n.into(), info(n));
+                }
+                intents.remove("registry.example/team/app-099999:1");
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            req.page_token = page.next_page_token;
+        }
+        assert_eq!(pages, 100);
+        let mut want: Vec<String> = (0..99_999)
+            .map(|n| format!("registry.example/team/app-{n:06}:1"))
+            .collect();
+        want.push("registry.example/zzz:1".into());
+        assert_eq!(listed, want, "every name once, in order");
+    }
+
+    #[test]
+    fn list_pages_are_capped_in_count_and_bytes() {
+        let big = "x".repeat(100_000);
+        let intents: std::collections::BTreeMap<String, pb::IntentInfo> = (0..40)
+            .map(|n| format!("{n:02}"))
+            .map(|n| {
+                let mut i = info(&n);
+                i.why = big.clone();
+                (n, i)
+            })
+            .collect();
+        let req = pb::ListRequest {
+            page_size: 1_000_000,
+            ..Default::default()
+        };
+        let page = page_of(&intents, &req);
+        assert!(page.encoded_len() <= LIST_PAGE_BYTES + 200_000);
+        assert!(page.intents.len() < 40 && !page.intents.is_empty());
+        assert_eq!(page.next_page_token, page.intents.last().unwrap().name);
+        // A pattern pages the same way.
+        let req = pb::ListRequest {
+            pattern: "1".into(),
+            page_size: 3,
+            ..Default::default()
+        };
+        let page = page_of(&intents, &req);
+        let names: Vec<&str> = page.intents.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["01", "10", "11"]);
+        assert_eq!(page.next_page_token, "11");
     }
 }
