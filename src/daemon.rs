@@ -39,6 +39,9 @@ const BATCH: usize = 4096;
 /// A scan of an unchanged directory takes milliseconds; a longer one (gigabytes of new
 /// archives) is applied when it ends, and the engine restores then what it shows gone.
 const SCAN_WAIT: Duration = Duration::from_secs(1);
+/// A scan running longer than this is not waited for by the start-up verification (a file
+/// that blocks every read, a hung network filesystem): it checks with the last inventory.
+const SCAN_STUCK: Duration = Duration::from_secs(30);
 /// How long an operator's `reconcile` waits for the scan: they asked for a fresh look.
 const OPERATOR_SCAN_WAIT: Duration = Duration::from_secs(5);
 
@@ -78,6 +81,8 @@ struct Daemon {
     scan_task: Option<tokio::task::JoinHandle<ScanOutcome>>,
     /// Scans started so far; the one in flight is number `scans_started`.
     scans_started: u64,
+    /// When the last scan started.
+    scan_since: tokio::time::Instant,
     /// The directory changed (or a verification asked) while a scan ran: scan again after it.
     rescan_wanted: bool,
     /// A start-up verification waits for the scan of this number, then lists.
@@ -128,6 +133,8 @@ enum Wake {
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
 pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
+    // Room for the control socket's connections and the images directory's files.
+    control::raise_fd_limit();
     // Only another pinkeeper holding the ledger stops the start: a damaged ledger is moved
     // aside, one that cannot be written is retried by the writer, and protection goes on
     // from memory and the listing meanwhile (src/ledger/mod.rs, `Ledger::start`).
@@ -188,6 +195,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         scanner: Some(scanner),
         scan_task: None,
         scans_started: 0,
+        scan_since: tokio::time::Instant::now(),
         rescan_wanted: false,
         verify_after_scan: None,
         scan_error: None,
@@ -458,6 +466,7 @@ impl Daemon {
         };
         self.rescan_wanted = false;
         self.scans_started += 1;
+        self.scan_since = tokio::time::Instant::now();
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
             let result = scanner.scan();
             let cached = scanner.cache_changes();
@@ -597,7 +606,9 @@ impl Daemon {
                 };
                 for output in self.engine.handle(now_ms(), input) {
                     match output {
-                        Output::Save { .. } | Output::History(_) => changes.push(output),
+                        Output::Save { .. } | Output::Forget { .. } | Output::History(_) => {
+                            changes.push(output)
+                        }
                         other => effects.push(other),
                     }
                 }
@@ -621,7 +632,7 @@ impl Daemon {
             calls.sort_by_key(|c| !matches!(c, Output::Pin { .. }));
             self.call_all(calls, &mut inputs).await;
             for effect in others {
-                self.carry_out(effect).await?;
+                self.carry_out(effect, &mut inputs).await?;
             }
         }
         // Other changes need not hold up the pins: the writer commits them in the background.
@@ -634,16 +645,38 @@ impl Daemon {
         Ok(())
     }
 
-    async fn carry_out(&mut self, effect: Output) -> anyhow::Result<()> {
+    async fn carry_out(
+        &mut self,
+        effect: Output,
+        inputs: &mut VecDeque<Input>,
+    ) -> anyhow::Result<()> {
         match effect {
             Output::Verify => {
                 debug!("start-up settled: reading the images directory, then checking that every intent is pinned");
-                // The listing follows the scan that starts after this (see `scanned`), so
-                // a slow directory never holds up the loop.
-                self.verify_after_scan = Some(self.scans_started + 1);
-                self.start_scan();
-                if self.scan_task.is_none() {
-                    self.verify_after_scan = None;
+                let stuck = self.scan_task.is_some() && self.scan_since.elapsed() > SCAN_STUCK;
+                if stuck {
+                    // Never wait for a read that does not end: check with what was read before.
+                    warn!(
+                        "the images directory has been read for {}s without an end; checking the pins with the files read before",
+                        self.scan_since.elapsed().as_secs()
+                    );
+                    if let Some(client) = self.client.clone() {
+                        match client.list().await {
+                            Ok(images) => inputs.push_back(Input::Listing {
+                                images,
+                                cause: ListCause::Verify,
+                            }),
+                            Err(e) => warn!("{e}"),
+                        }
+                    }
+                } else {
+                    // The listing follows the scan that starts after this (see `scanned`), so
+                    // a slow directory never holds up the loop.
+                    self.verify_after_scan = Some(self.scans_started + 1);
+                    self.start_scan();
+                    if self.scan_task.is_none() {
+                        self.verify_after_scan = None;
+                    }
                 }
             }
             Output::Unpin { name } => {
@@ -758,6 +791,7 @@ impl Daemon {
         for change in changes.drain(..) {
             match change {
                 Output::Save { intent, .. } => batch.push(OwnedChange::Save(intent)),
+                Output::Forget { name } => batch.push(OwnedChange::Forget(name)),
                 Output::History(h) => {
                     history.push(h.clone());
                     batch.push(OwnedChange::History(h));

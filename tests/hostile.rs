@@ -63,7 +63,11 @@ async fn first_boot(node: &mut Node, wanted: &[&str]) -> Result<Vec<String>> {
 async fn restart_without_web(node: &mut Node, pinned: &[String]) -> Result<()> {
     let _ = std::fs::remove_file(node.images_dir().join("web.tar.gz"));
     node.restart_k3s().await?;
-    let web: Vec<String> = pinned.iter().filter(|n| n.contains("web")).cloned().collect();
+    let web: Vec<String> = pinned
+        .iter()
+        .filter(|n| n.contains("web"))
+        .cloned()
+        .collect();
     ensure!(!web.is_empty());
     let after = node
         .wait_until("web's pins restored", |images| {
@@ -133,7 +137,13 @@ impl SmallDisk {
     fn mount(path: &Path, size: &str) -> Result<SmallDisk> {
         std::fs::create_dir_all(path)?;
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(path)
             .output()?;
         ensure!(
@@ -188,9 +198,11 @@ async fn a_full_disk_under_the_state_dir_does_not_stop_protection(version: Versi
     node.k3s.start().await?;
     let pinned = with_aliases(&node.images().await?, &[APP, WEB]);
     let n = pinned.len() as u64;
-    let status = wait_status(&node, "intents held while the ledger cannot be written", |s| {
-        held(s) == n && s["ledger_problem"] != ""
-    })
+    let status = wait_status(
+        &node,
+        "intents held while the ledger cannot be written",
+        |s| held(s) == n && s["ledger_problem"] != "",
+    )
     .await?;
     let problem = status["ledger_problem"].as_str().unwrap_or_default();
     ensure!(problem.contains("full"), "{problem}");
@@ -224,8 +236,12 @@ async fn an_empty_ledger_is_moved_aside_not_taken_for_new(version: Version) -> R
     let ledger = node.state_dir().join("ledger.redb");
     std::fs::write(&ledger, b"")?;
     // The doctor says so, without touching it.
-    let (code, out, _) = node.cli(&["doctor", "--state-dir", &node.state_dir().to_string_lossy()])?;
-    ensure!(code != 101 && out.contains("empty"), "doctor: {code}\n{out}");
+    let (code, out, _) =
+        node.cli(&["doctor", "--state-dir", &node.state_dir().to_string_lossy()])?;
+    ensure!(
+        code != 101 && out.contains("empty"),
+        "doctor: {code}\n{out}"
+    );
     ensure!(std::fs::metadata(&ledger)?.len() == 0);
     node.start_pinkeeper()?;
     // Said loudly, kept aside, and every image pinned now is recorded again.
@@ -300,7 +316,10 @@ async fn a_fifo_swapped_into_the_images_dir_never_blocks(version: Version) -> Re
                 for name in ["swap.tar", "swap.txt"] {
                     let real = images.join(name);
                     let fifo = images.join(format!(".{name}.fifo"));
-                    std::fs::write(&real, b"junk")?;
+                    let plain = images.join(format!(".{name}.plain"));
+                    // Renamed over, never opened: the FIFO in place would block a writer.
+                    std::fs::write(&plain, b"junk")?;
+                    std::fs::rename(&plain, &real)?;
                     let c = std::ffi::CString::new(fifo.as_os_str().as_bytes())?;
                     // SAFETY: a valid NUL-terminated path.
                     if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
@@ -309,7 +328,11 @@ async fn a_fifo_swapped_into_the_images_dir_never_blocks(version: Version) -> Re
                     std::fs::rename(&fifo, &real)?;
                 }
                 round += 1;
-                std::thread::sleep(Duration::from_millis(if round % 7 == 0 { 30 } else { 1 }));
+                std::thread::sleep(Duration::from_millis(if round.is_multiple_of(7) {
+                    30
+                } else {
+                    1
+                }));
             }
             for name in ["swap.tar", "swap.txt"] {
                 let _ = std::fs::remove_file(images.join(name));
@@ -324,7 +347,9 @@ async fn a_fifo_swapped_into_the_images_dir_never_blocks(version: Version) -> Re
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    swapper.join().map_err(|_| anyhow::anyhow!("swapper panicked"))??;
+    swapper
+        .join()
+        .map_err(|_| anyhow::anyhow!("swapper panicked"))??;
     restart_without_web(&mut node, &pinned).await?;
     node.stop_pinkeeper()?;
     Ok(())

@@ -625,6 +625,7 @@ fn an_inventory_that_shows_an_archive_gone_restores_a_swept_image_at_once() {
         pins(&out),
         vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
     );
+}
 
 fn forgotten(out: &[Output]) -> Vec<String> {
     out.iter()
