@@ -930,7 +930,7 @@ impl Daemon {
             containerd_socket: self.settings.containerd_socket.display().to_string(),
             namespace: self.settings.namespace.clone(),
             images_dir: self.settings.images_dir.display().to_string(),
-            ledger_path: facts.ledger_path.display().to_string(),
+            ledger_path: crate::escape::path(&facts.ledger_path).to_string(),
             last_sweep: facts.last_sweep.as_ref().map(|s| pb::SweepInfo {
                 started_ms: s.started,
                 seen_live: s.seen_live,
@@ -1102,7 +1102,7 @@ impl Daemon {
                     warnings.push(format!(
                         "K3s pins {target} again at its next start: {} provides it; delete that \
                          file too if the image may be garbage-collected",
-                        file.display()
+                        crate::escape::path(&file)
                     ));
                 }
             }
@@ -1279,7 +1279,10 @@ fn intent_info(view: &IntentView) -> pb::IntentInfo {
         IntentState::Swept => "swept",
         IntentState::Released => "released",
     };
-    let source = i.source.as_ref().map(|p| p.display().to_string());
+    let source = i
+        .source
+        .as_ref()
+        .map(|p| crate::escape::path(p).to_string());
     let why = match (i.origin, &source) {
         (Origin::Operator, _) => "pinned by an operator (pinkeeper pin)".to_string(),
         (Origin::SeenPinned, Some(file)) => format!("seen pinned; imported by K3s from {file}"),

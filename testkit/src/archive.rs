@@ -275,11 +275,13 @@ impl Compression {
     /// The compression of a file name by its (case-sensitive) suffix; `None` if K3s would
     /// not import it as an archive.
     pub fn from_path(path: &Path) -> Option<Compression> {
-        let name = path.file_name()?.to_str()?;
+        // Bytes, as K3s (Go) compares them: a name need not be UTF-8.
+        let name = std::os::unix::ffi::OsStrExt::as_bytes(path.file_name()?);
         // Longest suffixes first: ".tar" is a suffix of none of the others, but be explicit.
         let mut all = Compression::all();
         all.sort_by_key(|c| std::cmp::Reverse(c.suffix().len()));
-        all.into_iter().find(|c| name.ends_with(c.suffix()))
+        all.into_iter()
+            .find(|c| name.ends_with(c.suffix().as_bytes()))
     }
 
     /// Compresses a tar stream.
