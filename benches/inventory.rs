@@ -6,7 +6,14 @@
 //! cargo bench --bench inventory                 generate the archives (once), compare, print a table
 //! cargo bench --bench inventory -- generate     only generate; prints the directory
 //! <this bench's executable> scan DIR            one Scanner::scan() of DIR; prints what it found
+//! cargo bench --bench inventory -- hostile DIR  write the hostile directories (see below) into DIR
 //! ```
+//!
+//! `hostile DIR` writes what issue 9 measured pinkeeper against, one images directory each, for
+//! timing `pinkeeper inventory --images-dir DIR/CASE` by hand (`scripts/bench-inventory.sh
+//! hostile` does): `list` (a 4.2 MB `pull.txt` of 100,000 distinct names), `list-dup` (100,000
+//! lines naming 1,000 images), `manifest` (a docker-save `.tar` whose `manifest.json` holds
+//! 450,000 `RepoTags`, 19.7 MB) and `junk` (100,000 empty `.tar` files).
 //!
 //! `scripts/bench-inventory.sh` runs it (and cross-checks with hyperfine and `/usr/bin/time`).
 //!
@@ -42,9 +49,10 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("scan") if args.len() == 2 => scan(Path::new(&args[1])),
         Some("generate") => generate().map(|dir| println!("{}", dir.display())),
+        Some("hostile") if args.len() == 2 => hostile(Path::new(&args[1])),
         None => compare(),
         _ => Err(io::Error::other(
-            "usage: inventory [generate | scan IMAGES_DIR] (no argument: compare)",
+            "usage: inventory [generate | scan IMAGES_DIR | hostile DIR] (no argument: compare)",
         )),
     };
     if let Err(e) = result {
@@ -72,6 +80,46 @@ fn scan(dir: &Path) -> io::Result<()> {
     if failed {
         return Err(io::Error::other("an archive failed to read"));
     }
+    Ok(())
+}
+
+/// Writes the hostile images directories into `base` (see the module's comment).
+fn hostile(base: &Path) -> io::Result<()> {
+    let dir = |name: &str| -> io::Result<PathBuf> {
+        let dir = base.join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
+    let name = |i: usize| format!("registry.example.com/t{:03}/app-{i:07}:v1", i % 997);
+    let mut list = BufWriter::new(fs::File::create(dir("list")?.join("pull.txt"))?);
+    for i in 0..100_000 {
+        writeln!(list, "{}", name(i))?;
+    }
+    list.flush()?;
+    let mut list = BufWriter::new(fs::File::create(dir("list-dup")?.join("pull.txt"))?);
+    for i in 0..100_000 {
+        writeln!(list, "{}", name(i % 1_000))?;
+    }
+    list.flush()?;
+    let tags: Vec<String> = (0..450_000).map(name).collect();
+    let manifest = format!(
+        "[{{\"Config\":\"c.json\",\"RepoTags\":{},\"Layers\":[]}}]",
+        serde_json::to_string(&tags).map_err(io::Error::other)?
+    );
+    let file = fs::File::create(dir("manifest")?.join("big.tar"))?;
+    let mut builder = tar::Builder::new(BufWriter::new(file));
+    append_bytes(&mut builder, "c.json", b"{}")?;
+    append_bytes(&mut builder, "manifest.json", manifest.as_bytes())?;
+    builder.into_inner()?.flush()?;
+    let junk = dir("junk")?;
+    for i in 0..100_000 {
+        fs::File::create(junk.join(format!("junk-{i:06}.tar")))?;
+    }
+    println!(
+        "{}: list, list-dup, manifest ({} bytes of manifest.json), junk",
+        base.display(),
+        manifest.len()
+    );
     Ok(())
 }
 

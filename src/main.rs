@@ -214,7 +214,7 @@ fn inventory(args: &InventoryArgs) -> ExitCode {
         eprintln!(
             "pinkeeper: the images directory {} {problem}; pass K3s's <data-dir>/agent/images \
              with --images-dir DIR",
-            dir.display()
+            pinkeeper::escape::path(dir)
         );
         return ExitCode::FAILURE;
     }

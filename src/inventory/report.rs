@@ -4,11 +4,13 @@
 //! The JSON shape is part of pinkeeper's interface (documented in README.md); add fields,
 //! never rename or remove them, and bump [`JSON_VERSION`] if a change cannot be additive.
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use serde::Serialize;
 
 use super::{FileEntry, FileKind, Inventory};
+use crate::escape;
 
 /// The `version` field of the JSON output.
 pub const JSON_VERSION: u32 = 1;
@@ -18,7 +20,7 @@ pub const JSON_VERSION: u32 = 1;
 pub struct Report {
     /// [`JSON_VERSION`].
     pub version: u32,
-    /// The images directory, as given.
+    /// The images directory, as given, escaped ([`crate::escape::path`]).
     pub images_dir: String,
     /// Every file K3s would import, in its import order.
     pub files: Vec<FileReport>,
@@ -29,8 +31,12 @@ pub struct Report {
 /// One file of the images directory.
 #[derive(Debug, Serialize)]
 pub struct FileReport {
-    /// Relative to the images directory.
+    /// Relative to the images directory, escaped ([`crate::escape::path`]).
     pub path: String,
+    /// The path's bytes in hex, only when they are not UTF-8 (`path` is then escaped lossily
+    /// for JSON readers that do not unescape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<String>,
     /// `oci`, `docker-save`, `list`, or `null` for an archive whose content is not recognised.
     pub format: Option<&'static str>,
     /// `none`, `gzip`, `bzip2`, `zstd`, `lz4`; `null` for a list.
@@ -45,8 +51,11 @@ pub struct FileReport {
 /// A path that was not read.
 #[derive(Debug, Serialize)]
 pub struct SkippedReport {
-    /// Relative to the images directory.
+    /// Relative to the images directory, escaped.
     pub path: String,
+    /// The path's bytes in hex, only when they are not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<String>,
     /// Why, and what to do.
     pub reason: String,
 }
@@ -56,7 +65,7 @@ impl Report {
     pub fn new(images_dir: &Path, inventory: &Inventory) -> Report {
         Report {
             version: JSON_VERSION,
-            images_dir: images_dir.display().to_string(),
+            images_dir: escape::path(images_dir).to_string(),
             files: inventory
                 .files
                 .iter()
@@ -67,7 +76,8 @@ impl Report {
                 .iter()
                 .map(|s| SkippedReport {
                     path: relative(images_dir, &s.path),
-                    reason: s.reason.clone(),
+                    path_bytes: hex_if_not_utf8(images_dir, &s.path),
+                    reason: escape::text(&s.reason).to_string(),
                 })
                 .collect(),
         }
@@ -115,7 +125,11 @@ impl Report {
             out.push_str(&line([HEADER[0], HEADER[1], HEADER[2]], HEADER[3]));
         }
         for (file, row) in self.files.iter().zip(&rows) {
-            let mut cells = file.names.clone();
+            let mut cells: Vec<String> = file
+                .names
+                .iter()
+                .map(|n| escape::text(n).to_string())
+                .collect();
             if let Some(error) = &file.error {
                 cells.push(format!("error: {error}"));
             }
@@ -154,13 +168,10 @@ impl FileReport {
                 layout,
             } => (layout.map(|l| l.as_str()), Some(compression.as_str())),
         };
-        // The error starts with the file's full path; the path is in its own column here.
-        let error = file.error.as_ref().map(|e| {
-            let prefix = format!("{}: ", file.path.display());
-            e.strip_prefix(&prefix).unwrap_or(e).to_string()
-        });
+        let error = file.error.as_deref().map(|e| escape::text(e).to_string());
         FileReport {
             path: relative(images_dir, &file.path),
+            path_bytes: hex_if_not_utf8(images_dir, &file.path),
             format,
             compression,
             names: file.names.clone(),
@@ -171,9 +182,27 @@ impl FileReport {
 
 fn relative(root: &Path, path: &Path) -> String {
     match path.strip_prefix(root) {
-        Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
-        _ => path.display().to_string(),
+        Ok(rel) if !rel.as_os_str().is_empty() => escape::path(rel).to_string(),
+        _ => escape::path(path).to_string(),
     }
+}
+
+/// The hex of the bytes of `path` relative to `root` (as `path` shows it), when they are not
+/// UTF-8.
+fn hex_if_not_utf8(root: &Path, path: &Path) -> Option<String> {
+    let path = match path.strip_prefix(root) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel,
+        _ => path,
+    };
+    if path.to_str().is_some() {
+        return None;
+    }
+    let bytes = path.as_os_str().as_bytes();
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    Some(hex)
 }
 
 #[cfg(test)]
@@ -206,13 +235,13 @@ mod tests {
                         layout: None,
                     },
                     names: vec![],
-                    error: Some("/images/sub/broken.tgz: not a valid gzip stream".into()),
+                    error: Some("not a valid gzip stream".into()),
                 },
                 FileEntry {
                     path: root.join("pull.txt"),
                     kind: FileKind::List,
                     names: vec!["docker.io/library/c:3".into()],
-                    error: Some("/images/pull.txt: line 2 skipped by K3s".into()),
+                    error: Some("line 2 skipped by K3s".into()),
                 },
             ],
             skipped: vec![SkippedPath {
