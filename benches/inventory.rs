@@ -9,6 +9,10 @@
 //! cargo bench --bench inventory -- hostile DIR  write the hostile directories (see below) into DIR
 //! ```
 //!
+//! `retained IMAGES_DIR` does what the daemon does with a scan (scan, hand the cache changes to
+//! the ledger, observe the problems, drop the inventory, give freed memory back) twice, and
+//! prints what the scanner keeps and the process's RSS after each.
+//!
 //! `hostile DIR` writes what issue 9 measured pinkeeper against, one images directory each, for
 //! timing `pinkeeper inventory --images-dir DIR/CASE` by hand (`scripts/bench-inventory.sh
 //! hostile` does): `list` (a 4.2 MB `pull.txt` of 100,000 distinct names), `list-dup` (100,000
@@ -50,9 +54,11 @@ fn main() {
         Some("scan") if args.len() == 2 => scan(Path::new(&args[1])),
         Some("generate") => generate().map(|dir| println!("{}", dir.display())),
         Some("hostile") if args.len() == 2 => hostile(Path::new(&args[1])),
+        Some("retained") if args.len() == 2 => retained(Path::new(&args[1])),
         None => compare(),
         _ => Err(io::Error::other(
-            "usage: inventory [generate | scan IMAGES_DIR | hostile DIR] (no argument: compare)",
+            "usage: inventory [generate | scan IMAGES_DIR | hostile DIR | retained IMAGES_DIR] \
+             (no argument: compare)",
         )),
     };
     if let Err(e) = result {
@@ -79,6 +85,42 @@ fn scan(dir: &Path) -> io::Result<()> {
     }
     if failed {
         return Err(io::Error::other("an archive failed to read"));
+    }
+    Ok(())
+}
+
+/// What the daemon keeps of a scan of `dir` (see the module's comment).
+fn retained(dir: &Path) -> io::Result<()> {
+    let mut scanner = Scanner::new(dir);
+    let mut problems = pinkeeper::inventory::Problems::new();
+    for round in 1..=2 {
+        let started = Instant::now();
+        let inventory = scanner.scan().map_err(io::Error::other)?;
+        let changes = scanner.cache_changes();
+        let report = problems.observe(&inventory);
+        let elapsed = started.elapsed();
+        let (files, lines) = (inventory.files.len(), report.lines().len());
+        drop((inventory, report));
+        let stored = changes.updated.len();
+        drop(changes);
+        pinkeeper::memory::release_freed();
+        let status = fs::read_to_string("/proc/self/status")?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "scan {round}: {files} files in {:.2} s, {} read so far, {stored} stored, {lines} log \
+             lines; kept {:?}; VmRSS {} KiB, VmHWM {} KiB",
+            elapsed.as_secs_f64(),
+            scanner.files_read(),
+            scanner.cache_stats(),
+            field("VmRSS:"),
+            field("VmHWM:"),
+        );
     }
     Ok(())
 }

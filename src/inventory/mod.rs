@@ -654,7 +654,7 @@ impl Scanner {
         let mut skipped = listing.skipped;
         for found in listing.files {
             let key = CacheKey {
-                identity: FileIdentity::of(&found.meta),
+                identity: found.identity,
                 kind: found.kind,
             };
             if let Some(entry) = self.cached(&key, &found.path, &mut next) {
@@ -662,7 +662,8 @@ impl Scanner {
                 continue;
             }
             self.files_read += 1;
-            match read_file(&found.open_path, found.kind, self.options) {
+            let open_path = found.target.as_deref().unwrap_or(&found.path);
+            match read_file(open_path, found.kind, self.options) {
                 FileRead::Read { identity, read } => {
                     // The open file's identity: it may have changed since the walk.
                     let key = CacheKey {
@@ -931,11 +932,12 @@ fn parse_list(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
 
 struct Found {
     path: PathBuf,
-    /// What to open: the path, or for a link the walk followed, its canonical target (opened
-    /// without following a link again).
-    open_path: PathBuf,
+    /// For a link the walk followed, its canonical target: what is opened (without following
+    /// a link again). `None`: the path itself.
+    target: Option<PathBuf>,
     kind: FileKind,
-    meta: fs::Metadata,
+    /// As the walk saw it (the open file's identity is taken again when it is read).
+    identity: FileIdentity,
 }
 
 #[derive(Default)]
@@ -1028,7 +1030,7 @@ fn visit(
             return;
         }
     };
-    let (meta, open_path) = if link_meta.file_type().is_symlink() {
+    let (meta, target) = if link_meta.file_type().is_symlink() {
         let target = match fs::canonicalize(&path) {
             Ok(t) => t,
             Err(e) => {
@@ -1055,15 +1057,14 @@ fn visit(
             return;
         }
         match fs::metadata(&target) {
-            Ok(m) => (m, target),
+            Ok(m) => (m, Some(target)),
             Err(e) => {
                 listing.skip(path, format!("cannot stat the link's target: {e}"));
                 return;
             }
         }
     } else {
-        let open_path = path.clone();
-        (link_meta, open_path)
+        (link_meta, None)
     };
     if meta.is_dir() {
         if visited.insert((meta.dev(), meta.ino())) {
@@ -1085,8 +1086,8 @@ fn visit(
     }
     listing.files.push(Found {
         path,
-        open_path,
+        target,
         kind,
-        meta,
+        identity: FileIdentity::of(&meta),
     });
 }
