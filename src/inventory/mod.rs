@@ -157,18 +157,9 @@ pub struct FileEntry {
     /// in file order, without duplicates.
     pub names: Vec<String>,
     /// Why the file provides nothing (archives: the import would fail), or, for a list, which
-    /// lines K3s would skip. It does not name the file: show it after
-    /// `escape::path(&entry.path)` ([`FileEntry::error_line`] does).
+    /// lines K3s would skip. Starts with the file's path, escaped ([`crate::escape::path`]),
+    /// and `: `. Made afresh by each scan: the scanner keeps errors without paths.
     pub error: Option<String>,
-}
-
-impl FileEntry {
-    /// `PATH: ERROR` with the path escaped ([`crate::escape::path`]), for a log line or a
-    /// report; `None` when the file has no error.
-    pub fn error_line(&self) -> Option<String> {
-        let error = self.error.as_deref()?;
-        Some(format!("{}: {error}", escape::path(&self.path)))
-    }
 }
 
 /// A path in the images directory that was not read, and why.
@@ -440,8 +431,8 @@ impl Texts {
         Some(id)
     }
 
-    fn get(&self, id: u32) -> Option<String> {
-        self.texts.get(id as usize).map(|t| t.to_string())
+    fn get(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(|t| &**t)
     }
 
     /// Keeps only the texts `junk` uses (renumbering them), once the table is full.
@@ -698,7 +689,7 @@ impl Scanner {
                 path: path.to_path_buf(),
                 kind: junk.kind,
                 names: Vec::new(),
-                error: self.junk_texts.get(junk.text),
+                error: self.junk_texts.get(junk.text).map(|e| with_path(path, e)),
             });
         }
         let read = self
@@ -737,11 +728,16 @@ impl Scanner {
 
 fn entry(path: PathBuf, read: CachedRead) -> FileEntry {
     FileEntry {
+        error: read.error.as_deref().map(|e| with_path(&path, e)),
         path,
         kind: read.kind,
         names: read.names,
-        error: read.error,
     }
+}
+
+/// `PATH: MESSAGE`, the path escaped.
+fn with_path(path: &Path, message: &str) -> String {
+    format!("{}: {message}", escape::path(path))
 }
 
 /// Reads one file the way a scan does (with the default options, without a cache): what it

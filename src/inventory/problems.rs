@@ -129,6 +129,12 @@ impl Problems {
             if report.first.len() < SUMMARY_FILES {
                 report.first.push(escape::path(path).to_string());
             }
+            // A file's error starts with its path, which the line shows once.
+            let shown = escape::path(path).to_string();
+            let problem = problem
+                .strip_prefix(shown.as_str())
+                .and_then(|p| p.strip_prefix(": "))
+                .unwrap_or(problem);
             match self.known.get(&key) {
                 Some(&before) if before == value => {}
                 Some(_) => change(

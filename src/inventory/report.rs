@@ -185,13 +185,22 @@ impl FileReport {
                 layout,
             } => (layout.map(|l| l.as_str()), Some(compression.as_str())),
         };
+        // The error starts with the file's path; the path has a column of its own here.
+        let prefix = format!("{}: ", escape::path(&file.path));
+        let error = file.error.map(|e| {
+            escaped(if e.starts_with(&prefix) {
+                e[prefix.len()..].to_string()
+            } else {
+                e
+            })
+        });
         FileReport {
             path: relative(images_dir, &file.path),
             path_bytes: hex_if_not_utf8(images_dir, &file.path),
             format,
             compression,
             names: file.names,
-            error: file.error.map(escaped),
+            error,
         }
     }
 }
@@ -251,13 +260,13 @@ mod tests {
                         layout: None,
                     },
                     names: vec![],
-                    error: Some("not a valid gzip stream".into()),
+                    error: Some("/images/sub/broken.tgz: not a valid gzip stream".into()),
                 },
                 FileEntry {
                     path: root.join("pull.txt"),
                     kind: FileKind::List,
                     names: vec!["docker.io/library/c:3".into()],
-                    error: Some("line 2 skipped by K3s".into()),
+                    error: Some("/images/pull.txt: line 2 skipped by K3s".into()),
                 },
             ],
             skipped: vec![SkippedPath {
