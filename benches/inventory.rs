@@ -11,7 +11,8 @@
 //!
 //! `retained IMAGES_DIR` does what the daemon does with a scan (scan, hand the cache changes to
 //! the ledger, observe the problems, drop the inventory, give freed memory back) twice, and
-//! prints what the scanner keeps and the process's RSS after each.
+//! prints what the scanner keeps and the process's RSS after each (`PINKEEPER_BENCH_NO_TRIM=1`:
+//! without giving the memory back).
 //!
 //! `hostile DIR` writes what issue 9 measured pinkeeper against, one images directory each, for
 //! timing `pinkeeper inventory --images-dir DIR/CASE` by hand (`scripts/bench-inventory.sh
@@ -103,7 +104,9 @@ fn retained(dir: &Path) -> io::Result<()> {
         drop((inventory, report));
         let stored = changes.updated.len();
         drop(changes);
-        pinkeeper::memory::release_freed();
+        if env::var_os("PINKEEPER_BENCH_NO_TRIM").is_none() {
+            pinkeeper::memory::release_freed();
+        }
         let status = fs::read_to_string("/proc/self/status")?;
         let field = |name: &str| {
             status

@@ -18,6 +18,12 @@
 //! - Symbolic links are followed (K3s `os.Stat`s) only while the target stays inside the
 //!   images directory (a pinkeeper rule: it never reads files elsewhere on the host); links
 //!   out, broken links, loops and non-regular files are reported in [`Inventory::skipped`].
+//!
+//! A hostile directory must not block or bloat the daemon: every file is opened with
+//! `O_NONBLOCK | O_NOFOLLOW` and its type checked on the open file (a fifo swapped in after the
+//! walk is skipped, never waited on); duplicate names are checked in hash sets; junk (small files
+//! that provide nothing) is remembered in 16 bytes a file and never stored; [`Problems`] turns
+//! the scans into a bounded number of log lines.
 
 mod archive;
 pub mod problems;
