@@ -6,7 +6,19 @@
 //! cargo bench --bench inventory                 generate the archives (once), compare, print a table
 //! cargo bench --bench inventory -- generate     only generate; prints the directory
 //! <this bench's executable> scan DIR            one Scanner::scan() of DIR; prints what it found
+//! cargo bench --bench inventory -- hostile DIR  write the hostile directories (see below) into DIR
 //! ```
+//!
+//! `retained IMAGES_DIR` does what the daemon does with a scan (scan, hand the cache changes to
+//! the ledger, observe the problems, drop the inventory, give freed memory back) twice, and
+//! prints what the scanner keeps and the process's RSS after each (`PINKEEPER_BENCH_NO_TRIM=1`:
+//! without giving the memory back).
+//!
+//! `hostile DIR` writes what issue 9 measured pinkeeper against, one images directory each, for
+//! timing `pinkeeper inventory --images-dir DIR/CASE` by hand (`scripts/bench-inventory.sh
+//! hostile` does): `list` (a 4.2 MB `pull.txt` of 100,000 distinct names), `list-dup` (100,000
+//! lines naming 1,000 images), `manifest` (a docker-save `.tar` whose `manifest.json` holds
+//! 450,000 `RepoTags`, 19.7 MB) and `junk` (100,000 empty `.tar` files).
 //!
 //! `scripts/bench-inventory.sh` runs it (and cross-checks with hyperfine and `/usr/bin/time`).
 //!
@@ -42,9 +54,12 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("scan") if args.len() == 2 => scan(Path::new(&args[1])),
         Some("generate") => generate().map(|dir| println!("{}", dir.display())),
+        Some("hostile") if args.len() == 2 => hostile(Path::new(&args[1])),
+        Some("retained") if args.len() == 2 => retained(Path::new(&args[1])),
         None => compare(),
         _ => Err(io::Error::other(
-            "usage: inventory [generate | scan IMAGES_DIR] (no argument: compare)",
+            "usage: inventory [generate | scan IMAGES_DIR | hostile DIR | retained IMAGES_DIR] \
+             (no argument: compare)",
         )),
     };
     if let Err(e) = result {
@@ -72,6 +87,84 @@ fn scan(dir: &Path) -> io::Result<()> {
     if failed {
         return Err(io::Error::other("an archive failed to read"));
     }
+    Ok(())
+}
+
+/// What the daemon keeps of a scan of `dir` (see the module's comment).
+fn retained(dir: &Path) -> io::Result<()> {
+    let mut scanner = Scanner::new(dir);
+    let mut problems = pinkeeper::inventory::Problems::new();
+    for round in 1..=2 {
+        let started = Instant::now();
+        let inventory = scanner.scan().map_err(io::Error::other)?;
+        let changes = scanner.cache_changes();
+        let report = problems.observe(&inventory);
+        let elapsed = started.elapsed();
+        let (files, lines) = (inventory.files.len(), report.lines().len());
+        drop((inventory, report));
+        let stored = changes.updated.len();
+        drop(changes);
+        if env::var_os("PINKEEPER_BENCH_NO_TRIM").is_none() {
+            pinkeeper::memory::release_freed();
+        }
+        let status = fs::read_to_string("/proc/self/status")?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "scan {round}: {files} files in {:.2} s, {} read so far, {stored} stored, {lines} log \
+             lines; kept {:?}; VmRSS {} KiB, VmHWM {} KiB",
+            elapsed.as_secs_f64(),
+            scanner.files_read(),
+            scanner.cache_stats(),
+            field("VmRSS:"),
+            field("VmHWM:"),
+        );
+    }
+    Ok(())
+}
+
+/// Writes the hostile images directories into `base` (see the module's comment).
+fn hostile(base: &Path) -> io::Result<()> {
+    let dir = |name: &str| -> io::Result<PathBuf> {
+        let dir = base.join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
+    let name = |i: usize| format!("registry.example.com/t{:03}/app-{i:07}:v1", i % 997);
+    let mut list = BufWriter::new(fs::File::create(dir("list")?.join("pull.txt"))?);
+    for i in 0..100_000 {
+        writeln!(list, "{}", name(i))?;
+    }
+    list.flush()?;
+    let mut list = BufWriter::new(fs::File::create(dir("list-dup")?.join("pull.txt"))?);
+    for i in 0..100_000 {
+        writeln!(list, "{}", name(i % 1_000))?;
+    }
+    list.flush()?;
+    let tags: Vec<String> = (0..450_000).map(name).collect();
+    let manifest = format!(
+        "[{{\"Config\":\"c.json\",\"RepoTags\":{},\"Layers\":[]}}]",
+        serde_json::to_string(&tags).map_err(io::Error::other)?
+    );
+    let file = fs::File::create(dir("manifest")?.join("big.tar"))?;
+    let mut builder = tar::Builder::new(BufWriter::new(file));
+    append_bytes(&mut builder, "c.json", b"{}")?;
+    append_bytes(&mut builder, "manifest.json", manifest.as_bytes())?;
+    builder.into_inner()?.flush()?;
+    let junk = dir("junk")?;
+    for i in 0..100_000 {
+        fs::File::create(junk.join(format!("junk-{i:06}.tar")))?;
+    }
+    println!(
+        "{}: list, list-dup, manifest ({} bytes of manifest.json), junk",
+        base.display(),
+        manifest.len()
+    );
     Ok(())
 }
 

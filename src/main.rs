@@ -222,7 +222,7 @@ fn inventory(args: &InventoryArgs) -> ExitCode {
         eprintln!(
             "pinkeeper: the images directory {} {problem}; pass K3s's <data-dir>/agent/images \
              with --images-dir DIR",
-            dir.display()
+            pinkeeper::escape::path(dir)
         );
         return ExitCode::FAILURE;
     }
@@ -233,15 +233,17 @@ fn inventory(args: &InventoryArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = pinkeeper::inventory::report::Report::new(dir, &inventory);
-    let text = if args.json {
-        report.to_json() + "\n"
-    } else {
-        report.to_table()
-    };
+    // The report takes the scan's strings: one copy in memory, not two.
+    let report = pinkeeper::inventory::report::Report::from_inventory(dir, inventory);
     use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = if args.json {
+        report.write_json(&mut out)
+    } else {
+        report.write_table(&mut out)
+    };
     // A closed pipe (`| head`) is not an error worth a message.
-    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    let _ = written.and_then(|()| out.flush());
     ExitCode::SUCCESS
 }
 

@@ -81,8 +81,6 @@ impl Default for ReadOptions {
 /// What is wrong with an archive. The caller prefixes the file's path.
 #[derive(Debug, Error)]
 pub(crate) enum ArchiveError {
-    #[error("cannot open: {0}")]
-    Open(#[source] io::Error),
     #[error("not a valid {compression} stream: {source}")]
     Decompress {
         compression: &'static str,
@@ -145,27 +143,23 @@ impl ArchiveRead {
     }
 }
 
-/// Reads the archive at `path`, decompressing by `compression`.
+/// Reads an archive from `file`, a regular file of `len` bytes the caller opened (and checked,
+/// see `open_regular`), decompressing by `compression`.
 pub(crate) fn read_archive_file(
-    path: &std::path::Path,
+    file: std::fs::File,
+    len: u64,
     compression: Compression,
     options: ReadOptions,
 ) -> ArchiveRead {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => return ArchiveRead::failed(None, ArchiveError::Open(e)),
-    };
     match compression {
         Compression::None => {
-            let len = file.metadata().map(|m| m.len()).ok();
             let mut archive = tar::Archive::new(io::BufReader::new(file));
             match archive.entries_with_seek() {
-                Ok(entries) => read_entries(entries, options, len, None),
+                Ok(entries) => read_entries(entries, options, Some(len), None),
                 Err(e) => ArchiveRead::failed(None, ArchiveError::Tar(e)),
             }
         }
         other => {
-            let len = file.metadata().map_or(0, |m| m.len());
             let budget = len.saturating_mul(MAX_EXPANSION).max(MIN_EXPANDED_BUDGET);
             read_buffered(
                 io::BufReader::with_capacity(FILE_BUFFER, file),
@@ -517,7 +511,7 @@ fn finish_docker(seen: &Seen) -> ArchiveRead {
         }
         blobs.insert(name);
     }
-    let mut names = Vec::new();
+    let mut names = Names::default();
     for manifest in manifests {
         if !blobs.contains(manifest.config.as_str()) {
             return ArchiveRead::failed(
@@ -530,7 +524,7 @@ fn finish_docker(seen: &Seen) -> ArchiveRead {
         }
         for tag in &manifest.repo_tags {
             match normalize_reference(tag) {
-                Ok(name) => push_unique(&mut names, name),
+                Ok(name) => names.push(name),
                 Err(e) => return ArchiveRead::failed(layout, e.into()),
             }
         }
@@ -540,14 +534,25 @@ fn finish_docker(seen: &Seen) -> ArchiveRead {
     }
     ArchiveRead {
         layout,
-        names,
+        names: names.names,
         error: None,
     }
 }
 
-fn push_unique(names: &mut Vec<String>, name: String) {
-    if !names.contains(&name) {
-        names.push(name);
+/// Names in first-seen order without duplicates, each checked in constant time (a
+/// `manifest.json` can hold hundreds of thousands of tags).
+#[derive(Default)]
+struct Names {
+    names: Vec<String>,
+    seen: HashSet<String>,
+}
+
+impl Names {
+    fn push(&mut self, name: String) {
+        if !self.seen.contains(name.as_str()) {
+            self.seen.insert(name.clone());
+            self.names.push(name);
+        }
     }
 }
 
@@ -686,7 +691,7 @@ fn oci_names(bytes: &[u8]) -> Result<Vec<String>, ArchiveError> {
     if descriptors.is_empty() {
         return Err(ArchiveError::EmptyIndex);
     }
-    let mut names = Vec::new();
+    let mut names = Names::default();
     for (index, d) in descriptors.into_iter().enumerate() {
         let name = match d.annotations.get(ANNOTATION_IMAGE_NAME) {
             Some(n) if !n.is_empty() => n.clone(),
@@ -715,9 +720,9 @@ fn oci_names(bytes: &[u8]) -> Result<Vec<String>, ArchiveError> {
                 reason,
             });
         }
-        push_unique(&mut names, name);
+        names.push(name);
     }
-    Ok(names)
+    Ok(names.names)
 }
 
 struct Descriptor {

@@ -18,8 +18,15 @@
 //! - Symbolic links are followed (K3s `os.Stat`s) only while the target stays inside the
 //!   images directory (a pinkeeper rule: it never reads files elsewhere on the host); links
 //!   out, broken links, loops and non-regular files are reported in [`Inventory::skipped`].
+//!
+//! A hostile directory must not block or bloat the daemon: every file is opened with
+//! `O_NONBLOCK | O_NOFOLLOW` and its type checked on the open file (a fifo swapped in after the
+//! walk is skipped, never waited on); duplicate names are checked in hash sets; junk (small files
+//! that provide nothing) is remembered in 16 bytes a file and never stored; [`Problems`] turns
+//! the scans into a bounded number of log lines.
 
 mod archive;
+pub mod problems;
 pub mod reference;
 pub mod report;
 pub mod watch;
@@ -29,18 +36,23 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::escape;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use problems::{ProblemChange, ProblemReport, Problems};
 pub use reference::{normalize_reference, ReferenceError};
 
-use archive::{ArchiveError, ReadOptions};
+use archive::ReadOptions;
 
 /// The archive suffixes K3s imports (wharfie `tarfile.SupportedExtensions`), matched
 /// case-sensitively as K3s's watcher does.
@@ -53,6 +65,17 @@ pub const LIST_SUFFIX: &str = ".txt";
 
 /// The largest `.txt` list read into memory (K3s has no limit; ours keeps reads bounded).
 const LIST_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// A file this small that provides no name is junk: its read is kept in memory only, compactly
+/// (no path, a shared error text), and never handed to the caller's store, so 100,000 empty
+/// `.tar` files neither grow the ledger nor the daemon. Reading it again after a restart costs
+/// about what looking it up would. A larger broken file (a corrupt 2 GiB archive) is cached
+/// and stored like any other, so it is not decompressed again at every start.
+const JUNK_MAX_SIZE: u64 = 64 * 1024;
+
+/// Distinct error texts kept for junk files; a junk file with yet another text is read again
+/// at the next scan instead (they are small, by [`JUNK_MAX_SIZE`]).
+const MAX_JUNK_TEXTS: usize = 1024;
 
 /// Go's `bufio.MaxScanTokenSize`: K3s's line scanner gives up at a longer line and silently
 /// ignores the rest of the list.
@@ -140,7 +163,8 @@ pub struct FileEntry {
     /// in file order, without duplicates.
     pub names: Vec<String>,
     /// Why the file provides nothing (archives: the import would fail), or, for a list, which
-    /// lines K3s would skip. Starts with the file's path.
+    /// lines K3s would skip. Starts with the file's path, escaped ([`crate::escape::path`]),
+    /// and `: `. Made afresh by each scan: the scanner keeps errors without paths.
     pub error: Option<String>,
 }
 
@@ -178,12 +202,27 @@ impl Inventory {
         provided
     }
 
-    /// The file that provides `name`, if any (first in import order).
+    /// The file that provides `name`, if any (first in import order). One lookup walks every
+    /// name once; to look up many names, build [`Inventory::providers`] once instead.
     pub fn provider_of(&self, name: &str) -> Option<&Path> {
         self.files
             .iter()
             .find(|f| f.names.iter().any(|n| n == name))
             .map(|f| f.path.as_path())
+    }
+
+    /// Name -> the file that provides it (the first in import order), for many lookups in
+    /// constant time each.
+    pub fn providers(&self) -> HashMap<&str, &Path> {
+        let mut providers = HashMap::with_capacity(self.files.iter().map(|f| f.names.len()).sum());
+        for file in &self.files {
+            for name in &file.names {
+                providers
+                    .entry(name.as_str())
+                    .or_insert(file.path.as_path());
+            }
+        }
+        providers
     }
 
     /// The files that could not be read or provide nothing because they are broken.
@@ -196,8 +235,9 @@ impl Inventory {
 #[derive(Debug, Error)]
 pub enum InventoryError {
     #[error(
-        "cannot read the K3s images directory {path}: {source}; check that it is \
-         <data-dir>/agent/images and that pinkeeper (root) can list it"
+        "cannot read the K3s images directory {}: {source}; check that it is \
+         <data-dir>/agent/images and that pinkeeper (root) can list it",
+        escape::path(path)
     )]
     /// The directory exists but cannot be listed (or its path cannot be examined).
     Unreadable {
@@ -320,8 +360,13 @@ pub struct Scanner {
     options: ReadOptions,
     /// Reads by identity: a renamed or hard-linked file is not read again.
     cache: HashMap<CacheKey, CachedRead>,
+    /// Reads of junk (small files that provide nothing, see [`JUNK_MAX_SIZE`]), by a 64-bit
+    /// hash of their [`CacheKey`]: 16 bytes a file, no path, the error text shared.
+    junk: HashMap<u64, JunkRead>,
+    /// The error texts of junk files, each once.
+    junk_texts: Texts,
     /// Path -> identity of every cached file of the last scan (or of the imported cache
-    /// before the first one).
+    /// before the first one). Junk is not here: it is not stored.
     scanned: BTreeMap<PathBuf, CacheKey>,
     /// Path -> identity as the caller's store holds it (imported, then as of the last
     /// [`Scanner::cache_changes`]); `None` for a stored entry that is not trusted.
@@ -337,12 +382,100 @@ struct CacheKey {
     kind: FileKind,
 }
 
+impl CacheKey {
+    /// The junk cache's key. Two different keys with the same hash (odds of about 1 in 2^64
+    /// per lookup) would show a changed small file as its old read until it changes again.
+    fn hash64(&self) -> u64 {
+        // SipHash with fixed keys: the same value in every scan of this process.
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
 #[derive(Debug, Clone)]
 struct CachedRead {
     kind: FileKind,
     names: Vec<String>,
-    /// Without the path: [`entry`] puts the path the file is found under in front.
+    /// Without the path: the path the file is found under is in [`FileEntry::path`].
     error: Option<String>,
+}
+
+/// A junk file's read: its kind (with the layout the content showed) and its error text.
+#[derive(Debug, Clone, Copy)]
+struct JunkRead {
+    kind: FileKind,
+    /// Index into [`Scanner::junk_texts`]; [`NO_TEXT`] for no error (an empty list).
+    text: u32,
+}
+
+const NO_TEXT: u32 = u32::MAX;
+
+/// Error texts, each stored once.
+#[derive(Debug, Default)]
+struct Texts {
+    texts: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
+}
+
+impl Texts {
+    /// The id of `text`, added if there is room.
+    fn id(&mut self, text: Option<&str>) -> Option<u32> {
+        let Some(text) = text else {
+            return Some(NO_TEXT);
+        };
+        if let Some(&id) = self.ids.get(text) {
+            return Some(id);
+        }
+        if self.texts.len() >= MAX_JUNK_TEXTS {
+            return None;
+        }
+        let id = u32::try_from(self.texts.len()).ok()?;
+        let text: Arc<str> = Arc::from(text);
+        self.texts.push(text.clone());
+        self.ids.insert(text, id);
+        Some(id)
+    }
+
+    fn get(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(|t| &**t)
+    }
+
+    /// Keeps only the texts `junk` uses (renumbering them), once the table is full.
+    fn compact(&mut self, junk: &mut HashMap<u64, JunkRead>) {
+        if self.texts.len() < MAX_JUNK_TEXTS {
+            return;
+        }
+        let old = std::mem::take(self);
+        let mut renumbered = HashMap::new();
+        for read in junk.values_mut() {
+            if read.text == NO_TEXT {
+                continue;
+            }
+            read.text = *renumbered.entry(read.text).or_insert_with(|| {
+                let id = self.texts.len() as u32;
+                let text = old.texts[read.text as usize].clone();
+                self.texts.push(text.clone());
+                self.ids.insert(text, id);
+                id
+            });
+        }
+    }
+}
+
+/// What a [`Scanner`] holds between scans, for tests and for the daemon's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Full cached reads (files that provide names, or large broken ones).
+    pub reads: usize,
+    /// Junk files remembered compactly (no path, shared error text).
+    pub junk: usize,
+    /// Paths held (what was scanned and what the caller's store holds): never junk.
+    pub paths: usize,
+    /// Distinct error texts of junk files (at most 1,024).
+    pub junk_texts: usize,
+    /// An estimate of the heap bytes all this takes.
+    pub approx_bytes: usize,
 }
 
 /// The kind a file's suffix alone gives (the layout is learned from the content).
@@ -356,6 +489,19 @@ fn suffix_kind(kind: FileKind) -> FileKind {
     }
 }
 
+/// Junk: a small file that provides no name (see [`JUNK_MAX_SIZE`]).
+fn is_junk(identity: &FileIdentity, read: &CachedRead) -> bool {
+    read.names.is_empty() && identity.size < JUNK_MAX_SIZE
+}
+
+/// What one scan builds up, to replace the scanner's maps at its end.
+#[derive(Default)]
+struct NextScan {
+    cache: HashMap<CacheKey, CachedRead>,
+    junk: HashMap<u64, JunkRead>,
+    scanned: BTreeMap<PathBuf, CacheKey>,
+}
+
 impl Scanner {
     /// A scanner of `images_dir` (normally `/var/lib/rancher/k3s/agent/images`) with an
     /// empty cache.
@@ -364,6 +510,8 @@ impl Scanner {
             images_dir: images_dir.into(),
             options: ReadOptions::default(),
             cache: HashMap::new(),
+            junk: HashMap::new(),
+            junk_texts: Texts::default(),
             scanned: BTreeMap::new(),
             persisted: BTreeMap::new(),
             files_read: 0,
@@ -372,7 +520,8 @@ impl Scanner {
 
     /// Starts from a cache kept elsewhere (the ledger's, see [`Scanner::cache_changes`]):
     /// a file whose identity is unchanged is not read again. Entries made by another build
-    /// of pinkeeper are not used, and are reported as to be replaced or removed.
+    /// of pinkeeper are not used, and are reported as to be replaced or removed; so are
+    /// entries of junk files (stored by an earlier version), which are kept in memory only.
     pub fn with_cache(mut self, entries: impl IntoIterator<Item = CachedFile>) -> Self {
         let reader = reader_name();
         for entry in entries {
@@ -400,7 +549,7 @@ impl Scanner {
 
     /// What to store and forget so that the caller's copy of the cache equals this
     /// scanner's, since the previous call (or [`Scanner::with_cache`]). Empty when no file
-    /// was read and none moved or went away.
+    /// was read and none moved or went away. Junk files are never handed out.
     pub fn cache_changes(&mut self) -> CacheChanges {
         let mut changes = CacheChanges::default();
         let reader = reader_name();
@@ -452,121 +601,280 @@ impl Scanner {
         self.files_read
     }
 
+    /// What this scanner keeps between scans.
+    pub fn cache_stats(&self) -> CacheStats {
+        use std::mem::size_of;
+        let path_bytes = |p: &PathBuf| p.as_os_str().len() + size_of::<PathBuf>();
+        let reads: usize = self
+            .cache
+            .values()
+            .map(|r| {
+                size_of::<CacheKey>()
+                    + size_of::<CachedRead>()
+                    + r.names
+                        .iter()
+                        .map(|n| n.len() + size_of::<String>())
+                        .sum::<usize>()
+                    + r.error.as_ref().map_or(0, String::len)
+            })
+            .sum();
+        let scanned: usize = self
+            .scanned
+            .keys()
+            .map(|p| path_bytes(p) + size_of::<CacheKey>())
+            .sum();
+        let persisted: usize = self
+            .persisted
+            .keys()
+            .map(|p| path_bytes(p) + size_of::<Option<CacheKey>>())
+            .sum();
+        let junk = self.junk.capacity() * (size_of::<(u64, JunkRead)>() + 1);
+        let texts: usize = self.junk_texts.texts.iter().map(|t| 2 * t.len() + 64).sum();
+        CacheStats {
+            reads: self.cache.len(),
+            junk: self.junk.len(),
+            paths: self.scanned.len() + self.persisted.len(),
+            junk_texts: self.junk_texts.texts.len(),
+            approx_bytes: reads + scanned + persisted + junk + texts,
+        }
+    }
+
     /// Walks the images directory and reads every new or changed file. A missing directory
     /// is an empty inventory (K3s imports nothing); one that exists but cannot be listed is
-    /// an error.
+    /// an error. A file is opened without blocking and without following a link, and read
+    /// only if the open file is a regular one: a fifo, socket or device swapped in since the
+    /// walk is reported in [`Inventory::skipped`].
     pub fn scan(&mut self) -> Result<Inventory, InventoryError> {
         let listing = walk(&self.images_dir)?;
-        let mut next_cache: HashMap<CacheKey, CachedRead> = HashMap::new();
-        let mut scanned = BTreeMap::new();
+        let mut next = NextScan::default();
         let mut files = Vec::with_capacity(listing.files.len());
+        let mut skipped = listing.skipped;
         for found in listing.files {
             let key = CacheKey {
-                identity: FileIdentity::of(&found.meta),
+                identity: found.identity,
                 kind: found.kind,
             };
-            let cached = self
-                .cache
-                .remove(&key)
-                .or_else(|| next_cache.get(&key).cloned());
-            let read = match cached {
-                Some(read) => read,
-                None => {
-                    self.files_read += 1;
-                    let (read, cacheable) = read_file(&found.path, found.kind, self.options);
-                    if !cacheable {
-                        files.push(entry(found.path, read));
-                        continue;
-                    }
-                    read
+            if let Some(entry) = self.cached(&key, &found.path, &mut next) {
+                files.push(entry);
+                continue;
+            }
+            self.files_read += 1;
+            let open_path = found.target.as_deref().unwrap_or(&found.path);
+            match read_file(open_path, found.kind, self.options) {
+                FileRead::Read { identity, read } => {
+                    // The open file's identity: it may have changed since the walk.
+                    let key = CacheKey {
+                        identity,
+                        kind: found.kind,
+                    };
+                    files.push(self.keep(key, found.path, read, &mut next));
                 }
-            };
-            next_cache.insert(key.clone(), read.clone());
-            scanned.insert(found.path.clone(), key);
-            files.push(entry(found.path, read));
+                FileRead::Failed(read) => files.push(entry(found.path, read)),
+                FileRead::NotRegular(reason) => skipped.push(SkippedPath {
+                    path: found.path,
+                    reason,
+                }),
+                FileRead::Gone => {}
+            }
         }
         // Entries of files that are gone (or changed) are dropped here.
-        self.cache = next_cache;
-        self.scanned = scanned;
-        Ok(Inventory {
-            files,
-            skipped: listing.skipped,
-        })
+        self.cache = next.cache;
+        self.junk = next.junk;
+        self.scanned = next.scanned;
+        self.junk_texts.compact(&mut self.junk);
+        Ok(Inventory { files, skipped })
+    }
+
+    /// The cached read of `key`, if any, kept for the next scan.
+    fn cached(&mut self, key: &CacheKey, path: &Path, next: &mut NextScan) -> Option<FileEntry> {
+        let hash = key.hash64();
+        if let Some(junk) = self.junk.get(&hash).or_else(|| next.junk.get(&hash)) {
+            let junk = *junk;
+            next.junk.insert(hash, junk);
+            return Some(FileEntry {
+                path: path.to_path_buf(),
+                kind: junk.kind,
+                names: Vec::new(),
+                error: self.junk_texts.get(junk.text).map(|e| with_path(path, e)),
+            });
+        }
+        let read = self
+            .cache
+            .remove(key)
+            .or_else(|| next.cache.get(key).cloned())?;
+        Some(self.keep(key.clone(), path.to_path_buf(), read, next))
+    }
+
+    /// Keeps `read` for the next scan: junk compactly, anything else in full (and for the
+    /// caller's store).
+    fn keep(
+        &mut self,
+        key: CacheKey,
+        path: PathBuf,
+        read: CachedRead,
+        next: &mut NextScan,
+    ) -> FileEntry {
+        if is_junk(&key.identity, &read) {
+            if let Some(text) = self.junk_texts.id(read.error.as_deref()) {
+                next.junk.insert(
+                    key.hash64(),
+                    JunkRead {
+                        kind: read.kind,
+                        text,
+                    },
+                );
+            }
+            return entry(path, read);
+        }
+        next.cache.insert(key.clone(), read.clone());
+        next.scanned.insert(path.clone(), key);
+        entry(path, read)
     }
 }
 
 fn entry(path: PathBuf, read: CachedRead) -> FileEntry {
-    let error = read
-        .error
-        .map(|message| format!("{}: {message}", path.display()));
     FileEntry {
+        error: read.error.as_deref().map(|e| with_path(&path, e)),
         path,
         kind: read.kind,
         names: read.names,
-        error,
     }
 }
 
-/// Reads one file; the flag says whether the result may be cached (not when the file could
-/// not even be opened, which may be transient). Errors do not name the file: [`entry`] does.
-fn read_file(path: &Path, kind: FileKind, options: ReadOptions) -> (CachedRead, bool) {
-    // Nothing on disk may take the daemon down: a panic in a decoder becomes an error entry.
-    let outcome = catch_unwind(AssertUnwindSafe(|| match kind {
-        FileKind::List => read_list_file(path),
-        FileKind::Archive { compression, .. } => {
-            let read = archive::read_archive_file(path, compression, options);
-            let cacheable = !matches!(read.error, Some(ArchiveError::Open(_)));
-            let error = read.error.map(|e| {
-                let advice = match e {
-                    ArchiveError::Open(_) => "check the file's permissions",
-                    _ => "K3s cannot import it either: replace it with a good copy or remove it",
-                };
-                format!("{e}; {advice}")
-            });
-            (
-                CachedRead {
-                    kind: FileKind::Archive {
-                        compression,
-                        layout: read.layout,
-                    },
-                    names: read.names,
-                    error,
-                },
-                cacheable,
-            )
-        }
-    }));
-    outcome.unwrap_or_else(|_| {
-        (
-            CachedRead {
-                kind,
-                names: Vec::new(),
-                error: Some(
-                    "reading the file crashed the decoder (a bug in pinkeeper or a library \
-                     it uses); the file is treated as providing nothing"
-                        .to_string(),
-                ),
-            },
-            true,
-        )
-    })
+/// `PATH: MESSAGE`, the path escaped.
+fn with_path(path: &Path, message: &str) -> String {
+    format!("{}: {message}", escape::path(path))
 }
 
-fn read_list_file(path: &Path) -> (CachedRead, bool) {
-    let mut bytes = Vec::new();
-    let opened = fs::File::open(path)
-        .and_then(|f| f.take(LIST_LIMIT + 1).read_to_end(&mut bytes).map(|_| ()));
-    if let Err(e) = opened {
-        return (
+/// Reads one file the way a scan does (with the default options, without a cache): what it
+/// provides, or why it was not read. `Err` when it is not a regular file (as seen on the open
+/// file), is not a file K3s imports (by its name), or is gone. Never blocks on a fifo.
+pub fn read_one(path: &Path) -> Result<FileEntry, SkippedPath> {
+    let skipped = |reason: String| SkippedPath {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Some(kind) = classify(path) else {
+        return Err(skipped("not a file K3s imports (by its name)".to_string()));
+    };
+    match read_file(path, kind, ReadOptions::default()) {
+        FileRead::Read { read, .. } | FileRead::Failed(read) => Ok(entry(path.to_path_buf(), read)),
+        FileRead::NotRegular(reason) => Err(skipped(reason)),
+        FileRead::Gone => Err(skipped("no such file".to_string())),
+    }
+}
+
+/// The outcome of reading one file.
+enum FileRead {
+    /// Read; `identity` is the open file's (fstat).
+    Read {
+        identity: FileIdentity,
+        read: CachedRead,
+    },
+    /// Could not be opened or examined, which may be transient: an error entry, not cached.
+    Failed(CachedRead),
+    /// Not a regular file on opening (a fifo, socket or device, or a link, swapped in since
+    /// the walk): why it was not read.
+    NotRegular(String),
+    /// Removed since the walk.
+    Gone,
+}
+
+const NOT_REGULAR: &str = "not a regular file (fifo, socket or device): not read";
+
+/// Opens `path` for reading without blocking (a fifo opens at once, and is then refused) and
+/// without following a final symbolic link, and checks the open file's type.
+fn open_regular(path: &Path) -> Result<(fs::File, fs::Metadata), FileRead> {
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(FileRead::Gone),
+        // ELOOP: the last component is now a symbolic link; ENXIO: a socket (or a fifo's
+        // other end missing, which O_RDONLY never meets).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO)) => {
+            return Err(FileRead::NotRegular(format!(
+                "replaced by a symbolic link, socket or device since the directory was listed \
+                 ({e}): not read"
+            )))
+        }
+        Err(e) => return Err(FileRead::Failed(unreadable(e))),
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Err(FileRead::Failed(unreadable(e))),
+    };
+    if !meta.is_file() {
+        return Err(FileRead::NotRegular(NOT_REGULAR.to_string()));
+    }
+    Ok((file, meta))
+}
+
+fn unreadable(e: io::Error) -> CachedRead {
+    CachedRead {
+        kind: FileKind::List,
+        names: Vec::new(),
+        error: Some(format!("cannot open: {e}; check the file's permissions")),
+    }
+}
+
+/// Opens and reads one file. Errors do not name the file: [`FileEntry::path`] does.
+fn read_file(path: &Path, kind: FileKind, options: ReadOptions) -> FileRead {
+    let (file, meta) = match open_regular(path) {
+        Ok(opened) => opened,
+        Err(FileRead::Failed(read)) => return FileRead::Failed(CachedRead { kind, ..read }),
+        Err(other) => return other,
+    };
+    let identity = FileIdentity::of(&meta);
+    // Nothing on disk may take the daemon down: a panic in a decoder becomes an error entry.
+    let outcome = catch_unwind(AssertUnwindSafe(|| match kind {
+        FileKind::List => read_list(file),
+        FileKind::Archive { compression, .. } => Ok({
+            let read = archive::read_archive_file(file, meta.len(), compression, options);
+            let error = read.error.map(|e| {
+                format!(
+                    "{e}; K3s cannot import it either: replace it with a good copy or remove it"
+                )
+            });
             CachedRead {
-                kind: FileKind::List,
-                names: Vec::new(),
-                error: Some(format!(
-                    "cannot read the image list: {e}; check the file's permissions"
-                )),
-            },
-            false,
-        );
+                kind: FileKind::Archive {
+                    compression,
+                    layout: read.layout,
+                },
+                names: read.names,
+                error,
+            }
+        }),
+    }));
+    let read = match outcome {
+        Ok(Ok(read)) => read,
+        Ok(Err(failed)) => return FileRead::Failed(failed),
+        Err(_) => CachedRead {
+            kind,
+            names: Vec::new(),
+            error: Some(
+                "reading the file crashed the decoder (a bug in pinkeeper or a library it uses); \
+             the file is treated as providing nothing"
+                    .to_string(),
+            ),
+        },
+    };
+    FileRead::Read { identity, read }
+}
+
+/// Reads a list; `Err` (not cached) when reading failed, which may be transient.
+fn read_list(file: fs::File) -> Result<CachedRead, CachedRead> {
+    let mut bytes = Vec::new();
+    if let Err(e) = file.take(LIST_LIMIT + 1).read_to_end(&mut bytes) {
+        return Err(CachedRead {
+            kind: FileKind::List,
+            names: Vec::new(),
+            error: Some(format!(
+                "cannot read the image list: {e}; check the file's permissions"
+            )),
+        });
     }
     let mut problems = Vec::new();
     if bytes.len() as u64 > LIST_LIMIT {
@@ -578,14 +886,11 @@ fn read_list_file(path: &Path) -> (CachedRead, bool) {
     let (names, mut line_problems) = parse_list(&bytes);
     problems.append(&mut line_problems);
     let error = (!problems.is_empty()).then(|| problems.join("; "));
-    (
-        CachedRead {
-            kind: FileKind::List,
-            names,
-            error,
-        },
-        true,
-    )
+    Ok(CachedRead {
+        kind: FileKind::List,
+        names,
+        error,
+    })
 }
 
 /// K3s's `prePullImages`: one reference a line (`bufio.ScanLines`, so `\r\n` works), trimmed,
@@ -594,6 +899,7 @@ fn read_list_file(path: &Path) -> (CachedRead, bool) {
 /// the pull (`ParseDockerRef`).
 fn parse_list(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
     let mut names = Vec::new();
+    let mut seen = HashSet::new();
     let mut problems = Vec::new();
     let mut lines = bytes.split(|&b| b == b'\n').enumerate().peekable();
     while let Some((index, raw)) = lines.next() {
@@ -615,7 +921,8 @@ fn parse_list(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
         }
         match normalize_reference(reference) {
             Ok(name) => {
-                if !names.contains(&name) {
+                if !seen.contains(name.as_str()) {
+                    seen.insert(name.clone());
                     names.push(name);
                 }
             }
@@ -627,8 +934,12 @@ fn parse_list(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
 
 struct Found {
     path: PathBuf,
+    /// For a link the walk followed, its canonical target: what is opened (without following
+    /// a link again). `None`: the path itself.
+    target: Option<PathBuf>,
     kind: FileKind,
-    meta: fs::Metadata,
+    /// As the walk saw it (the open file's identity is taken again when it is read).
+    identity: FileIdentity,
 }
 
 #[derive(Default)]
@@ -721,7 +1032,7 @@ fn visit(
             return;
         }
     };
-    let meta = if link_meta.file_type().is_symlink() {
+    let (meta, target) = if link_meta.file_type().is_symlink() {
         let target = match fs::canonicalize(&path) {
             Ok(t) => t,
             Err(e) => {
@@ -741,21 +1052,21 @@ fn visit(
                     format!(
                         "symbolic link to {}, outside the images directory: not followed \
                          (move the file into the images directory)",
-                        target.display()
+                        escape::path(&target)
                     ),
                 );
             }
             return;
         }
-        match fs::metadata(&path) {
-            Ok(m) => m,
+        match fs::metadata(&target) {
+            Ok(m) => (m, Some(target)),
             Err(e) => {
                 listing.skip(path, format!("cannot stat the link's target: {e}"));
                 return;
             }
         }
     } else {
-        link_meta
+        (link_meta, None)
     };
     if meta.is_dir() {
         if visited.insert((meta.dev(), meta.ino())) {
@@ -772,11 +1083,13 @@ fn visit(
         return;
     };
     if !meta.is_file() {
-        listing.skip(
-            path,
-            "not a regular file (fifo, socket or device): not read",
-        );
+        listing.skip(path, NOT_REGULAR);
         return;
     }
-    listing.files.push(Found { path, kind, meta });
+    listing.files.push(Found {
+        path,
+        target,
+        kind,
+        identity: FileIdentity::of(&meta),
+    });
 }

@@ -4,11 +4,14 @@
 //! The JSON shape is part of pinkeeper's interface (documented in README.md); add fields,
 //! never rename or remove them, and bump [`JSON_VERSION`] if a change cannot be additive.
 
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use serde::Serialize;
 
 use super::{FileEntry, FileKind, Inventory};
+use crate::escape;
 
 /// The `version` field of the JSON output.
 pub const JSON_VERSION: u32 = 1;
@@ -18,7 +21,7 @@ pub const JSON_VERSION: u32 = 1;
 pub struct Report {
     /// [`JSON_VERSION`].
     pub version: u32,
-    /// The images directory, as given.
+    /// The images directory, as given, escaped ([`crate::escape::path`]).
     pub images_dir: String,
     /// Every file K3s would import, in its import order.
     pub files: Vec<FileReport>,
@@ -29,8 +32,12 @@ pub struct Report {
 /// One file of the images directory.
 #[derive(Debug, Serialize)]
 pub struct FileReport {
-    /// Relative to the images directory.
+    /// Relative to the images directory, escaped ([`crate::escape::path`]).
     pub path: String,
+    /// The path's bytes in hex, only when they are not UTF-8 (`path` is then escaped lossily
+    /// for JSON readers that do not unescape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<String>,
     /// `oci`, `docker-save`, `list`, or `null` for an archive whose content is not recognised.
     pub format: Option<&'static str>,
     /// `none`, `gzip`, `bzip2`, `zstd`, `lz4`; `null` for a list.
@@ -45,8 +52,11 @@ pub struct FileReport {
 /// A path that was not read.
 #[derive(Debug, Serialize)]
 pub struct SkippedReport {
-    /// Relative to the images directory.
+    /// Relative to the images directory, escaped.
     pub path: String,
+    /// The path's bytes in hex, only when they are not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<String>,
     /// Why, and what to do.
     pub reason: String,
 }
@@ -54,20 +64,27 @@ pub struct SkippedReport {
 impl Report {
     /// The report of one scan of `images_dir`.
     pub fn new(images_dir: &Path, inventory: &Inventory) -> Report {
+        Report::from_inventory(images_dir, inventory.clone())
+    }
+
+    /// The report of one scan of `images_dir`, taking the scan's strings instead of copying
+    /// them (100,000 broken files would be two copies of their errors in memory).
+    pub fn from_inventory(images_dir: &Path, inventory: Inventory) -> Report {
         Report {
             version: JSON_VERSION,
-            images_dir: images_dir.display().to_string(),
+            images_dir: escape::path(images_dir).to_string(),
             files: inventory
                 .files
-                .iter()
+                .into_iter()
                 .map(|f| FileReport::new(images_dir, f))
                 .collect(),
             skipped: inventory
                 .skipped
-                .iter()
+                .into_iter()
                 .map(|s| SkippedReport {
                     path: relative(images_dir, &s.path),
-                    reason: s.reason.clone(),
+                    path_bytes: hex_if_not_utf8(images_dir, &s.path),
+                    reason: escaped(s.reason),
                 })
                 .collect(),
         }
@@ -79,74 +96,88 @@ impl Report {
         serde_json::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// Pretty-printed JSON, written as it is made (no copy of the whole document in memory).
+    pub fn write_json(&self, out: &mut impl Write) -> io::Result<()> {
+        serde_json::to_writer_pretty(&mut *out, self).map_err(io::Error::other)?;
+        out.write_all(b"\n")
+    }
+
     /// A table: one row per file, further names and the error on lines of their own; then
     /// the skipped paths and a summary line.
     pub fn to_table(&self) -> String {
+        let mut out = Vec::new();
+        // Writing to memory cannot fail, and every piece is UTF-8.
+        let _ = self.write_table(&mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// [`Report::to_table`], written line by line.
+    pub fn write_table(&self, out: &mut impl Write) -> io::Result<()> {
         const HEADER: [&str; 4] = ["FILE", "FORMAT", "COMPRESSION", "IMAGES"];
-        let cell = |s: Option<&str>| s.unwrap_or("-").to_string();
-        let rows: Vec<[String; 3]> = self
-            .files
-            .iter()
-            .map(|f| [f.path.clone(), cell(f.format), cell(f.compression)])
-            .collect();
+        fn row(f: &FileReport) -> [&str; 3] {
+            let cell = |s: Option<&'static str>| s.unwrap_or("-");
+            [f.path.as_str(), cell(f.format), cell(f.compression)]
+        }
         let mut width = [HEADER[0].len(), HEADER[1].len(), HEADER[2].len()];
-        for row in &rows {
-            for (w, c) in width.iter_mut().zip(row) {
+        for file in &self.files {
+            for (w, c) in width.iter_mut().zip(row(file)) {
                 *w = (*w).max(c.chars().count());
             }
         }
         let indent = width.iter().map(|w| w + 2).sum::<usize>();
-        let line = |cols: [&str; 3], last: &str| {
-            let mut out = String::new();
+        let line = |out: &mut dyn Write, cols: [&str; 3], last: &str| -> io::Result<()> {
+            let mut text = String::new();
             for (c, w) in cols.iter().zip(width) {
-                out.push_str(c);
-                out.push_str(&" ".repeat(w + 2 - c.chars().count()));
+                text.push_str(c);
+                text.push_str(&" ".repeat(w + 2 - c.chars().count()));
             }
-            out.push_str(last);
-            out.trim_end().to_string() + "\n"
+            text.push_str(last);
+            writeln!(out, "{}", text.trim_end())
         };
-        let mut out = String::new();
         if self.files.is_empty() {
-            out.push_str(&format!(
-                "no file K3s would import in {}\n",
-                self.images_dir
-            ));
+            writeln!(out, "no file K3s would import in {}", self.images_dir)?;
         } else {
-            out.push_str(&line([HEADER[0], HEADER[1], HEADER[2]], HEADER[3]));
+            line(out, [HEADER[0], HEADER[1], HEADER[2]], HEADER[3])?;
         }
-        for (file, row) in self.files.iter().zip(&rows) {
-            let mut cells = file.names.clone();
-            if let Some(error) = &file.error {
-                cells.push(format!("error: {error}"));
-            }
-            let mut cells = cells.into_iter();
+        for file in &self.files {
+            let names = file.names.iter().map(|n| escape::text(n).to_string());
+            let error = file.error.iter().map(|e| format!("error: {e}"));
+            let mut cells = names.chain(error);
             let first = cells.next().unwrap_or_default();
-            out.push_str(&line([&row[0], &row[1], &row[2]], &first));
+            line(out, row(file), &first)?;
             for more in cells {
-                out.push_str(&" ".repeat(indent));
-                out.push_str(&more);
-                out.push('\n');
+                writeln!(out, "{}{more}", " ".repeat(indent))?;
             }
         }
         if !self.skipped.is_empty() {
-            out.push_str("\nnot read:\n");
+            writeln!(out, "\nnot read:")?;
             for s in &self.skipped {
-                out.push_str(&format!("  {}: {}\n", s.path, s.reason));
+                writeln!(out, "  {}: {}", s.path, s.reason)?;
             }
         }
         let names: usize = self.files.iter().map(|f| f.names.len()).sum();
         let errors = self.files.iter().filter(|f| f.error.is_some()).count();
-        out.push_str(&format!(
-            "\n{} file(s), {names} image name(s), {errors} file(s) with errors, {} path(s) not read\n",
+        writeln!(
+            out,
+            "\n{} file(s), {names} image name(s), {errors} file(s) with errors, {} path(s) not read",
             self.files.len(),
             self.skipped.len()
-        ));
-        out
+        )
+    }
+}
+
+/// `text` escaped ([`crate::escape::text`]), the same string when nothing needed escaping.
+fn escaped(text: String) -> String {
+    let shown = escape::text(&text).to_string();
+    if shown == text {
+        text
+    } else {
+        shown
     }
 }
 
 impl FileReport {
-    fn new(images_dir: &Path, file: &FileEntry) -> FileReport {
+    fn new(images_dir: &Path, file: FileEntry) -> FileReport {
         let (format, compression) = match file.kind {
             FileKind::List => (Some("list"), None),
             FileKind::Archive {
@@ -154,16 +185,21 @@ impl FileReport {
                 layout,
             } => (layout.map(|l| l.as_str()), Some(compression.as_str())),
         };
-        // The error starts with the file's full path; the path is in its own column here.
-        let error = file.error.as_ref().map(|e| {
-            let prefix = format!("{}: ", file.path.display());
-            e.strip_prefix(&prefix).unwrap_or(e).to_string()
+        // The error starts with the file's path; the path has a column of its own here.
+        let prefix = format!("{}: ", escape::path(&file.path));
+        let error = file.error.map(|e| {
+            escaped(if e.starts_with(&prefix) {
+                e[prefix.len()..].to_string()
+            } else {
+                e
+            })
         });
         FileReport {
             path: relative(images_dir, &file.path),
+            path_bytes: hex_if_not_utf8(images_dir, &file.path),
             format,
             compression,
-            names: file.names.clone(),
+            names: file.names,
             error,
         }
     }
@@ -171,9 +207,27 @@ impl FileReport {
 
 fn relative(root: &Path, path: &Path) -> String {
     match path.strip_prefix(root) {
-        Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
-        _ => path.display().to_string(),
+        Ok(rel) if !rel.as_os_str().is_empty() => escape::path(rel).to_string(),
+        _ => escape::path(path).to_string(),
     }
+}
+
+/// The hex of the bytes of `path` relative to `root` (as `path` shows it), when they are not
+/// UTF-8.
+fn hex_if_not_utf8(root: &Path, path: &Path) -> Option<String> {
+    let path = match path.strip_prefix(root) {
+        Ok(rel) if !rel.as_os_str().is_empty() => rel,
+        _ => path,
+    };
+    if path.to_str().is_some() {
+        return None;
+    }
+    let bytes = path.as_os_str().as_bytes();
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        hex.push_str(&format!("{b:02x}"));
+    }
+    Some(hex)
 }
 
 #[cfg(test)]

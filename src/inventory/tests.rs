@@ -567,7 +567,10 @@ fn broken_files_are_error_entries_and_the_scan_goes_on() {
             .error
             .as_deref()
             .unwrap_or_else(|| panic!("no error for {f:?}"));
-        assert!(error.starts_with(&f.path.display().to_string()), "{error}");
+        assert!(
+            error.starts_with(&format!("{}: ", f.path.display())),
+            "{error}"
+        );
         assert!(f.names.is_empty());
     }
     assert_eq!(inventory.errors().count(), 7);
@@ -707,12 +710,19 @@ fn persisted_cache_carries_over_to_a_new_scanner() {
         &compress(&docker_tar(&[("c.json", &["b"])], false), Compression::Gzip),
     );
     write(root, "c.txt", b"c:1\n# not a reference\n");
-    write(root, "d.tar.zst", b"not zstd");
+    // broken and large (not junk): its read is kept, so it is not decompressed at every start
+    write(root, "d.tar.zst", &vec![b'x'; JUNK_MAX_SIZE as usize]);
+    // junk: read again after a restart, never stored
+    write(root, "junk.tar", b"");
     let mut first = Scanner::new(root);
     let inventory = first.scan().unwrap();
-    assert_eq!(first.files_read(), 4);
+    assert_eq!(first.files_read(), 5);
     let changes = first.cache_changes();
     assert_eq!(changes.updated.len(), 4);
+    assert!(changes
+        .updated
+        .iter()
+        .all(|f| f.path != root.join("junk.tar")));
     assert!(changes.removed.is_empty());
     assert!(first.cache_changes().is_empty(), "nothing changed since");
     let saved = stored(&changes);
@@ -721,7 +731,7 @@ fn persisted_cache_carries_over_to_a_new_scanner() {
     // a restart: nothing is read, the inventory is the same, nothing to write
     let mut second = Scanner::new(root).with_cache(saved.clone());
     assert_eq!(second.scan().unwrap(), inventory);
-    assert_eq!(second.files_read(), 0);
+    assert_eq!(second.files_read(), 1, "only the junk file is read again");
     assert!(second.cache_changes().is_empty());
 
     // modified, deleted and renamed while pinkeeper was stopped
@@ -733,6 +743,7 @@ fn persisted_cache_carries_over_to_a_new_scanner() {
     touch(&root.join("a.tar"), 1_000);
     fs::remove_file(root.join("c.txt")).unwrap();
     fs::rename(root.join("d.tar.zst"), root.join("e.tar.zst")).unwrap();
+    fs::remove_file(root.join("junk.tar")).unwrap();
     let mut third = Scanner::new(root).with_cache(saved.clone());
     let inventory = third.scan().unwrap();
     assert_eq!(third.files_read(), 1, "only the modified file is read");
@@ -887,4 +898,287 @@ proptest! {
         }
         let _ = read_archive(std::io::Cursor::new(bytes), c, ReadOptions::default());
     }
+}
+
+/// Runs `f` on a thread and waits for it with a generous deadline: a call that blocks fails
+/// the test instead of hanging it.
+fn within_deadline<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("blocked: no answer within 60 s")
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+#[test]
+fn a_fifo_swapped_in_after_the_walk_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    // The walk saw regular files; by the time they are opened they are fifos with no writer.
+    for (name, kind) in [
+        ("x.tar", classify(Path::new("x.tar")).unwrap()),
+        ("y.txt", FileKind::List),
+        ("z.tar.gz", classify(Path::new("z.tar.gz")).unwrap()),
+    ] {
+        let path = root.join(name);
+        mkfifo(&path);
+        let read = within_deadline(move || read_file(&path, kind, ReadOptions::default()));
+        match read {
+            FileRead::NotRegular(reason) => assert!(reason.contains("not a regular"), "{reason}"),
+            _ => panic!("{name}: a fifo must be refused"),
+        }
+    }
+    // ... and a file replaced by a symbolic link is not followed.
+    write(
+        &root,
+        "target.tar",
+        &oci_tar(&[&[("io.containerd.image.name", "a")]]),
+    );
+    std::os::unix::fs::symlink(root.join("target.tar"), root.join("link.tar")).unwrap();
+    let path = root.join("link.tar");
+    let kind = classify(&path).unwrap();
+    assert!(matches!(
+        read_file(&path, kind, ReadOptions::default()),
+        FileRead::NotRegular(_)
+    ));
+    // the public reader refuses the fifo the same way
+    let fifo = root.join("x.tar");
+    let refused = within_deadline(move || read_one(&fifo)).unwrap_err();
+    assert!(refused.reason.contains("not a regular"), "{refused:?}");
+}
+
+#[test]
+fn fifos_in_the_directory_are_skipped_and_the_scan_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    mkfifo(&root.join("x.tar"));
+    mkfifo(&root.join("y.txt"));
+    write(&root, "z.txt", b"z:1\n");
+    let inventory = within_deadline(move || Scanner::new(root).scan().unwrap());
+    assert_eq!(inventory.files.len(), 1);
+    let skipped: Vec<_> = inventory
+        .skipped
+        .iter()
+        .map(|s| s.path.file_name().unwrap().to_owned())
+        .collect();
+    assert_eq!(skipped, ["x.tar", "y.txt"]);
+}
+
+#[test]
+fn junk_is_kept_compactly_and_never_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    const JUNK: usize = 2_000;
+    for i in 0..JUNK {
+        write(root, &format!("junk-{i:05}.tar"), b"");
+    }
+    write(root, "empty.txt", b"");
+    write(root, "bad.txt", b"# only a comment\n");
+    write(
+        root,
+        "a.tar",
+        &oci_tar(&[&[("io.containerd.image.name", "a")]]),
+    );
+    let mut scanner = Scanner::new(root);
+    let inventory = scanner.scan().unwrap();
+    assert_eq!(inventory.files.len(), JUNK + 3);
+    assert_eq!(inventory.errors().count(), JUNK + 1);
+    let stats = scanner.cache_stats();
+    assert_eq!(stats.reads, 1, "{stats:?}");
+    assert_eq!(stats.junk, JUNK + 2, "{stats:?}");
+    assert_eq!(stats.paths, 1, "{stats:?}");
+    assert!(stats.junk_texts <= 3, "{stats:?}");
+    // 16-odd bytes a junk file, not a path and a message each
+    assert!(stats.approx_bytes < 64 * JUNK, "{stats:?}");
+    let changes = scanner.cache_changes();
+    assert_eq!(changes.updated.len(), 1, "only a.tar is stored");
+
+    // unchanged junk is not read again, and reads the same
+    let again = scanner.scan().unwrap();
+    assert_eq!(scanner.files_read(), JUNK as u64 + 3);
+    assert_eq!(again, inventory);
+    assert!(scanner.cache_changes().is_empty());
+
+    // junk an earlier version stored is dropped from the store
+    let stored = CachedFile {
+        path: root.join("junk-00000.tar"),
+        reader: reader_name(),
+        identity: FileIdentity::of(&fs::metadata(root.join("junk-00000.tar")).unwrap()),
+        kind: classify(Path::new("x.tar")).unwrap(),
+        names: Vec::new(),
+        error: Some("old".into()),
+    };
+    let mut restarted = Scanner::new(root).with_cache([stored]);
+    restarted.scan().unwrap();
+    assert_eq!(
+        restarted.cache_changes().removed,
+        [root.join("junk-00000.tar")]
+    );
+}
+
+#[test]
+fn junk_error_texts_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // every list has a different error text (a different line number)
+    let count = MAX_JUNK_TEXTS + 50;
+    for i in 0..count {
+        let mut list = "\n".repeat(i);
+        list.push_str("#\n");
+        write(root, &format!("l{i:05}.txt"), list.as_bytes());
+    }
+    let mut scanner = Scanner::new(root);
+    scanner.scan().unwrap();
+    let stats = scanner.cache_stats();
+    assert!(stats.junk_texts <= MAX_JUNK_TEXTS, "{stats:?}");
+    assert_eq!(stats.junk, MAX_JUNK_TEXTS, "{stats:?}");
+    // the rest is read again at the next scan, and still reported
+    let inventory = scanner.scan().unwrap();
+    assert_eq!(inventory.errors().count(), count);
+    assert_eq!(scanner.files_read(), (2 * count - MAX_JUNK_TEXTS) as u64);
+}
+
+#[test]
+fn duplicates_are_dropped_in_linear_time() {
+    // 50,000 lines naming 5,000 images: quadratic checks took seconds here
+    let mut list = String::new();
+    for i in 0..50_000 {
+        list.push_str(&format!("registry.example/img{}:v1\n", i % 5_000));
+    }
+    let (names, problems) = parse_list(list.as_bytes());
+    assert!(problems.is_empty());
+    assert_eq!(names.len(), 5_000);
+    assert_eq!(names[0], "registry.example/img0:v1");
+    assert_eq!(names[4_999], "registry.example/img4999:v1");
+
+    let tags: Vec<String> = (0..20_000).map(|i| format!("t{}:1", i % 2_000)).collect();
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    let read = read(&docker_tar(&[("c.json", &tags)], true), Compression::None);
+    assert!(read.error.is_none(), "{:?}", read.error);
+    assert_eq!(read.names.len(), 2_000);
+    assert_eq!(read.names[1], "docker.io/library/t1:1");
+}
+
+#[test]
+fn providers_index_matches_provider_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "a.txt", b"x:1\ny:1\n");
+    write(root, "b.txt", b"y:1\nz:1\n");
+    let inventory = Scanner::new(root).scan().unwrap();
+    let providers = inventory.providers();
+    for name in [
+        "docker.io/library/x:1",
+        "docker.io/library/y:1",
+        "docker.io/library/z:1",
+    ] {
+        assert_eq!(
+            providers.get(name).copied(),
+            inventory.provider_of(name),
+            "{name}"
+        );
+    }
+    assert_eq!(providers["docker.io/library/y:1"], root.join("a.txt"));
+}
+
+#[test]
+fn odd_names_are_read_and_shown_escaped() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let latin1 = root.join(std::ffi::OsStr::from_bytes(b"caf\xe9.tar"));
+    fs::write(&latin1, oci_tar(&[&[("io.containerd.image.name", "cafe")]])).unwrap();
+    write(root, "a\nb.tar", b"");
+    let inventory = Scanner::new(root).scan().unwrap();
+    assert_eq!(inventory.provided()["cafe"], latin1);
+    let report = report::Report::new(root, &inventory);
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    let files = json["files"].as_array().unwrap();
+    assert_eq!(files[0]["path"], "a\\nb.tar");
+    assert!(files[0].get("path_bytes").is_none());
+    assert_eq!(files[1]["path"], "caf\\xe9.tar");
+    assert_eq!(files[1]["path_bytes"], "636166e92e746172");
+    let table = report.to_table();
+    assert!(table.contains("a\\nb.tar"), "{table}");
+    assert!(table.contains("caf\\xe9.tar  oci"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("b.tar")).count(), 0);
+    let line = inventory.files[0].error.as_deref().unwrap();
+    assert!(
+        line.starts_with("a\\nb.tar: ") || line.contains("/a\\nb.tar: "),
+        "{line}"
+    );
+    assert!(!line.contains('\n'), "{line}");
+}
+
+#[test]
+fn problems_are_reported_once_and_bounded() {
+    use tracing::Level;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for i in 0..100 {
+        write(root, &format!("junk-{i:03}.tar"), b"");
+    }
+    write(root, "a\nforged.tar", b"");
+    let mut scanner = Scanner::new(root);
+    let mut problems = Problems::new();
+
+    // at start every broken file is new, but the lines are capped
+    let report = problems.observe(&scanner.scan().unwrap());
+    assert_eq!(report.count, 101);
+    assert_eq!(report.first.len(), problems::SUMMARY_FILES);
+    assert_eq!(report.changes.len(), problems::MAX_CHANGE_LINES);
+    assert_eq!(report.more_changes, 101 - problems::MAX_CHANGE_LINES);
+    let lines = report.lines();
+    assert_eq!(
+        lines.len(),
+        1 + problems::MAX_CHANGE_LINES + 1,
+        "{lines:#?}"
+    );
+    assert!(lines.iter().all(|(_, l)| !l.contains('\n')), "{lines:#?}");
+    assert!(lines[0].1.contains("101 file(s)"), "{}", lines[0].1);
+    assert!(lines[0].1.contains("a\\nforged.tar"), "{}", lines[0].1);
+
+    // the same state again: only the summary
+    let report = problems.observe(&scanner.scan().unwrap());
+    assert!(report.changes.is_empty() && report.more_changes == 0);
+    assert_eq!(report.lines().len(), 1);
+    assert_eq!(report.lines()[0].0, Level::INFO);
+
+    // one fixed, one gone, one broken differently
+    write(
+        root,
+        "junk-000.tar",
+        &oci_tar(&[&[("io.containerd.image.name", "a")]]),
+    );
+    fs::remove_file(root.join("junk-001.tar")).unwrap();
+    write(
+        root,
+        "junk-002.tar",
+        b"not a tar archive, and not empty either",
+    );
+    let report = problems.observe(&scanner.scan().unwrap());
+    assert_eq!(report.count, 99);
+    assert_eq!(report.gone, 1);
+    assert_eq!(report.changes.len(), 2, "{report:?}");
+    assert!(report.changes.contains(&ProblemChange::Fixed {
+        path: escape::path(&root.join("junk-000.tar")).to_string()
+    }));
+    assert!(report.changes.iter().any(
+        |c| matches!(c, ProblemChange::Changed { path, .. } if path.ends_with("junk-002.tar"))
+    ));
+    let levels: Vec<_> = report.lines().into_iter().map(|(l, _)| l).collect();
+    assert_eq!(
+        levels,
+        [Level::WARN, Level::WARN, Level::INFO, Level::INFO],
+        "{:#?}",
+        report.lines()
+    );
+    assert!(problems.len() == 99);
 }
