@@ -7,7 +7,7 @@
 //! It holds no rule of its own. The operator's calls (src/control/) are answered here, between
 //! two batches of events, from the engine and the ledger.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,7 +49,11 @@ const OPERATOR_SCAN_WAIT: Duration = Duration::from_secs(5);
 /// and the cache changes for the ledger.
 type ScanOutcome = (
     Scanner,
-    Result<crate::inventory::Inventory, crate::inventory::InventoryError>,
+    crate::inventory::Problems,
+    Result<
+        (BTreeMap<String, PathBuf>, crate::inventory::ProblemReport),
+        crate::inventory::InventoryError,
+    >,
     crate::inventory::CacheChanges,
 );
 
@@ -90,8 +94,9 @@ struct Daemon {
     /// The last error of a whole scan (the directory unreadable), said once until it changes.
     scan_error: Option<String>,
     client: Option<Containerd>,
-    /// Broken files of the images directory already reported (path, error): said once.
-    reported_files: BTreeSet<(PathBuf, String)>,
+    /// Broken files of the images directory, as of the last scan: a summary per scan, and a
+    /// line only for a file whose state changed (src/inventory/problems.rs).
+    problems: crate::inventory::Problems,
     /// The live images directory: read again once a change has settled. Started (or, if
     /// inotify could not be set up, tried again) at each connection attempt.
     watch: Option<Watcher>,
@@ -128,7 +133,7 @@ enum Wake {
     Control(Request),
     Watchdog,
     Metrics,
-    Scanned(Result<ScanOutcome, tokio::task::JoinError>),
+    Scanned(Box<Result<ScanOutcome, tokio::task::JoinError>>),
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
@@ -207,7 +212,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             metrics.ledger_observer(),
         )?,
         client: None,
-        reported_files: BTreeSet::new(),
+        problems: crate::inventory::Problems::default(),
         watch: None,
         settings,
         metrics: exporter,
@@ -364,7 +369,7 @@ impl Daemon {
                 _ = shared.wake.notified() => Wake::Events,
                 _ = sleep_until(wakeup) => Wake::Timer,
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
-                done = scan_finished(&mut self.scan_task) => Wake::Scanned(done),
+                done = scan_finished(&mut self.scan_task) => Wake::Scanned(Box::new(done)),
                 Some(request) = self.control.recv() => Wake::Control(request),
                 _ = watchdog_due(&mut self.watchdog) => Wake::Watchdog,
                 _ = self.metrics.due() => Wake::Metrics,
@@ -390,7 +395,7 @@ impl Daemon {
                 Wake::Scanned(done) => {
                     // Events that came first are applied first.
                     self.drain(&shared).await?;
-                    self.scanned(done).await?;
+                    self.scanned(*done).await?;
                 }
                 Wake::Control(request) => {
                     // Events that came first are applied first: the answer (and a
@@ -467,10 +472,21 @@ impl Daemon {
         self.rescan_wanted = false;
         self.scans_started += 1;
         self.scan_since = tokio::time::Instant::now();
+        let mut problems = std::mem::take(&mut self.problems);
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
-            let result = scanner.scan();
+            let result = scanner.scan().map(|inventory| {
+                let report = problems.observe(&inventory);
+                let big = inventory.files.len() + inventory.skipped.len() >= crate::memory::BURST;
+                let provided = inventory.provided();
+                drop(inventory);
+                if big {
+                    // A scan of many files allocates per file what it does not keep.
+                    crate::memory::release_freed();
+                }
+                (provided, report)
+            });
             let cached = scanner.cache_changes();
-            (scanner, result, cached)
+            (scanner, problems, result, cached)
         }));
     }
 
@@ -505,18 +521,19 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         let finished = self.scans_started;
         let provided = match done {
-            Ok((scanner, result, cached)) => {
+            Ok((scanner, problems, result, cached)) => {
                 self.scanner = Some(scanner);
+                self.problems = problems;
                 if !cached.is_empty() {
                     // The read cache goes to the ledger in the background (it is a cache:
                     // losing the last batch to a crash only means reading those files again).
                     let _ = self.ledger.write(OwnedChange::from_cache_changes(cached));
                 }
                 match result {
-                    Ok(inventory) => {
+                    Ok((provided, report)) => {
                         self.scan_error = None;
-                        self.report_broken_files(&inventory);
-                        Some(inventory.provided())
+                        report.log();
+                        Some(provided)
                     }
                     Err(e) => {
                         let e = e.to_string();
@@ -547,20 +564,6 @@ impl Daemon {
             self.start_scan();
         }
         Ok(())
-    }
-
-    /// Says which files of the images directory are broken, once each.
-    fn report_broken_files(&mut self, inventory: &crate::inventory::Inventory) {
-        let mut reported = BTreeSet::new();
-        for entry in inventory.errors() {
-            let error = entry.error.clone().unwrap_or_default();
-            let key = (entry.path.clone(), error.clone());
-            if !self.reported_files.contains(&key) {
-                warn!(file = %entry.path.display(), "skipping a file of the images directory: {error}");
-            }
-            reported.insert(key);
-        }
-        self.reported_files = reported;
     }
 
     /// Starts watching the images directory, or checks the watch (re-added if it was lost).

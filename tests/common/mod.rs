@@ -173,6 +173,11 @@ impl Node {
         Ok(())
     }
 
+    /// The running pinkeeper's pid.
+    pub fn pinkeeper_pid(&self) -> Option<u32> {
+        self.pinkeeper.as_ref().map(Child::id)
+    }
+
     /// `kill -9`.
     pub fn kill_pinkeeper(&mut self) -> Result<()> {
         if let Some(mut child) = self.pinkeeper.take() {
