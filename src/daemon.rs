@@ -157,9 +157,24 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     let intents = started.contents.intents;
     // Before any thread is started (the socket is created under a umask) and before
     // READY: an operator can ask as soon as pinkeeper says it runs.
-    let listener = control::bind(&settings.control_socket)?;
+    // Another pinkeeper on the socket stops this one (it protects the node already); any other
+    // failure only costs the operator's API: protection never waits for it.
     let (requests, control) = control::channel();
-    let server = control::serve(listener, &settings.control_socket, requests).await?;
+    let served = match control::bind(&settings.control_socket) {
+        Ok(listener) => control::serve(listener, &settings.control_socket, requests).await,
+        Err(e) => Err(e),
+    };
+    let server = match served {
+        Ok(server) => Some(server),
+        Err(e @ control::ControlError::InUse { .. }) => return Err(e.into()),
+        Err(e) => {
+            tracing::error!(
+                "{e}; pinkeeper keeps protecting without its control API (status, list, pin, \
+                 unpin, history and reconcile cannot reach it): fix this and restart pinkeeper"
+            );
+            None
+        }
+    };
     // Metrics (off unless asked for): the HTTP listener is up before READY too.
     let metrics = Arc::new(Metrics::new());
     let http = match settings.metrics_address {
@@ -249,7 +264,9 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         }
     };
     crate::notify::stopping();
-    server.stop().await;
+    if let Some(server) = server {
+        server.stop().await;
+    }
     // Whatever is queued for the ledger is committed before pinkeeper exits.
     let closed = daemon.ledger.close();
     // The textfile's last word: not connected, every commit counted.
@@ -476,8 +493,9 @@ impl Daemon {
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
             let result = scanner.scan().map(|inventory| {
                 let report = problems.observe(&inventory);
-                let big = inventory.files.len() + inventory.skipped.len() >= crate::memory::BURST;
                 let provided = inventory.provided();
+                let big = inventory.files.len() + inventory.skipped.len() + provided.len()
+                    >= crate::memory::BURST;
                 drop(inventory);
                 if big {
                     // A scan of many files allocates per file what it does not keep.
