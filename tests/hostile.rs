@@ -84,6 +84,7 @@ on_every_version!(an_empty_ledger_is_moved_aside_not_taken_for_new);
 on_every_version!(a_damaged_ledger_never_panics);
 on_every_version!(a_fifo_swapped_into_the_images_dir_never_blocks);
 on_every_version!(a_hundred_thousand_junk_files_stay_bounded);
+on_every_version!(a_control_socket_it_cannot_serve_does_not_stop_protection);
 
 /// `café.tar` in Latin-1, which K3s imports and pins: every ledger write used to fail on it
 /// and pinkeeper exited at every start.
@@ -408,6 +409,30 @@ async fn a_hundred_thousand_junk_files_stay_bounded(version: Version) -> Result<
     ensure!(rss < 64 * 1024, "RSS {rss} KiB with {JUNK} junk files");
     // The junk is not in K3s's way at its restart (the emulator would try every file).
     std::fs::rename(&junk, &parked)?;
+    restart_without_web(&mut node, &pinned).await?;
+    node.stop_pinkeeper()?;
+    Ok(())
+}
+
+/// A file in the way of the control socket used to stop pinkeeper at every start: it now
+/// protects without its API (the metrics textfile shows what it holds).
+async fn a_control_socket_it_cannot_serve_does_not_stop_protection(version: Version) -> Result<()> {
+    let mut node = Node::new(version, common::APP_AND_WEB, false, SETTLE_MS).await?;
+    std::fs::write(node.control_socket(), b"in the way")?;
+    let textfile = node.dir.path().join("pinkeeper.prom");
+    node.start_pinkeeper_with(&["--metrics-textfile", &textfile.to_string_lossy()])?;
+    node.k3s.start().await?;
+    let pinned = with_aliases(&node.images().await?, &[APP, WEB]);
+    let held = format!("pinkeeper_intents{{state=\"held\"}} {}", pinned.len());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains(&held)) {
+        ensure!(
+            Instant::now() < deadline,
+            "the textfile never showed {held}:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     restart_without_web(&mut node, &pinned).await?;
     node.stop_pinkeeper()?;
     Ok(())
