@@ -109,7 +109,9 @@ impl Client {
                 if s.contains("closed")
                     || s.contains("eof")
                     || s.contains("Receive packet")
-                    || s.contains("reset") =>
+                    || s.contains("reset")
+                    // The daemon closed it while the request was still being written.
+                    || s.contains("Broken pipe") =>
             {
                 ClientError::Closed {
                     path: self.path.clone(),
