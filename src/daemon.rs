@@ -123,6 +123,9 @@ struct StatusFacts {
     last_sweep: Option<SweepSummary>,
     last_reconcile: Millis,
     ledger_path: PathBuf,
+    /// When the images directory was last read to its end, and its broken files then.
+    images_read: Millis,
+    images_broken: usize,
 }
 
 /// What woke the main loop.
@@ -551,6 +554,8 @@ impl Daemon {
                     Ok((provided, report)) => {
                         self.scan_error = None;
                         report.log();
+                        self.status.images_read = now_ms();
+                        self.status.images_broken = report.count;
                         Some(provided)
                     }
                     Err(e) => {
@@ -972,6 +977,8 @@ impl Daemon {
             ledger_write_errors: ledger.write_errors,
             ledger_pending: u32::try_from(ledger.pending).unwrap_or(u32::MAX),
             ledger_recovered: ledger.recovered.unwrap_or_default(),
+            images_dir_read_ms: facts.images_read,
+            images_dir_broken: u32::try_from(facts.images_broken).unwrap_or(u32::MAX),
         }
     }
 

@@ -95,18 +95,26 @@ async fn a_latin1_archive_name_is_kept_and_shown_escaped(version: Version) -> Re
         .join(OsStr::from_bytes(b"caf\xe9 \x1b[1m\n.tar"));
     write_archive(&latin1, Layout::DockerSave, &[TestImage::new(CAFE)])?;
     let pinned = first_boot(&mut node, &[APP, WEB, CAFE]).await?;
-    // The source is stored losslessly and shown escaped.
-    let list = node.cli_json(&["list"])?;
-    let cafe = list["intents"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["name"] == CAFE))
-        .cloned()
-        .context("cafe listed")?;
-    let source = cafe["source"].as_str().unwrap_or_default();
-    ensure!(
-        source.ends_with("caf\\xe9 \\x1b[1m\\n.tar"),
-        "source shown as {source:?}"
-    );
+    // The source is stored losslessly and shown escaped (once the directory was read: the
+    // intent may be recorded before).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = node.cli_json(&["list"])?;
+        let cafe = list["intents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == CAFE))
+            .cloned()
+            .context("cafe listed")?;
+        let source = cafe["source"].as_str().unwrap_or_default().to_string();
+        if source.ends_with("caf\\xe9 \\x1b[1m\\n.tar") {
+            break;
+        }
+        ensure!(
+            source.is_empty() && Instant::now() < deadline,
+            "source shown as {source:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Restarted, pinkeeper reads its ledger back and keeps protecting.
     node.stop_pinkeeper()?;
     node.start_pinkeeper()?;
@@ -384,9 +392,11 @@ async fn a_hundred_thousand_junk_files_stay_bounded(version: Version) -> Result<
     }
     node.start_pinkeeper()?;
     let n = pinned.len() as u64;
-    // Up, with the junk read: the status answers while and after it reads.
-    wait_status(&node, "intents read back", |s| held(s) == n).await?;
-    node.cli_json(&["reconcile"])?;
+    // Up, and the junk read to its end (the status answers while it reads).
+    wait_status(&node, "the junk read", |s| {
+        held(s) == n && s["images_dir_broken"].as_u64() == Some(JUNK as u64)
+    })
+    .await?;
     let pid = node.pinkeeper_pid().context("pinkeeper runs")?;
     let rss = proc_kib(pid, "VmRSS:")?;
     let hwm = proc_kib(pid, "VmHWM:")?;

@@ -254,10 +254,21 @@ fn show_status(s: &pb::StatusResponse) -> String {
         "restored",
         format!("{} pin(s) restored so far", s.pins_restored),
     );
+    let read = if s.images_dir_read_ms == 0 {
+        "not read yet".to_string()
+    } else if s.images_dir_broken == 0 {
+        format!("read {}", when(s.images_dir_read_ms))
+    } else {
+        format!(
+            "read {}, {} file(s) K3s cannot import (`pinkeeper inventory` lists them)",
+            when(s.images_dir_read_ms),
+            s.images_dir_broken
+        )
+    };
     line(
         &mut out,
         "archives",
-        format!("{} gone from {}", s.archives_gone, s.images_dir),
+        format!("{} gone from {} ({read})", s.archives_gone, s.images_dir),
     );
     let risk = if s.at_risk.is_empty() {
         "none: every intent is pinned".to_string()
