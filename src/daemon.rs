@@ -39,8 +39,8 @@ const BATCH: usize = 4096;
 /// A scan of an unchanged directory takes milliseconds; a longer one (gigabytes of new
 /// archives) is applied when it ends, and the engine restores then what it shows gone.
 const SCAN_WAIT: Duration = Duration::from_secs(1);
-/// A scan running longer than this is not waited for by the start-up verification (a file
-/// that blocks every read, a hung network filesystem): it checks with the last inventory.
+/// How long the start-up verification waits for its read of the images directory (a hung
+/// network filesystem) before it checks with the last inventory.
 const SCAN_STUCK: Duration = Duration::from_secs(30);
 /// How long an operator's `reconcile` waits for the scan: they asked for a fresh look.
 const OPERATOR_SCAN_WAIT: Duration = Duration::from_secs(5);
@@ -85,12 +85,13 @@ struct Daemon {
     scan_task: Option<tokio::task::JoinHandle<ScanOutcome>>,
     /// Scans started so far; the one in flight is number `scans_started`.
     scans_started: u64,
-    /// When the last scan started.
-    scan_since: tokio::time::Instant,
     /// The directory changed (or a verification asked) while a scan ran: scan again after it.
     rescan_wanted: bool,
     /// A start-up verification waits for the scan of this number, then lists.
     verify_after_scan: Option<u64>,
+    /// ... but not beyond this: a read that never ends (a hung network filesystem) must not
+    /// cancel the verification.
+    verify_wait_until: Option<tokio::time::Instant>,
     /// The last error of a whole scan (the directory unreadable), said once until it changes.
     scan_error: Option<String>,
     client: Option<Containerd>,
@@ -137,6 +138,7 @@ enum Wake {
     Watchdog,
     Metrics,
     Scanned(Box<Result<ScanOutcome, tokio::task::JoinError>>),
+    VerifyOverdue,
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
@@ -218,9 +220,9 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         scanner: Some(scanner),
         scan_task: None,
         scans_started: 0,
-        scan_since: tokio::time::Instant::now(),
         rescan_wanted: false,
         verify_after_scan: None,
+        verify_wait_until: None,
         scan_error: None,
         engine: Engine::new(config, intents),
         ledger: Writer::spawn_observed(
@@ -388,6 +390,7 @@ impl Daemon {
             let woke = tokio::select! {
                 _ = shared.wake.notified() => Wake::Events,
                 _ = sleep_until(wakeup) => Wake::Timer,
+                _ = sleep_until(self.verify_wait_until) => Wake::VerifyOverdue,
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
                 done = scan_finished(&mut self.scan_task) => Wake::Scanned(Box::new(done)),
                 Some(request) = self.control.recv() => Wake::Control(request),
@@ -406,6 +409,10 @@ impl Daemon {
                 }
                 Wake::Timer => {
                     self.process(vec![Input::Tick]).await?;
+                    continue;
+                }
+                Wake::VerifyOverdue => {
+                    self.verify_overdue().await?;
                     continue;
                 }
                 Wake::ImagesDir => {
@@ -491,7 +498,6 @@ impl Daemon {
         };
         self.rescan_wanted = false;
         self.scans_started += 1;
-        self.scan_since = tokio::time::Instant::now();
         let mut problems = std::mem::take(&mut self.problems);
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
             let result = scanner.scan().map(|inventory| {
@@ -581,10 +587,25 @@ impl Daemon {
         }
         if self.verify_after_scan.is_some_and(|n| n <= finished) {
             self.verify_after_scan = None;
+            self.verify_wait_until = None;
             self.list(ListCause::Verify).await?;
         }
         if self.rescan_wanted {
             self.start_scan();
+        }
+        Ok(())
+    }
+
+    /// The verification waited [`SCAN_STUCK`] for a read of the images directory that did
+    /// not end: it checks the pins with what was read before.
+    async fn verify_overdue(&mut self) -> anyhow::Result<()> {
+        self.verify_wait_until = None;
+        if self.verify_after_scan.take().is_some() {
+            warn!(
+                "the images directory has been read for over {}s without an end; checking the pins with the files read before",
+                SCAN_STUCK.as_secs()
+            );
+            self.list(ListCause::Verify).await?;
         }
         Ok(())
     }
@@ -658,7 +679,7 @@ impl Daemon {
             calls.sort_by_key(|c| !matches!(c, Output::Pin { .. }));
             self.call_all(calls, &mut inputs).await;
             for effect in others {
-                self.carry_out(effect, &mut inputs).await?;
+                self.carry_out(effect).await?;
             }
         }
         // Other changes need not hold up the pins: the writer commits them in the background.
@@ -671,39 +692,16 @@ impl Daemon {
         Ok(())
     }
 
-    async fn carry_out(
-        &mut self,
-        effect: Output,
-        inputs: &mut VecDeque<Input>,
-    ) -> anyhow::Result<()> {
+    async fn carry_out(&mut self, effect: Output) -> anyhow::Result<()> {
         match effect {
             Output::Verify => {
                 debug!("start-up settled: reading the images directory, then checking that every intent is pinned");
-                let stuck = self.scan_task.is_some() && self.scan_since.elapsed() > SCAN_STUCK;
-                if stuck {
-                    // Never wait for a read that does not end: check with what was read before.
-                    warn!(
-                        "the images directory has been read for {}s without an end; checking the pins with the files read before",
-                        self.scan_since.elapsed().as_secs()
-                    );
-                    if let Some(client) = self.client.clone() {
-                        match client.list().await {
-                            Ok(images) => inputs.push_back(Input::Listing {
-                                images,
-                                cause: ListCause::Verify,
-                            }),
-                            Err(e) => warn!("{e}"),
-                        }
-                    }
-                } else {
-                    // The listing follows the scan that starts after this (see `scanned`), so
-                    // a slow directory never holds up the loop.
-                    self.verify_after_scan = Some(self.scans_started + 1);
-                    self.start_scan();
-                    if self.scan_task.is_none() {
-                        self.verify_after_scan = None;
-                    }
-                }
+                // The listing follows the scan that starts after this (see `scanned`), so a
+                // slow directory never holds up the loop; one that never ends is not waited
+                // for beyond SCAN_STUCK (see `verify_overdue`).
+                self.verify_after_scan = Some(self.scans_started + 1);
+                self.verify_wait_until = Some(tokio::time::Instant::now() + SCAN_STUCK);
+                self.start_scan();
             }
             Output::Unpin { name } => {
                 let result = match self.client.clone() {
