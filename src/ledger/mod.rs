@@ -166,8 +166,14 @@ const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0
 
 /// Runs `f`, turning a panic into an error: redb may panic on a file damaged outside it
 /// (redb's `Database::open` documentation), and no file on disk may take pinkeeper down.
+/// Such a panic is not printed as one (it is no crash: the error that follows says what it
+/// means); any other panic still is.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    quiet_panics_when_guarded();
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get() - 1));
+    result.unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -178,6 +184,27 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, LedgerError>) -> Result
             reason: format!("reading it failed inside the database library ({what})"),
         })
     })
+}
+
+thread_local! {
+    /// How deep this thread is in [`guarded`] calls.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Installs, once, a panic hook that stays quiet (a debug line) for panics [`guarded`] turns
+/// into errors, and hands every other panic to the hook that was there before.
+fn quiet_panics_when_guarded() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) > 0 {
+                tracing::debug!("the database library panicked on a damaged ledger: {info}");
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 fn database_error(path: &Path, e: redb::DatabaseError) -> LedgerError {
