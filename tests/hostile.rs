@@ -46,6 +46,15 @@ fn held(status: &serde_json::Value) -> u64 {
     status["intents_held"].as_u64().unwrap_or(0)
 }
 
+/// The damaged ledgers pinkeeper moved aside in the node's state directory.
+fn damaged_copies(node: &Node) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_dir(node.state_dir())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
+        .map(|e| e.path())
+        .collect())
+}
+
 /// First boot with pinkeeper running; returns the names K3s pinned once pinkeeper holds
 /// an intent for every one of them.
 async fn first_boot(node: &mut Node, wanted: &[&str]) -> Result<Vec<String>> {
@@ -262,10 +271,7 @@ async fn an_empty_ledger_is_moved_aside_not_taken_for_new(version: Version) -> R
     .await?;
     let recovered = status["ledger_recovered"].as_str().unwrap_or_default();
     ensure!(recovered.contains("empty"), "{recovered}");
-    let aside: Vec<_> = std::fs::read_dir(node.state_dir())?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains(".damaged-"))
-        .collect();
+    let aside = damaged_copies(&node)?;
     ensure!(aside.len() == 1, "the empty ledger kept aside: {aside:?}");
     restart_without_web(&mut node, &pinned).await?;
     node.stop_pinkeeper()?;
@@ -298,12 +304,9 @@ async fn a_damaged_ledger_never_panics(version: Version) -> Result<()> {
     // Up and answering, with every image pinned now recorded again (whether or not redb's
     // check found this damage, nothing is lost of what is pinned).
     wait_status(&node, "pinkeeper up after the damage", |s| held(s) == n).await?;
-    let aside = std::fs::read_dir(node.state_dir())?
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().contains(".damaged-"));
-    if let Some(aside) = aside {
+    if let Some(aside) = damaged_copies(&node)?.first() {
         // Kept byte for byte.
-        ensure!(std::fs::read(aside.path())? == bytes);
+        ensure!(std::fs::read(aside)? == bytes);
     }
     restart_without_web(&mut node, &pinned).await?;
     node.stop_pinkeeper()?;

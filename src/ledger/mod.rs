@@ -751,7 +751,8 @@ mod tests {
     use super::*;
     use crate::engine::{IntentState, Origin};
 
-    fn intent(name: &str) -> Intent {
+    /// A held intent for `name`, as the ledger's tests (here and in `writer.rs`) store it.
+    pub(super) fn intent(name: &str) -> Intent {
         Intent {
             name: name.to_string(),
             digest: Some("sha256:abc".into()),

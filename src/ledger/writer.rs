@@ -469,22 +469,7 @@ impl Drop for Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{IntentState, Origin};
-
-    fn intent(name: &str) -> Intent {
-        Intent {
-            name: name.to_string(),
-            digest: Some("sha256:abc".into()),
-            source: None,
-            labels: Default::default(),
-            state: IntentState::Held,
-            origin: Origin::SeenPinned,
-            since: 1,
-            restores: 0,
-            last_restored: None,
-            released_because: None,
-        }
-    }
+    use crate::ledger::tests::intent;
 
     #[tokio::test]
     async fn the_writer_reports_each_commit() {
