@@ -22,6 +22,7 @@ pub mod notify;
 pub mod reconnect;
 pub mod record;
 pub mod replay;
+pub mod store;
 
 /// The single-threaded runtime every subcommand runs on; `Err` (after saying why on stderr)
 /// is the exit code to return.

@@ -629,9 +629,12 @@ mod tests {
             })
             .collect();
         assert_eq!(pins, [(WEB, RestoreReason::ArchiveGone)]);
-        assert_eq!(replay.store.images[WEB].digest.as_deref(), Some(WEB_DIGEST));
+        assert_eq!(
+            replay.store.images()[WEB].digest.as_deref(),
+            Some(WEB_DIGEST)
+        );
         for name in [APP, WEB] {
-            assert_eq!(replay.ledger[name].state, IntentState::Held, "{name}");
+            assert_eq!(replay.ledger()[name].state, IntentState::Held, "{name}");
         }
     }
 }

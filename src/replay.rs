@@ -20,25 +20,29 @@
 //! - `{"expect": {"labels": {NAME: {..} | null}, "intents": {NAME: "held"|"swept"|"released"|null},
 //!   "pins_written": N}}`: assertions, checked by [`Replay::run`].
 //!
-//! The store applies each envelope as the state containerd committed, delivers it to the engine
-//! when connected, and carries out the engine's outputs like the daemon does: a pin is a
-//! per-key label update that publishes its own `/images/update`.
+//! The in-memory store ([`MemoryStore`]) commits each envelope as containerd did and delivers
+//! it to the engine when connected; the daemon's own executor carries out the engine's outputs
+//! against it (a pin is a per-key label update that publishes its own `/images/update`), and
+//! the ledger is kept in memory ([`MemoryLedger`]).
 //!
 //! `pinkeeper record` (src/record.rs) writes such files from a live containerd; [`describe`] and
 //! [`decision_json`] say what the engine decided, for `pinkeeper replay`.
 //!
 //! It owns no files and no sockets; the caller reads the fixture.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
+use crate::daemon::executor::{run_ready, Executor, FixedClock};
 use crate::engine::{
-    ApplyError, Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent,
-    IntentState, Labels, ListCause, Millis, Output, RestoreReason, CRI_PIN, PINNED,
+    Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent, IntentState,
+    Labels, ListCause, Millis, Output, RestoreReason,
 };
+use crate::ledger::MemoryLedger;
+use crate::store::{ImageStore, MemoryEvents, MemoryStore};
 
 /// A failure while replaying: the line number (1-based) and what went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -50,110 +54,21 @@ pub struct ReplayError {
     pub message: String,
 }
 
-/// The in-memory containerd: image records and the events their changes publish.
-#[derive(Debug, Default, Clone)]
-pub struct Store {
-    /// Records by name.
-    pub images: BTreeMap<String, ImageRecord>,
-    /// Digests to give records created by name.
-    pub digests: BTreeMap<String, String>,
-    /// Published and not yet delivered.
-    pub published: VecDeque<ImageEvent>,
-}
-
-impl Store {
-    fn digest_for(&self, name: &str) -> String {
-        if let Some(d) = self.digests.get(name) {
-            return d.clone();
-        }
-        match name.split_once('@') {
-            Some((_, d)) => d.to_string(),
-            None => format!("sha256:{:0>64}", name.len()),
-        }
-    }
-
-    /// Creates or replaces a record (no event).
-    pub fn put(&mut self, record: ImageRecord) {
-        self.images.insert(record.name.clone(), record);
-    }
-
-    /// Applies what an event says containerd committed, and publishes it.
-    pub fn apply(&mut self, event: ImageEvent) {
-        match event.kind {
-            EventKind::Delete => {
-                self.images.remove(&event.name);
-            }
-            EventKind::Create | EventKind::Update => {
-                let digest = self
-                    .images
-                    .get(&event.name)
-                    .and_then(|r| r.digest.clone())
-                    .unwrap_or_else(|| self.digest_for(&event.name));
-                self.images.insert(
-                    event.name.clone(),
-                    ImageRecord {
-                        name: event.name.clone(),
-                        labels: event.labels.clone(),
-                        digest: Some(digest),
-                    },
-                );
-            }
-        }
-        self.published.push_back(event);
-    }
-
-    /// A whole-map label update (`paths = ["labels"]`).
-    pub fn replace_labels(&mut self, name: &str, labels: Labels) -> bool {
-        if !self.images.contains_key(name) {
-            return false;
-        }
-        self.apply(ImageEvent {
-            kind: EventKind::Update,
-            name: name.to_string(),
-            labels,
-        });
-        true
-    }
-
-    /// A per-key label update (`paths = ["labels.KEY"]`); an empty value deletes the key.
-    pub fn set_label(&mut self, name: &str, key: &str, value: &str) -> bool {
-        let Some(record) = self.images.get(name) else {
-            return false;
-        };
-        let mut labels = record.labels.clone();
-        if value.is_empty() {
-            labels.remove(key);
-        } else {
-            labels.insert(key.to_string(), value.to_string());
-        }
-        self.replace_labels(name, labels)
-    }
-
-    /// Labels of a record.
-    pub fn labels(&self, name: &str) -> Option<&Labels> {
-        self.images.get(name).map(|r| &r.labels)
-    }
-}
-
-/// The engine wired to a [`Store`], with the ledger kept in memory.
+/// The engine and the executor wired to a [`MemoryStore`], with the ledger kept in memory.
 #[derive(Debug)]
 pub struct Replay {
-    /// The engine under test.
-    pub engine: Engine,
+    /// The engine, with the executor that carries out its outputs (the daemon's own).
+    pub exec: Executor<MemoryLedger, FixedClock>,
     /// The fake containerd.
-    pub store: Store,
+    pub store: MemoryStore,
+    /// The subscription, while pinkeeper is connected.
+    events: Option<MemoryEvents>,
     /// The images directory: file -> names.
     pub files: BTreeMap<String, Vec<String>>,
-    /// The ledger's records, as the engine saved them.
-    pub ledger: BTreeMap<String, Intent>,
-    /// The ledger's history.
-    pub history: Vec<HistoryEntry>,
     /// Every output, in order (for `pinkeeper replay` and debugging).
     pub decisions: Vec<(Millis, Output)>,
     /// Current time.
     pub now: Millis,
-    /// Whether pinkeeper is subscribed.
-    pub connected: bool,
     /// Pins written so far (name, time).
     pub pins_written: Vec<(String, Millis)>,
 }
@@ -161,17 +76,41 @@ pub struct Replay {
 impl Replay {
     /// A replay with an empty store, directory and ledger.
     pub fn new(config: Config) -> Self {
+        let mut exec = Executor::new(
+            Engine::new(config, []),
+            MemoryLedger::immediate(),
+            FixedClock::at(0),
+        );
+        exec.trace = Some(Vec::new());
         Replay {
-            engine: Engine::new(config, []),
-            store: Store::default(),
+            exec,
+            store: MemoryStore::new(),
+            events: None,
             files: BTreeMap::new(),
-            ledger: BTreeMap::new(),
-            history: Vec::new(),
             decisions: Vec::new(),
             now: 0,
-            connected: false,
             pins_written: Vec::new(),
         }
+    }
+
+    /// Whether pinkeeper is subscribed.
+    pub fn connected(&self) -> bool {
+        self.events.is_some()
+    }
+
+    /// The ledger's records, as the engine saved them.
+    pub fn ledger(&self) -> &BTreeMap<String, Intent> {
+        &self.exec.journal.intents
+    }
+
+    /// The ledger's history.
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.exec.journal.history
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.exec.engine
     }
 
     fn provided(&self) -> BTreeMap<String, PathBuf> {
@@ -186,74 +125,64 @@ impl Replay {
         provided
     }
 
-    /// Feeds one input and carries out everything it leads to.
+    /// Events committed since the last delivery (by the story's writes), taken from the
+    /// subscription without delivering them; none while disconnected.
+    pub fn take_published(&mut self) -> Vec<ImageEvent> {
+        let mut taken = Vec::new();
+        if let Some(events) = self.events.as_mut() {
+            while let Some(Ok(event)) = events.try_next() {
+                taken.push(event);
+            }
+        }
+        taken
+    }
+
+    /// Feeds one input and carries out everything it leads to with the executor, like the
+    /// daemon: a verification reads the directory and lists, and the events pinkeeper's own
+    /// writes publish reach the engine next.
     pub fn feed(&mut self, input: Input) {
-        let mut queue = VecDeque::from([input]);
-        while let Some(input) = queue.pop_front() {
-            let outputs = self.engine.handle(self.now, input);
-            for output in outputs {
-                self.decisions.push((self.now, output.clone()));
-                match output {
-                    Output::Pin { name, .. } => {
-                        let ok = self.store.set_label(&name, CRI_PIN, PINNED);
-                        self.pins_written.push((name.clone(), self.now));
-                        queue.push_back(Input::Pinned {
-                            name,
-                            result: if ok {
-                                Ok(())
-                            } else {
-                                Err(ApplyError::NotFound)
-                            },
-                        });
-                    }
-                    Output::Unpin { name } => {
-                        self.store.set_label(&name, CRI_PIN, "");
-                    }
-                    Output::Fetch { name } => {
-                        let record = self.store.images.get(&name).cloned();
-                        queue.push_back(Input::Fetched { name, record });
-                    }
-                    Output::Verify => {
-                        queue.push_back(Input::Inventory(self.provided()));
-                        queue.push_back(Input::Listing {
-                            images: self.store.images.values().cloned().collect(),
-                            cause: ListCause::Verify,
-                        });
-                    }
-                    Output::Save { intent, .. } => {
-                        self.ledger.insert(intent.name.clone(), intent);
-                    }
-                    Output::History(entry) => self.history.push(entry),
-                    Output::Forget { name } => {
-                        self.ledger.remove(&name);
-                    }
-                    Output::SweepSummary(_) => {}
+        let mut inputs = vec![input];
+        while !inputs.is_empty() {
+            self.exec.clock.set(self.now);
+            let store = self.events.is_some().then_some(&self.store);
+            // The in-memory store and ledger answer every call at once.
+            let report = run_ready(self.exec.process(store, std::mem::take(&mut inputs)))
+                .unwrap_or_default();
+            for (at, output) in self
+                .exec
+                .trace
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default()
+            {
+                if let Output::Pin { name, .. } = &output {
+                    self.pins_written.push((name.clone(), at));
                 }
+                self.decisions.push((at, output));
             }
-            // Events published by the writes above (and by the story) reach the engine next.
-            while let Some(event) = self.store.published.pop_front() {
-                if self.connected {
-                    queue.push_back(Input::Event(event));
-                }
+            if report.verify && self.connected() {
+                inputs.push(Input::Inventory(self.provided()));
+                inputs.push(Input::Listing {
+                    images: self.store.images().into_values().collect(),
+                    cause: ListCause::Verify,
+                });
             }
+            inputs.extend(self.take_published().into_iter().map(Input::Event));
         }
     }
 
     /// Delivers everything published so far.
     pub fn deliver(&mut self) {
-        while let Some(event) = self.store.published.pop_front() {
-            if self.connected {
-                self.feed(Input::Event(event));
-            }
+        for event in self.take_published() {
+            self.feed(Input::Event(event));
         }
     }
 
     /// pinkeeper subscribes: inventory, then a full listing.
     pub fn connect(&mut self) {
-        self.store.published.clear();
-        self.connected = true;
+        self.events = run_ready(self.store.subscribe()).and_then(Result::ok);
         self.feed(Input::Inventory(self.provided()));
-        let images = self.store.images.values().cloned().collect();
+        let images = self.store.images().into_values().collect();
         self.feed(Input::Listing {
             images,
             cause: ListCause::Connected,
@@ -262,20 +191,21 @@ impl Replay {
 
     /// The stream breaks.
     pub fn disconnect(&mut self) {
-        self.connected = false;
+        self.events = None;
         self.feed(Input::Disconnected);
     }
 
     /// pinkeeper is killed and starts again from what its ledger holds.
     pub fn restart(&mut self) {
-        self.connected = false;
-        let config = self.engine.config().clone();
-        self.engine = Engine::new(config, self.ledger.values().cloned());
+        self.events = None;
+        let config = self.exec.engine.config().clone();
+        let intents = self.exec.journal.intents.values().cloned();
+        self.exec.engine = Engine::new(config, intents);
     }
 
     /// Lets time pass to `until`, firing every timer on the way.
     pub fn advance_to(&mut self, until: Millis) {
-        while let Some(at) = self.engine.next_wakeup() {
+        while let Some(at) = self.exec.engine.next_wakeup() {
             if at > until {
                 break;
             }
@@ -288,7 +218,7 @@ impl Replay {
     /// Lets time pass until no timer is pending (bounded).
     pub fn settle(&mut self) {
         for _ in 0..1000 {
-            match self.engine.next_wakeup() {
+            match self.exec.engine.next_wakeup() {
                 Some(at) => self.advance_to(at.max(self.now)),
                 None => return,
             }
@@ -335,13 +265,13 @@ impl Replay {
                 labels: payload.labels,
             };
             if line.deliver_only == Some(true) {
-                if self.connected {
+                if self.connected() {
                     self.feed(Input::Event(event));
                 }
             } else {
                 self.store.apply(event);
                 if line.store_only == Some(true) {
-                    self.store.published.clear();
+                    self.take_published();
                 } else {
                     self.deliver();
                 }
@@ -349,22 +279,22 @@ impl Replay {
         }
         if let Some(images) = line.images {
             // A listing: records it does not show are gone (deleted while disconnected).
-            self.store.images.clear();
-            for (name, record) in images {
-                let digest = record.digest.or_else(|| Some(self.store.digest_for(&name)));
-                self.store.put(ImageRecord {
+            let records: Vec<ImageRecord> = images
+                .into_iter()
+                .map(|(name, record)| ImageRecord {
+                    digest: record.digest.or_else(|| Some(self.store.digest_for(&name))),
                     name,
                     labels: record.labels,
-                    digest,
-                });
-            }
+                })
+                .collect();
+            self.store.replace_all(records);
         }
-        if let Some(digests) = line.digests {
-            self.store.digests.extend(digests);
+        for (name, digest) in line.digests.unwrap_or_default() {
+            self.store.set_digest(&name, &digest);
         }
         if let Some(files) = line.files {
             self.files = files;
-            if self.connected {
+            if self.connected() {
                 // The daemon reads the directory again as soon as its watch says it changed.
                 self.feed(Input::Inventory(self.provided()));
             }
@@ -392,12 +322,12 @@ impl Replay {
         let mut problems = Vec::new();
         for (name, want) in &expect.labels {
             let got = self.store.labels(name);
-            if got != want.as_ref() {
+            if got != *want {
                 problems.push(format!("labels of {name}: want {want:?}, got {got:?}"));
             }
         }
         for (name, want) in &expect.intents {
-            let got = self.ledger.get(name).map(|i| i.state);
+            let got = self.ledger().get(name).map(|i| i.state);
             if got != *want {
                 problems.push(format!("intent of {name}: want {want:?}, got {got:?}"));
             }
@@ -583,7 +513,9 @@ pub fn describe(at: Millis, output: &Output) -> Option<String> {
             s.restored_not_repinned,
             s.repinned_by_k3s
         ),
-        Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } => return None,
+        Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } | Output::Commit => {
+            return None
+        }
     })
 }
 
@@ -613,7 +545,9 @@ pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
             "restored_not_repinned": s.restored_not_repinned,
             "repinned_by_k3s": s.repinned_by_k3s,
         }),
-        Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } => return None,
+        Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } | Output::Commit => {
+            return None
+        }
     })
 }
 
@@ -666,12 +600,12 @@ mod tests {
         if let Err(e) = replay.run(fixture) {
             panic!("{e}");
         }
-        assert!(replay.store.images.contains_key("a:1"));
-        assert!(!replay.store.images.contains_key("b:1"));
+        assert!(replay.store.images().contains_key("a:1"));
+        assert!(!replay.store.images().contains_key("b:1"));
         assert!(
-            replay.history.iter().any(|h| h.action == "archive-gone"),
+            replay.history().iter().any(|h| h.action == "archive-gone"),
             "{:?}",
-            replay.history
+            replay.history()
         );
     }
 }

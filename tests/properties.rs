@@ -252,11 +252,7 @@ impl Model {
         };
         for archive in ARCHIVES {
             for (primary, c) in archive.primaries {
-                model
-                    .replay
-                    .store
-                    .digests
-                    .insert(primary.to_string(), digest(*c));
+                model.replay.store.set_digest(primary, &digest(*c));
             }
         }
         model.sync_files();
@@ -317,7 +313,7 @@ impl Model {
     }
 
     fn labels(&self, name: &str) -> Option<Labels> {
-        self.replay.store.labels(name).cloned()
+        self.replay.store.labels(name)
     }
 
     fn advance(&mut self, ms: u64) {
@@ -343,8 +339,8 @@ impl Model {
 
     /// Takes what the store published (by the model's last write) and delivers what is due.
     fn commit(&mut self) {
-        let published: Vec<ImageEvent> = self.replay.store.published.drain(..).collect();
-        if self.replay.connected {
+        let published: Vec<ImageEvent> = self.replay.take_published();
+        if self.replay.connected() {
             self.pending.extend(published);
         }
         while self.pending.len() > self.lag {
@@ -374,7 +370,7 @@ impl Model {
     }
 
     fn deliver(&mut self, event: ImageEvent) {
-        if !self.replay.connected {
+        if !self.replay.connected() {
             return;
         }
         if event.kind != EventKind::Delete {
@@ -411,7 +407,7 @@ impl Model {
         let records: Vec<(String, Labels)> = self
             .replay
             .store
-            .images
+            .images()
             .values()
             .map(|r| (r.name.clone(), r.labels.clone()))
             .collect();
@@ -461,7 +457,7 @@ impl Model {
     fn plan(&self, cache: Cache) -> Vec<Call> {
         let mut calls = Vec::new();
         // clearLabels: one List, then one write per listed record.
-        for record in self.replay.store.images.values() {
+        for record in self.replay.store.images().values() {
             if pinned(&record.labels, K3S_PIN) {
                 calls.push(Call::Sweep(
                     record.name.clone(),
@@ -493,7 +489,7 @@ impl Model {
 
     fn call(&mut self, call: &Call) {
         self.sync_pins();
-        let store = &mut self.replay.store;
+        let store = &self.replay.store;
         match call {
             Call::Sweep(name, labels) => {
                 if store.replace_labels(name, labels.clone()) {
@@ -509,7 +505,7 @@ impl Model {
                 }
             }
             Call::Target(name) => {
-                let labels = store.labels(name).cloned();
+                let labels = store.labels(name);
                 let kind = if labels.is_some() {
                     EventKind::Update
                 } else {
@@ -524,7 +520,7 @@ impl Model {
                 self.expected.insert(name.clone(), labels);
             }
             Call::Label(name) => {
-                if let Some(mut labels) = store.labels(name).cloned() {
+                if let Some(mut labels) = store.labels(name) {
                     if !(pinned(&labels, K3S_PIN) && pinned(&labels, CRI_PIN)) {
                         labels.insert(K3S_PIN.to_string(), PINNED.to_string());
                         labels.insert(CRI_PIN.to_string(), PINNED.to_string());
@@ -537,7 +533,7 @@ impl Model {
                 }
             }
             Call::AliasDelete(name) => {
-                if store.images.contains_key(name) {
+                if store.images().contains_key(name) {
                     store.apply(ImageEvent {
                         kind: EventKind::Delete,
                         name: name.clone(),
@@ -567,7 +563,7 @@ impl Model {
     /// was subscribed for the whole of it (the sweep seen live).
     fn k3s_restart(&mut self, boot: &Boot) -> bool {
         let running = !self.down;
-        if self.replay.connected {
+        if self.replay.connected() {
             self.replay.disconnect();
         }
         self.pending.clear();
@@ -631,7 +627,7 @@ impl Model {
                     self.operator_actions += 1;
                     let labels = self.labels(name).unwrap_or_default();
                     self.expected.insert(name.clone(), labels);
-                    let connected = self.replay.connected;
+                    let connected = self.replay.connected();
                     let fate = self.fate(name);
                     // A record pinkeeper sees with K3s's label alone, when it has not seen the
                     // CRI pin that was removed, is treated as one K3s must re-pin (the engine
@@ -650,10 +646,10 @@ impl Model {
             }
             Step::CliPin(i) | Step::CliUnpin(i) => {
                 let name = &names[i % names.len()];
-                let Some(record) = self.replay.store.images.get(name).cloned() else {
+                let Some(record) = self.replay.store.record(name) else {
                     return Ok(());
                 };
-                if !self.replay.connected {
+                if !self.replay.connected() {
                     // The daemon refuses: containerd is not connected.
                     return Ok(());
                 }
@@ -698,7 +694,7 @@ impl Model {
             }
             Step::OperatorDelete(i) => {
                 let name = &names[i % names.len()];
-                if self.replay.store.images.contains_key(name) {
+                if self.replay.store.images().contains_key(name) {
                     self.log
                         .push(format!("t={} operator deletes {name}", self.replay.now));
                     self.replay.store.apply(ImageEvent {
@@ -722,7 +718,7 @@ impl Model {
                 }
             }
             Step::Reconnect => {
-                if !self.replay.connected {
+                if !self.replay.connected() {
                     self.connect();
                 }
             }
@@ -732,7 +728,7 @@ impl Model {
                     .push(format!("t={} (time passed)", self.replay.now));
             }
             Step::Duplicate(i) => {
-                if self.replay.connected && !self.recent.is_empty() {
+                if self.replay.connected() && !self.recent.is_empty() {
                     let (event, before) = self.recent[i % self.recent.len()].clone();
                     self.log
                         .push(format!("t={} delivered again: {event:?}", self.replay.now));
@@ -764,7 +760,7 @@ impl Model {
                 && fate.seen
                 && !fate.trace_lost
                 && !provided.contains(name)
-                && !pinned(labels, CRI_PIN)
+                && !pinned(&labels, CRI_PIN)
             {
                 return Err(format!(
                     "{name} (archive gone) is not pinned again right after a sweep seen live: {labels:?}"
@@ -778,7 +774,7 @@ impl Model {
     /// still carries a pin, [`Config::retention`]), and the ledger holds exactly the engine's
     /// intents, so a forgotten one is not loaded again at the next start.
     fn check_memory(&self) -> Result<(), String> {
-        let engine = &self.replay.engine;
+        let engine = &self.replay.engine();
         let retention = engine.config().retention;
         let now = self.replay.now;
         for intent in engine.intents() {
@@ -792,15 +788,15 @@ impl Model {
                     intent.name, intent.since
                 ));
             }
-            if self.replay.ledger.get(&intent.name) != Some(intent) {
+            if self.replay.ledger().get(&intent.name) != Some(intent) {
                 return Err(format!(
                     "{}: the ledger has {:?}, the engine {intent:?}",
                     intent.name,
-                    self.replay.ledger.get(&intent.name)
+                    self.replay.ledger().get(&intent.name)
                 ));
             }
         }
-        for name in self.replay.ledger.keys() {
+        for name in self.replay.ledger().keys() {
             if engine.intent(name).is_none() {
                 return Err(format!("{name} was forgotten but stays in the ledger"));
             }
@@ -811,7 +807,7 @@ impl Model {
     /// The invariants of DESIGN.md section 2 on the state at the end of a story.
     fn check_end(&self) -> Result<(), String> {
         self.check_memory()?;
-        let store = &self.replay.store.images;
+        let store = &self.replay.store.images();
         // Rule 5: pinkeeper creates and deletes no record, and changes no label but the CRI pin.
         let names: BTreeSet<&String> = store.keys().collect();
         let expected: BTreeSet<&String> = self.expected.keys().collect();
@@ -872,7 +868,7 @@ impl Model {
     fn explain(&self, problem: &str) -> String {
         let history: Vec<String> = self
             .replay
-            .history
+            .history()
             .iter()
             .map(|h| format!("t={} {} {}: {}", h.at, h.name, h.action, h.detail))
             .collect();
@@ -893,7 +889,7 @@ fn play(story: &Story) -> Result<Model, String> {
         for step in &story.steps {
             model.step(step)?;
         }
-        if !model.replay.connected {
+        if !model.replay.connected() {
             model.connect();
         }
         model.replay.settle();
@@ -971,7 +967,7 @@ proptest! {
     #[test]
     fn idempotent(story in story(), kill in any::<bool>()) {
         let mut model = play(&story).map_err(fail)?;
-        let images = model.replay.store.images.clone();
+        let images = model.replay.store.images();
         let pins = model.replay.pins_written.len();
         for _ in 0..2 {
             if kill {
@@ -986,7 +982,7 @@ proptest! {
                 &model.replay.pins_written[pins..]
             ))));
         }
-        if model.replay.store.images != images {
+        if model.replay.store.images() != images {
             return Err(fail(model.explain("labels changed on a second pass")));
         }
     }

@@ -204,7 +204,7 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
         })
         .collect();
     let replayed_intents: BTreeMap<String, IntentState> = replay
-        .ledger
+        .ledger()
         .values()
         .map(|i| (i.name.clone(), i.state))
         .collect();
@@ -320,6 +320,6 @@ async fn stops_after_its_duration_and_names_a_bad_output_file() -> Result<()> {
     );
     let mut replay = Replay::new(Config::default());
     replay.run(&text).map_err(|e| anyhow!("{e}\n{text}"))?;
-    ensure!(replay.connected && replay.files.len() == 3);
+    ensure!(replay.connected() && replay.files.len() == 3);
     Ok(())
 }

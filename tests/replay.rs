@@ -10,7 +10,7 @@ fn run_fixture(path: &Path) -> Replay {
     let text = std::fs::read_to_string(path).expect("fixture readable");
     let mut replay = Replay::new(Config::default());
     if let Err(e) = replay.run(&text) {
-        panic!("{}: {e}\nhistory:\n{:#?}", path.display(), replay.history);
+        panic!("{}: {e}\nhistory:\n{:#?}", path.display(), replay.history());
     }
     replay
 }
@@ -21,7 +21,7 @@ fn check_invariants(path: &Path, replay: &Replay) {
         if let Output::Pin { name, .. } = output {
             // Only images with a recorded intent are ever pinned.
             assert!(
-                replay.ledger.contains_key(name),
+                replay.ledger().contains_key(name),
                 "{}: pinned {name} without an intent",
                 path.display()
             );
@@ -32,7 +32,7 @@ fn check_invariants(path: &Path, replay: &Replay) {
 /// Contract rule 8: once a story is over, reconnecting (a listing) and letting every timer fire
 /// changes nothing further.
 fn check_idempotent(path: &Path, replay: &mut Replay) {
-    let store = replay.store.images.clone();
+    let store = replay.store.images();
     let pins = replay.pins_written.len();
     for _ in 0..2 {
         replay.connect();
@@ -45,7 +45,7 @@ fn check_idempotent(path: &Path, replay: &mut Replay) {
         path.display()
     );
     assert_eq!(
-        replay.store.images,
+        replay.store.images(),
         store,
         "{}: labels changed",
         path.display()

@@ -390,3 +390,38 @@ fn source_chain(e: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
+
+/// The executor's view of containerd (src/store/): the same calls, their errors in words.
+impl crate::store::ImageStore for Containerd {
+    type Events = Subscription;
+
+    async fn list(&self) -> Result<Vec<ImageRecord>, crate::store::StoreError> {
+        Containerd::list(self).await.map_err(store_error)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<ImageRecord>, crate::store::StoreError> {
+        Containerd::get(self, name).await.map_err(store_error)
+    }
+
+    async fn pin(&self, name: &str) -> Result<(), ApplyError> {
+        Containerd::pin(self, name).await
+    }
+
+    async fn unpin(&self, name: &str) -> Result<(), ApplyError> {
+        Containerd::unpin(self, name).await
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, crate::store::StoreError> {
+        Containerd::subscribe(self).await.map_err(store_error)
+    }
+}
+
+impl crate::store::EventStream for Subscription {
+    async fn next(&mut self) -> Result<Option<ImageEvent>, crate::store::StoreError> {
+        Subscription::next(self).await.map_err(store_error)
+    }
+}
+
+fn store_error(e: ContainerdError) -> crate::store::StoreError {
+    crate::store::StoreError(e.to_string())
+}

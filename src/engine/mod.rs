@@ -258,6 +258,12 @@ pub enum Output {
     },
     /// A sweep episode ended (after its verification): one log line for the operator.
     SweepSummary(SweepSummary),
+    /// A durability barrier: every [`Output::Save`], [`Output::Forget`] and
+    /// [`Output::History`] before this one (in this call and earlier ones) is on disk before
+    /// any effect after it ([`Output::Pin`], [`Output::Unpin`]) is carried out. The engine
+    /// emits it after recording an intent and before an operator's unpin; other changes may
+    /// be written in the background.
+    Commit,
 }
 
 /// The state of an intent.
@@ -667,7 +673,10 @@ impl Engine {
     pub fn next_wakeup(&self) -> Option<Millis> {
         let churn = self.deleted.values().min().copied();
         let forget = self.forget.first().map(|(at, _)| *at);
-        [churn, self.verify_due, forget].into_iter().flatten().min()
+        // A verification already asked for cannot be asked again until its listing comes:
+        // waking for it would only spin.
+        let verify = self.verify_due.filter(|_| !self.verify_in_flight);
+        [churn, verify, forget].into_iter().flatten().min()
     }
 
     /// Feeds one observation made at `now`; returns what to do.
@@ -981,6 +990,9 @@ impl Engine {
         };
         out.push(Output::Save { intent, new: true });
         self.history(now, name, "recorded", detail, out);
+        // Contract rule 7: a recorded intent survives `kill -9`, and is on disk before
+        // pinkeeper acts on it (its pin, in this batch or the next).
+        out.push(Output::Commit);
         if digest.is_none() {
             out.push(Output::Fetch {
                 name: name.to_string(),
@@ -1308,6 +1320,9 @@ impl Engine {
             self.history(now, name, "released", OPERATOR_UNPIN, out);
         }
         if pinned {
+            // The release is on disk before the pin goes: a crash in between would otherwise
+            // read, at the next start, as K3s's sweep of a held intent, and be undone.
+            out.push(Output::Commit);
             out.push(Output::Unpin {
                 name: name.to_string(),
             });

@@ -799,3 +799,25 @@ fn churn_does_not_accumulate_released_intents() {
     }
     assert_eq!(e.intents().count(), 0);
 }
+
+/// Found by the replay running on the daemon's executor (a verification asked for while
+/// disconnected never gets its listing): a verification in flight made `next_wakeup` answer a
+/// time already past for as long as the listing took, and the daemon's loop spun on ticks.
+#[test]
+fn a_verification_in_flight_asks_for_no_wakeup() {
+    let mut e = engine_with_two();
+    e.handle(10, inventory(&[(APP, "app.tar")]));
+    e.handle(1000, update(APP, Labels::new()));
+    let due = e.next_wakeup().expect("a verification is due");
+    assert_eq!(e.handle(due, Input::Tick), vec![Output::Verify]);
+    // More of the start-up burst while the verification's listing is awaited.
+    e.handle(due + 1, update(WEB, Labels::new()));
+    // The listing is slow (a scan of the images directory first): time passes.
+    let later = due + 1 + Config::default().settle_max;
+    assert!(e.handle(later, Input::Tick).is_empty());
+    let wakeup = e.next_wakeup();
+    assert!(
+        wakeup.is_none_or(|at| at > later),
+        "nothing can fire before the listing comes: {wakeup:?}"
+    );
+}

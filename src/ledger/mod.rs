@@ -25,8 +25,10 @@ use crate::engine::{HistoryEntry, Intent};
 use crate::escape;
 use crate::inventory::CachedFile;
 
+pub mod journal;
 mod writer;
 
+pub use journal::{Discard, Journal, MemoryLedger};
 pub use writer::{CommitObserver, Health, OwnedChange, SharedHealth, Writer, MAX_PENDING_HISTORY};
 
 /// Image name -> JSON of [`Intent`].
