@@ -15,8 +15,32 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Milliseconds since the Unix epoch, as given by the caller. The engine never reads a clock.
+/// Milliseconds, as given by the caller: of the wall clock (since the Unix epoch) or of a
+/// monotonic clock (any origin), as each use says. The engine never reads a clock.
 pub type Millis = u64;
+
+/// The instant of an input, on both clocks ([`Engine::handle`]).
+///
+/// Every timer of the engine (the alias-churn window, the verification after a start-up, the
+/// retention of released intents) runs on `mono`, and [`Engine::next_wakeup`] answers in it, so
+/// that a step of the wall clock (NTP setting the time of a node without a real-time clock, by
+/// years, during K3s's start-up) neither fires them early nor puts them off. `wall` is only
+/// shown or stored: [`HistoryEntry::at`], [`Intent::since`], [`Intent::last_restored`],
+/// [`SweepSummary::started`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Now {
+    /// A monotonic clock (any origin, never stepped; the daemon's `CLOCK_MONOTONIC`).
+    pub mono: Millis,
+    /// The wall clock, milliseconds since the Unix epoch.
+    pub wall: Millis,
+}
+
+impl From<Millis> for Now {
+    /// The same value on both clocks (tests, replays: a wall clock that is never stepped).
+    fn from(ms: Millis) -> Self {
+        Now { mono: ms, wall: ms }
+    }
+}
 
 /// A containerd label map.
 pub type Labels = BTreeMap<String, String>;
@@ -58,8 +82,11 @@ pub struct Config {
     /// alias by deleting and creating it again at once (FACTS.md section 2, `forceCreateTag`).
     pub churn_window: Millis,
     /// How long a released intent stays in the engine (for `pinkeeper list`, `status` and the
-    /// rules that look at what it was released with), counted from its release
-    /// ([`Intent::since`]). Then it is forgotten ([`Output::Forget`]); its history stays.
+    /// rules that look at what it was released with), counted on the monotonic clock from its
+    /// release. Then it is forgotten ([`Output::Forget`]); its history stays. For a released
+    /// intent read from the ledger, what is left of it at the first input is counted from
+    /// [`Intent::since`] by the wall clock, clamped to `0..=retention` (a `since` in the future,
+    /// written before the clock was stepped back, counts as a release just now).
     pub retention: Millis,
 }
 
@@ -480,6 +507,13 @@ pub struct Engine {
     episode: Option<Episode>,
     /// Released intents to forget, by when ([`Engine::forget_at`]): the earliest is the head.
     forget: BTreeSet<(Millis, String)>,
+    /// Released intent -> the monotonic time its retention ends (set at its release, or at the
+    /// first input for those read from the ledger); forgotten then unless its labels carry a
+    /// pin ([`Engine::forget_at`]).
+    retained_until: HashMap<String, Millis>,
+    /// Released intents read from the ledger have no `retained_until` yet: the first input
+    /// gives the clocks to derive it ([`Engine::anchor`]).
+    anchor_pending: bool,
 }
 
 impl Engine {
@@ -509,27 +543,61 @@ impl Engine {
             verifying: false,
             episode: None,
             forget: BTreeSet::new(),
+            retained_until: HashMap::new(),
+            anchor_pending: false,
         };
-        // Those already past their retention go at the first tick, which `next_wakeup` asks
-        // for at once (the engine has no clock to read here).
-        let forget = engine
+        // Their retention is derived at the first input, which `next_wakeup` asks for at once
+        // (the engine has no clock to read here).
+        engine.anchor_pending = engine
             .intents
             .values()
-            .filter_map(|i| Some((engine.forget_at(i)?, i.name.clone())))
-            .collect();
-        engine.forget = forget;
+            .any(|i| i.state == IntentState::Released);
         engine
     }
 
-    /// When a released intent is forgotten: [`Config::retention`] after its release, and only
-    /// while the labels it was last seen with carry no pin. Forgetting then changes no
-    /// decision: a record seen again without a pin is ignored either way, and one seen with a
-    /// pin is recorded either way (contract rule 1). One left with K3s's label (an operator
-    /// removed only the CRI pin) is kept until its record is gone, or it would be recorded and
-    /// released again at every listing.
+    /// Starts the retention of the released intents read from the ledger, at the first input:
+    /// what is left of it is [`Config::retention`] less the wall-clock time since their
+    /// release, clamped to `0..=retention`. A clock stepped since then moves only this (those
+    /// past it are forgotten at once, a `since` in the future counts as just now); from here
+    /// on, retention runs on the monotonic clock.
+    fn anchor(&mut self, now: Now) {
+        self.anchor_pending = false;
+        let retention = self.config.retention;
+        let released: Vec<(String, Millis)> = self
+            .intents
+            .values()
+            .filter(|i| i.state == IntentState::Released)
+            .filter(|i| !self.retained_until.contains_key(&i.name))
+            .map(|i| {
+                let elapsed = now.wall.saturating_sub(i.since).min(retention);
+                (i.name.clone(), now.mono.saturating_add(retention - elapsed))
+            })
+            .collect();
+        for (name, until) in released {
+            let before = self.forget_key(&name);
+            self.retained_until.insert(name.clone(), until);
+            self.reindex(&name, before);
+        }
+    }
+
+    /// Starts the retention of `name`, released at `now`. Called before its intent is changed,
+    /// so that [`Engine::reindex`] sees the new time.
+    fn retain(&mut self, name: &str, now: Now) {
+        let until = now.mono.saturating_add(self.config.retention);
+        self.retained_until.insert(name.to_string(), until);
+    }
+
+    /// When a released intent is forgotten (monotonic): [`Config::retention`] after its
+    /// release, and only while the labels it was last seen with carry no pin. Forgetting then
+    /// changes no decision: a record seen again without a pin is ignored either way, and one
+    /// seen with a pin is recorded either way (contract rule 1). One left with K3s's label (an
+    /// operator removed only the CRI pin) is kept until its record is gone, or it would be
+    /// recorded and released again at every listing.
     fn forget_at(&self, intent: &Intent) -> Option<Millis> {
-        (intent.state == IntentState::Released && !self.pins(&intent.labels).any())
-            .then(|| intent.since.saturating_add(self.config.retention))
+        if intent.state != IntentState::Released || self.pins(&intent.labels).any() {
+            return None;
+        }
+        self.retained_until.get(&intent.name).copied()
     }
 
     /// Keeps [`Engine::forget`] in step after the intent `name` changed from `before`.
@@ -663,15 +731,25 @@ impl Engine {
         &self.config
     }
 
-    /// When the engine next needs an [`Input::Tick`], if ever.
+    /// When the engine next needs an [`Input::Tick`], if ever, on the monotonic clock
+    /// ([`Now::mono`]). `Some(0)` (at once) before the first input when the ledger holds
+    /// released intents, whose retention that input starts.
     pub fn next_wakeup(&self) -> Option<Millis> {
+        if self.anchor_pending {
+            return Some(0);
+        }
         let churn = self.deleted.values().min().copied();
         let forget = self.forget.first().map(|(at, _)| *at);
         [churn, self.verify_due, forget].into_iter().flatten().min()
     }
 
-    /// Feeds one observation made at `now`; returns what to do.
-    pub fn handle(&mut self, now: Millis, input: Input) -> Vec<Output> {
+    /// Feeds one observation made at `now` (both clocks, [`Now`]; a bare [`Millis`] is the
+    /// same value on both); returns what to do.
+    pub fn handle(&mut self, now: impl Into<Now>, input: Input) -> Vec<Output> {
+        let now = now.into();
+        if self.anchor_pending {
+            self.anchor(now);
+        }
         let mut out = Vec::new();
         match input {
             Input::Event(event) => self.on_event(now, event, &mut out),
@@ -705,15 +783,15 @@ impl Engine {
         }
     }
 
-    fn on_event(&mut self, now: Millis, event: ImageEvent, out: &mut Vec<Output>) {
-        self.note_activity(now);
+    fn on_event(&mut self, now: Now, event: ImageEvent, out: &mut Vec<Output>) {
+        self.note_activity(now.mono);
         match event.kind {
             EventKind::Delete => {
                 if self.holds(&event.name) {
                     // Released at `churn_window` unless K3s creates it again (forceCreateTag).
                     self.deleted
                         .entry(event.name.clone())
-                        .or_insert(now + self.config.churn_window);
+                        .or_insert(now.mono + self.config.churn_window);
                     // A delete may be delivered after the create that followed it (FACTS.md
                     // section 3): a Get tells.
                     out.push(Output::Fetch { name: event.name });
@@ -758,7 +836,7 @@ impl Engine {
     /// holds an intent afterwards.
     fn observe(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         labels: Labels,
         listed: Option<Option<String>>,
@@ -870,7 +948,7 @@ impl Engine {
             self.history(now, name, "swept", how, out);
             let ep = self.episode.get_or_insert_with(|| Episode {
                 summary: SweepSummary {
-                    started: now,
+                    started: now.wall,
                     seen_live: live,
                     ..SweepSummary::default()
                 },
@@ -879,7 +957,7 @@ impl Engine {
             ep.summary.swept += 1;
             ep.open.insert(name.to_string());
             // The episode ends with a verification, whatever the archives.
-            self.schedule_verify(now);
+            self.schedule_verify(now.mono);
             self.settle(name, now, out);
         } else if labels_changed {
             self.update_intent(name, out, |i| i.labels = labels);
@@ -889,7 +967,7 @@ impl Engine {
 
     /// Decides what a swept (or otherwise unpinned) intent needs now: a restore at once when
     /// no file provides it, else a verification once the start-up has settled.
-    fn settle(&mut self, name: &str, now: Millis, out: &mut Vec<Output>) {
+    fn settle(&mut self, name: &str, now: Now, out: &mut Vec<Output>) {
         if self.pins_in_flight.contains_key(name) {
             return;
         }
@@ -901,7 +979,7 @@ impl Engine {
             self.pin(name, RestoreReason::NotRepinned, out);
         } else {
             self.awaiting_k3s.insert(name.to_string());
-            self.schedule_verify(now);
+            self.schedule_verify(now.mono);
         }
     }
 
@@ -940,7 +1018,7 @@ impl Engine {
 
     fn record(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         labels: Labels,
         digest: Option<String>,
@@ -957,7 +1035,7 @@ impl Engine {
             labels,
             state: IntentState::Held,
             origin,
-            since: now,
+            since: now.wall,
             restores: previous.map_or(0, |p| p.restores),
             last_restored: previous.and_then(|p| p.last_restored),
             released_because: None,
@@ -965,6 +1043,7 @@ impl Engine {
         let before = self.forget_key(name);
         self.intents.insert(name.to_string(), intent.clone());
         self.reindex(name, before);
+        self.retained_until.remove(name);
         self.provided_digests = None;
         if let Some(source) = self.source_of(name) {
             intent.source = Some(source.clone());
@@ -993,7 +1072,7 @@ impl Engine {
     /// be the ones it was released with, not older ones (or K3s's next re-pin goes unnoticed).
     fn release(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         why: &str,
         seen: Option<Labels>,
@@ -1007,9 +1086,10 @@ impl Engine {
         if !self.holds(name) {
             return;
         }
+        self.retain(name, now);
         self.update_intent(name, out, |i| {
             i.state = IntentState::Released;
-            i.since = now;
+            i.since = now.wall;
             i.released_because = Some(why.to_string());
             if let Some(labels) = seen {
                 i.labels = labels;
@@ -1049,9 +1129,9 @@ impl Engine {
         }
     }
 
-    fn history(&self, now: Millis, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
+    fn history(&self, now: Now, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
         out.push(Output::History(HistoryEntry {
-            at: now,
+            at: now.wall,
             name: name.to_string(),
             action: action.to_string(),
             detail: detail.to_string(),
@@ -1094,7 +1174,7 @@ impl Engine {
 
     fn on_inventory(
         &mut self,
-        now: Millis,
+        now: Now,
         provided: BTreeMap<String, PathBuf>,
         out: &mut Vec<Output>,
     ) {
@@ -1153,7 +1233,7 @@ impl Engine {
 
     fn on_fetched(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         record: Option<ImageRecord>,
         out: &mut Vec<Output>,
@@ -1192,7 +1272,7 @@ impl Engine {
 
     fn on_pinned(
         &mut self,
-        now: Millis,
+        now: Now,
         name: String,
         result: Result<(), ApplyError>,
         out: &mut Vec<Output>,
@@ -1213,7 +1293,7 @@ impl Engine {
                     i.state = IntentState::Held;
                     i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
                     i.restores += 1;
-                    i.last_restored = Some(now);
+                    i.last_restored = Some(now.wall);
                 });
                 self.history(now, &name, "restored", reason.explain(), out);
             }
@@ -1228,7 +1308,7 @@ impl Engine {
         }
     }
 
-    fn on_operator_pin(&mut self, now: Millis, record: ImageRecord, out: &mut Vec<Output>) {
+    fn on_operator_pin(&mut self, now: Now, record: ImageRecord, out: &mut Vec<Output>) {
         let name = record.name.clone();
         let pinned = self.pins(&record.labels).cri;
         self.deleted.remove(&name);
@@ -1266,7 +1346,7 @@ impl Engine {
 
     fn on_operator_unpin(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         record: Option<ImageRecord>,
         out: &mut Vec<Output>,
@@ -1295,12 +1375,13 @@ impl Engine {
                 labels: after.unwrap_or_default(),
                 state: IntentState::Released,
                 origin: previous.map_or(Origin::Operator, |p| p.origin),
-                since: now,
+                since: now.wall,
                 restores: previous.map_or(0, |p| p.restores),
                 last_restored: previous.and_then(|p| p.last_restored),
                 released_because: Some(OPERATOR_UNPIN.to_string()),
             };
             let before = self.forget_key(name);
+            self.retain(name, now);
             self.intents.insert(name.to_string(), intent.clone());
             self.reindex(name, before);
             self.provided_digests = None;
@@ -1336,6 +1417,7 @@ impl Engine {
             if self.intents.remove(&name).is_none() {
                 continue;
             }
+            self.retained_until.remove(&name);
             // A released intent is in none of these; a late answer about it finds nothing.
             self.deleted.remove(&name);
             self.awaiting_k3s.remove(&name);
@@ -1346,12 +1428,12 @@ impl Engine {
         }
     }
 
-    fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) {
-        self.forget_due(now, out);
+    fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
+        self.forget_due(now.mono, out);
         let due: Vec<String> = self
             .deleted
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, at)| **at <= now.mono)
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
@@ -1359,7 +1441,7 @@ impl Engine {
             let gone = Some(Labels::new());
             self.release(now, &name, DELETED, gone, out);
         }
-        if self.verify_due.is_some_and(|at| at <= now) && !self.verify_in_flight {
+        if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight {
             self.verify_due = None;
             self.verify_deadline = None;
             self.verify_in_flight = true;
@@ -1369,7 +1451,7 @@ impl Engine {
 
     fn on_listing(
         &mut self,
-        now: Millis,
+        now: Now,
         images: Vec<ImageRecord>,
         cause: ListCause,
         out: &mut Vec<Output>,
@@ -1405,7 +1487,7 @@ impl Engine {
             if intent.state != IntentState::Released {
                 self.deleted
                     .entry(intent.name.clone())
-                    .or_insert(now + self.config.churn_window);
+                    .or_insert(now.mono + self.config.churn_window);
             } else if !intent.labels.is_empty() {
                 gone.push(intent.name.clone());
             }
