@@ -1147,11 +1147,20 @@ impl Engine {
     /// The file that provides `name`: by name, or (for K3s's aliases) by sharing its digest
     /// with a provided name.
     fn source_of(&mut self, name: &str) -> Option<PathBuf> {
+        self.source_with(name, None)
+    }
+
+    /// [`Engine::source_of`], for an image whose digest is `digest` when given (else the
+    /// intent's).
+    fn source_with(&mut self, name: &str, digest: Option<&str>) -> Option<PathBuf> {
         let provided = self.provided.as_ref()?;
         if let Some(path) = provided.get(name) {
             return Some(path.clone());
         }
-        let digest = self.intents.get(name)?.digest.as_ref()?;
+        let digest = match digest {
+            Some(d) => d,
+            None => self.intents.get(name)?.digest.as_deref()?,
+        };
         // Only K3s's own digest alias (`<repo>@<digest>`, FACTS.md section 2, import item 4)
         // belongs to the archive and is re-pinned by K3s with it. Any other name that only
         // shares the digest (another tag, an operator's `ctr tag`) is pinned by nobody after
@@ -1516,6 +1525,9 @@ impl Engine {
         self.verifying = false;
     }
 }
+
+mod operator;
+pub use operator::{cri_pinned, UnpinPlan};
 
 #[cfg(test)]
 mod tests;
