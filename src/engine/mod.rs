@@ -1530,4 +1530,6 @@ mod operator;
 pub use operator::{cri_pinned, UnpinPlan};
 
 #[cfg(test)]
+mod clock_tests;
+#[cfg(test)]
 mod tests;
