@@ -3,7 +3,10 @@
 //! the daemon lists the images, asks [`Engine::unpin_plan`], then feeds one
 //! [`Input::OperatorUnpin`](super::Input::OperatorUnpin) per target.
 
-use super::{Engine, ImageRecord, IntentState, Labels, CRI_PIN, PINNED};
+use super::{
+    Engine, ImageRecord, Intent, IntentState, Labels, Now, Origin, Output, RestoreReason, CRI_PIN,
+    OPERATOR_UNPIN, PINNED,
+};
 
 /// Whether a label map carries CRI's pin (`io.cri-containerd.pinned=pinned`): the pin kubelet's
 /// image GC respects, and the only one pinkeeper writes.
@@ -115,6 +118,95 @@ impl Engine {
             targets,
             still_pinned_aliases,
             warnings,
+        }
+    }
+}
+
+impl Engine {
+    pub(super) fn on_operator_pin(&mut self, now: Now, record: ImageRecord, out: &mut Vec<Output>) {
+        let name = record.name.clone();
+        let pinned = self.pins(&record.labels).cri;
+        self.deleted.remove(&name);
+        self.unpins_to_confirm.remove(&name);
+        if self.holds(&name) {
+            self.update_intent(&name, out, |i| {
+                i.origin = Origin::Operator;
+                i.labels = record.labels;
+                if record.digest.is_some() {
+                    i.digest = record.digest;
+                }
+            });
+            self.history(
+                now,
+                &name,
+                "operator-pin",
+                RestoreReason::Operator.explain(),
+                out,
+            );
+        } else {
+            self.record(
+                now,
+                &name,
+                record.labels,
+                record.digest,
+                Origin::Operator,
+                out,
+            );
+        }
+        if !pinned {
+            self.awaiting_k3s.remove(&name);
+            self.pin(&name, RestoreReason::Operator, out);
+        }
+    }
+
+    pub(super) fn on_operator_unpin(
+        &mut self,
+        now: Now,
+        name: &str,
+        record: Option<ImageRecord>,
+        out: &mut Vec<Output>,
+    ) {
+        let pinned = record.as_ref().is_some_and(|r| self.pins(&r.labels).cri);
+        // What the record carries once the unpin is done: its own event then changes nothing.
+        let after = record.as_ref().map(|r| {
+            let mut labels = r.labels.clone();
+            labels.remove(CRI_PIN);
+            labels
+        });
+        self.unpins_to_confirm.remove(name);
+        if self.holds(name) {
+            self.release(now, name, OPERATOR_UNPIN, after, out);
+        } else if let Some(record) = record {
+            // Never held (or released before): keep the decision, so that only a pin put on
+            // again brings the intent back.
+            let source = self.source_of(name);
+            let previous = self.intents.get(name);
+            let intent = Intent {
+                name: name.to_string(),
+                digest: record
+                    .digest
+                    .or_else(|| previous.and_then(|p| p.digest.clone())),
+                source: source.or_else(|| previous.and_then(|p| p.source.clone())),
+                labels: after.unwrap_or_default(),
+                state: IntentState::Released,
+                origin: previous.map_or(Origin::Operator, |p| p.origin),
+                since: now.wall,
+                restores: previous.map_or(0, |p| p.restores),
+                last_restored: previous.and_then(|p| p.last_restored),
+                released_because: Some(OPERATOR_UNPIN.to_string()),
+            };
+            let before = self.forget_key(name);
+            self.retain(name, now);
+            self.intents.insert(name.to_string(), intent.clone());
+            self.reindex(name, before);
+            self.provided_digests = None;
+            out.push(Output::Save { intent, new: false });
+            self.history(now, name, "released", OPERATOR_UNPIN, out);
+        }
+        if pinned {
+            out.push(Output::Unpin {
+                name: name.to_string(),
+            });
         }
     }
 }
