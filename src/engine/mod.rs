@@ -194,10 +194,9 @@ impl Engine {
     }
 
     fn pins(&self, labels: &Labels) -> Pins {
-        let has = |key: &str| labels.get(key).map(String::as_str) == Some(PINNED);
         Pins {
-            program: has(&self.config.program_label),
-            cri: has(CRI_PIN),
+            program: labels.get(&self.config.program_label).map(String::as_str) == Some(PINNED),
+            cri: cri_pinned(labels),
         }
     }
 

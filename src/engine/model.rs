@@ -21,7 +21,7 @@ pub type Millis = u64;
 ///
 /// [`Engine::handle`]: super::Engine::handle
 /// [`Engine::next_wakeup`]: super::Engine::next_wakeup
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Now {
     /// A monotonic clock: any origin, never stepped (the daemon: `std::time::Instant` since
     /// it started).

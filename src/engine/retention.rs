@@ -7,10 +7,10 @@ use super::{Engine, Intent, IntentState, Millis, Now, Output};
 
 impl Engine {
     /// Starts the retention of the released intents read from the ledger, at the first input:
-    /// what is left of it is [`Config::retention`] less the wall-clock time since their
-    /// release, clamped to `0..=retention`. A clock stepped since then moves only this (those
-    /// past it are forgotten at once, a `since` in the future counts as just now); from here
-    /// on, retention runs on the monotonic clock.
+    /// what is left of it is the retention less the wall-clock time since their release,
+    /// clamped to `0..=retention`. A clock stepped since then moves only this (those past it
+    /// are forgotten at once, a `since` in the future counts as just now); from here on,
+    /// retention runs on the monotonic clock.
     pub(super) fn anchor(&mut self, now: Now) {
         self.anchor_pending = false;
         let retention = self.config.retention;
@@ -18,7 +18,6 @@ impl Engine {
             .intents
             .values()
             .filter(|i| i.state == IntentState::Released)
-            .filter(|i| !self.retained_until.contains_key(&i.name))
             .map(|i| {
                 let elapsed = now.wall.saturating_sub(i.since).min(retention);
                 (i.name.clone(), now.mono.saturating_add(retention - elapsed))
@@ -38,12 +37,12 @@ impl Engine {
         self.retained_until.insert(name.to_string(), until);
     }
 
-    /// When a released intent is forgotten (monotonic): [`Config::retention`] after its
-    /// release, and only while the labels it was last seen with carry no pin. Forgetting then
-    /// changes no decision: a record seen again without a pin is ignored either way, and one
-    /// seen with a pin is recorded either way (contract rule 1). One left with K3s's label (an
-    /// operator removed only the CRI pin) is kept until its record is gone, or it would be
-    /// recorded and released again at every listing.
+    /// When a released intent is forgotten (monotonic): the retention after its release, and
+    /// only while the labels it was last seen with carry no pin. Forgetting then changes no
+    /// decision: a record seen again without a pin is ignored either way, and one seen with a
+    /// pin is recorded either way (contract rule 1). One left with K3s's label (an operator
+    /// removed only the CRI pin) is kept until its record is gone, or it would be recorded
+    /// and released again at every listing.
     pub(super) fn forget_at(&self, intent: &Intent) -> Option<Millis> {
         if intent.state != IntentState::Released || self.pins(&intent.labels).any() {
             return None;
