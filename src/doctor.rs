@@ -1648,6 +1648,7 @@ mod tests {
             restores: 0,
             last_restored: None,
             released_because: None,
+            k3s_pinned: false,
         }
     }
 

@@ -263,9 +263,9 @@ fn replay(file: &std::path::Path, json: bool, settle_ms: u64) -> ExitCode {
     let mut out = String::new();
     for (at, decision) in &replay.decisions {
         let line = if json {
-            pinkeeper::replay::decision_json(*at, decision).map(|v| v.to_string())
+            pinkeeper::replay::decision_json(at.wall, decision).map(|v| v.to_string())
         } else {
-            pinkeeper::replay::describe(*at, decision)
+            pinkeeper::replay::describe(at.wall, decision)
         };
         if let Some(line) = line {
             out.push_str(&line);

@@ -882,6 +882,7 @@ mod tests {
             restores: 0,
             last_restored: None,
             released_because: None,
+            k3s_pinned: false,
         };
         let mut engine = Engine::new(
             Config::default(),

@@ -39,7 +39,7 @@ use serde::Deserialize;
 use crate::daemon::executor::{run_ready, Executor, FixedClock};
 use crate::engine::{
     Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent, IntentState,
-    Labels, ListCause, Millis, Output, RestoreReason,
+    Labels, ListCause, Millis, Now, Output, RestoreReason,
 };
 use crate::ledger::MemoryLedger;
 use crate::store::{ImageStore, MemoryEvents, MemoryStore};
@@ -65,10 +65,12 @@ pub struct Replay {
     events: Option<MemoryEvents>,
     /// The images directory: file -> names.
     pub files: BTreeMap<String, Vec<String>>,
-    /// Every output, in order (for `pinkeeper replay` and debugging).
-    pub decisions: Vec<(Millis, Output)>,
-    /// Current time.
+    /// Every output, in order, with when (for `pinkeeper replay` and debugging).
+    pub decisions: Vec<(Now, Output)>,
+    /// Current time, on the monotonic clock the engine's timers run on.
     pub now: Millis,
+    /// The wall clock less the monotonic one: 0 unless a story steps the wall clock.
+    pub wall_offset: i64,
     /// Pins written so far (name, time).
     pub pins_written: Vec<(String, Millis)>,
 }
@@ -89,7 +91,16 @@ impl Replay {
             files: BTreeMap::new(),
             decisions: Vec::new(),
             now: 0,
+            wall_offset: 0,
             pins_written: Vec::new(),
+        }
+    }
+
+    /// Now, on both clocks.
+    pub fn clock(&self) -> Now {
+        Now {
+            mono: self.now,
+            wall: (self.now as i64).saturating_add(self.wall_offset).max(0) as Millis,
         }
     }
 
@@ -143,7 +154,7 @@ impl Replay {
     pub fn feed(&mut self, input: Input) {
         let mut inputs = vec![input];
         while !inputs.is_empty() {
-            self.exec.clock.set(self.now);
+            self.exec.clock.set(self.clock());
             let store = self.events.is_some().then_some(&self.store);
             // The in-memory store and ledger answer every call at once.
             let report = run_ready(self.exec.process(store, std::mem::take(&mut inputs)))
@@ -156,7 +167,7 @@ impl Replay {
                 .unwrap_or_default()
             {
                 if let Output::Pin { name, .. } = &output {
-                    self.pins_written.push((name.clone(), at));
+                    self.pins_written.push((name.clone(), at.mono));
                 }
                 self.decisions.push((at, output));
             }

@@ -626,6 +626,7 @@ impl Model {
                     self.replay.store.set_label(name, CRI_PIN, "");
                     self.operator_actions += 1;
                     let labels = self.labels(name).unwrap_or_default();
+                    let k3s_label = pinned(&labels, K3S_PIN);
                     self.expected.insert(name.clone(), labels);
                     let connected = self.replay.connected();
                     let fate = self.fate(name);
@@ -637,6 +638,13 @@ impl Model {
                     // K3s's re-pin reads as a sweep, and the engine acts on it without a Get):
                     // until the next listing, an unpin is not protected either.
                     fate.ambiguous = !fate.seen_current || fate.stale;
+                    // An image imported from a file, left with no pin at all while pinkeeper is
+                    // not watching, is taken for one K3s imported again and swept meanwhile
+                    // (the engine keeps it: the side that loses nothing), so such an unpin is
+                    // not protected either.
+                    if !connected && !k3s_label && name != CTR_PINNED {
+                        fate.ambiguous = true;
+                    }
                     fate.wanted = false;
                     fate.seen = false;
                     fate.unpinned = true;

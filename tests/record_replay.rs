@@ -211,7 +211,7 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
     let decisions: Vec<String> = replay
         .decisions
         .iter()
-        .filter_map(|(at, o)| pinkeeper::replay::describe(*at, o))
+        .filter_map(|(at, o)| pinkeeper::replay::describe(at.wall, o))
         .collect();
     ensure!(
         replayed_pins == live_pins,

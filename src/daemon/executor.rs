@@ -19,7 +19,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::engine::{
-    ApplyError, Engine, HistoryEntry, ImageEvent, ImageRecord, Input, ListCause, Millis, Output,
+    ApplyError, Engine, HistoryEntry, ImageEvent, ImageRecord, Input, ListCause, Now, Output,
     RestoreReason, SweepSummary,
 };
 use crate::ledger::{Journal, OwnedChange};
@@ -31,29 +31,30 @@ pub const RPC_CONCURRENCY: usize = 32;
 /// Events handed to the engine per batch (one ledger commit each).
 pub const BATCH: usize = 4096;
 
-/// The time the engine is given with each input.
+/// The time the engine is given with each input: a monotonic clock for its timers, the wall
+/// clock for what it shows and stores.
 pub trait Clock {
-    /// Now, in the engine's unit.
-    fn now(&self) -> Millis;
+    /// Now, on both clocks.
+    fn now(&self) -> Now;
 }
 
-/// A clock that stands still until moved (replay, dry-run, simulation).
-#[derive(Debug, Default, Clone)]
-pub struct FixedClock(pub std::rc::Rc<std::cell::Cell<Millis>>);
+/// A clock that stands still until moved (replay, dry-run, simulation). Clones share it.
+#[derive(Debug, Clone)]
+pub struct FixedClock(std::rc::Rc<std::cell::Cell<Now>>);
 
 impl FixedClock {
     /// A clock at `at`.
-    pub fn at(at: Millis) -> Self {
-        FixedClock(std::rc::Rc::new(std::cell::Cell::new(at)))
+    pub fn at(at: impl Into<Now>) -> Self {
+        FixedClock(std::rc::Rc::new(std::cell::Cell::new(at.into())))
     }
     /// Moves it.
-    pub fn set(&self, at: Millis) {
-        self.0.set(at);
+    pub fn set(&self, at: impl Into<Now>) {
+        self.0.set(at.into());
     }
 }
 
 impl Clock for FixedClock {
-    fn now(&self) -> Millis {
+    fn now(&self) -> Now {
         self.0.get()
     }
 }
@@ -104,7 +105,7 @@ pub struct Executor<J, C> {
     pub clock: C,
     /// When set, every output of the engine is appended here with its time
     /// (`pinkeeper replay`, tests).
-    pub trace: Option<Vec<(Millis, Output)>>,
+    pub trace: Option<Vec<(Now, Output)>>,
 }
 
 impl<J: Journal, C: Clock> Executor<J, C> {
@@ -159,15 +160,27 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                     }
                 }
             }
-            if barrier {
-                self.commit(&mut changes, true, &mut report).await;
-            }
+            let durable = !barrier || self.commit(&mut changes, true, &mut report).await;
             // Pins first and all at once: an image of a gone archive stays unpinned for as
             // short a time as the store allows (containerd serialises the writes itself).
+            // They go out even when the ledger cannot be written: protection goes on from
+            // memory, and rule 7 is kept as soon as the disk allows.
             calls.sort_by_key(|c| !matches!(c, Output::Pin { .. }));
             self.call_all(store, calls, &mut inputs, &mut report).await;
             for name in unpins {
-                self.unpin(store, name, &mut report).await;
+                if durable {
+                    self.unpin(store, name, &mut report).await;
+                } else {
+                    // An unpin is never carried out on a release the ledger does not hold: a
+                    // restart would read the missing pin as K3s's sweep, and undo it.
+                    let why = format!(
+                        "the ledger cannot be written ({}), so the pin stays; free space in \
+                         pinkeeper's state directory and run `pinkeeper unpin` again",
+                        report.not_durable.as_deref().unwrap_or("unknown error")
+                    );
+                    warn!(image = %name, "not unpinned: {why}");
+                    report.unpin_failures.push((name, why));
+                }
             }
         }
         // Other changes need not hold up the pins: the journal writes them in the background.
@@ -209,7 +222,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         if self
             .engine
             .next_wakeup()
-            .is_some_and(|at| at <= self.clock.now())
+            .is_some_and(|at| at <= self.clock.now().mono)
         {
             self.process(store, vec![Input::Tick]).await
         } else {
@@ -217,9 +230,17 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         }
     }
 
-    async fn commit(&mut self, changes: &mut Vec<OwnedChange>, durably: bool, report: &mut Report) {
-        if changes.is_empty() {
-            return;
+    /// Writes the changes; `durably` waits until they, and every change written before them,
+    /// are on disk (even with no change of its own: a barrier covers earlier background
+    /// writes too). Whether that worked.
+    async fn commit(
+        &mut self,
+        changes: &mut Vec<OwnedChange>,
+        durably: bool,
+        report: &mut Report,
+    ) -> bool {
+        if changes.is_empty() && !durably {
+            return true;
         }
         let batch = std::mem::take(changes);
         let sent = if durably {
@@ -233,7 +254,9 @@ impl<J: Journal, C: Clock> Executor<J, C> {
             // are set all the same (contract rule 7 is kept as soon as the disk allows).
             debug!("ledger write not durable yet: {e}");
             report.not_durable = Some(e);
+            return false;
         }
+        true
     }
 
     /// Carries out the pins and Gets concurrently (at most [`RPC_CONCURRENCY`] at once, pins
@@ -304,8 +327,11 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                 Done::Fetched(name, Ok(record)) => {
                     inputs.push_back(Input::Fetched { name, record })
                 }
-                // The store is going away: the next connection's listing covers it.
-                Done::Fetched(_, Err(e)) => debug!("{e}"),
+                // A listing settles it instead (the engine asks for one).
+                Done::Fetched(name, Err(e)) => {
+                    debug!("{e}");
+                    inputs.push_back(Input::FetchFailed { name });
+                }
             }
         }
     }

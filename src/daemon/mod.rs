@@ -10,7 +10,7 @@
 //! call to containerd's images itself.
 
 pub mod executor;
-mod operator;
+pub mod operator;
 mod scan;
 
 use std::path::PathBuf;
@@ -41,13 +41,33 @@ pub fn now_ms() -> Millis {
         .map_or(0, |d| d.as_millis() as Millis)
 }
 
-/// The daemon's clock for the engine.
+/// The daemon's clock for the engine: a monotonic clock for every timer (an NTP step of
+/// the wall clock, often by years on a node without a real-time clock, moves no decision),
+/// and the wall clock for what is shown and stored.
 #[derive(Debug, Clone, Copy)]
-pub struct SystemClock;
+pub struct SystemClock {
+    start: tokio::time::Instant,
+}
+
+impl SystemClock {
+    fn new() -> Self {
+        SystemClock {
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// When the engine's monotonic time `at` comes, for a sleep.
+    fn instant(&self, at: Millis) -> tokio::time::Instant {
+        self.start + Duration::from_millis(at)
+    }
+}
 
 impl Clock for SystemClock {
-    fn now(&self) -> Millis {
-        now_ms()
+    fn now(&self) -> engine::Now {
+        engine::Now {
+            mono: self.start.elapsed().as_millis() as Millis,
+            wall: now_ms(),
+        }
     }
 }
 
@@ -93,8 +113,6 @@ struct Daemon {
     status: StatusFacts,
     /// While an operator's reconcile runs: the history it writes, to answer with.
     captured: Option<Vec<HistoryEntry>>,
-    /// Unpins that failed since the last operator call (name, why).
-    unpin_failures: Vec<(String, String)>,
     /// systemd's watchdog, when `WatchdogSec=` is set: pinged from the main loop.
     watchdog: Option<tokio::time::Interval>,
     /// Prometheus metrics: counted and written out (textfile) when something changed.
@@ -197,7 +215,6 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         control,
         status,
         captured: None,
-        unpin_failures: Vec::new(),
         watchdog: crate::notify::watchdog_period().map(|period| {
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -218,7 +235,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
                 started.problem,
                 metrics.ledger_observer(),
             )?,
-            SystemClock,
+            SystemClock::new(),
         ),
         client: None,
         problems: crate::inventory::Problems::default(),
@@ -370,9 +387,11 @@ impl Daemon {
         debug!(elapsed = ?subscribed_at.elapsed(), "reconciled after connecting");
 
         loop {
-            let wakeup = self.exec.engine.next_wakeup().map(|at| {
-                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
-            });
+            let wakeup = self
+                .exec
+                .engine
+                .next_wakeup()
+                .map(|at| self.exec.clock.instant(at));
             let woke = tokio::select! {
                 _ = shared.wake.notified() => Wake::Events,
                 _ = sleep_until(wakeup) => Wake::Timer,
@@ -493,7 +512,6 @@ impl Daemon {
             debug!("start-up settled: reading the images directory, then checking that every intent is pinned");
             self.start_verification();
         }
-        self.unpin_failures.extend(report.unpin_failures);
         if let Some(captured) = self.captured.as_mut() {
             captured.extend(report.history);
         }

@@ -3,17 +3,18 @@
 //! inputs to the engine, carried out by the executor like any other; `reconcile --dry-run`
 //! by the same executor on a copy of the engine against an in-memory copy of the listing.
 //!
-//! It decides nothing about pins itself: the engine does.
+//! `pin` and `unpin` are generic over the store and the journal, so the simulation plays the
+//! very code the daemon runs. It decides nothing about pins itself: the engine does.
 
-use super::executor::{run_ready, Executor, FixedClock, Report};
+use super::executor::{run_ready, Clock, Executor, FixedClock, Report};
 use super::scan::OPERATOR_SCAN_WAIT;
 use super::{now_ms, Daemon};
 use crate::control::{self, pb, Call, Refusal, Reply, Request};
 use crate::engine::{
-    Engine, ImageRecord, Input, IntentState, IntentView, ListCause, Millis, Origin, CRI_PIN, PINNED,
+    cri_pinned, Engine, ImageRecord, Input, IntentState, IntentView, ListCause, Now, Origin,
 };
-use crate::ledger::Discard;
-use crate::store::MemoryStore;
+use crate::ledger::{Discard, Journal};
+use crate::store::{ImageStore, MemoryStore, StoreError};
 
 /// How many history entries `pinkeeper history` shows unless told.
 const HISTORY_DEFAULT: usize = 100;
@@ -101,63 +102,12 @@ impl Daemon {
         })
     }
 
-    /// Looks an image up by the name given, or by its normalized reference (`app:1` is
-    /// `docker.io/library/app:1`, as K3s names it).
-    async fn find(
-        &self,
-        client: &crate::containerd::Containerd,
-        name: &str,
-    ) -> Result<Option<ImageRecord>, Refusal> {
-        let unavailable =
-            |e: crate::containerd::ContainerdError| Refusal::unavailable(e.to_string());
-        if let Some(record) = client.get(name).await.map_err(unavailable)? {
-            return Ok(Some(record));
-        }
-        match crate::inventory::reference::normalize_reference(name) {
-            Ok(full) if full != name => client.get(&full).await.map_err(unavailable),
-            _ => Ok(None),
-        }
-    }
-
-    fn no_such_image(&self, name: &str) -> Refusal {
-        Refusal::not_found(format!(
-            "no image {name} in containerd namespace {}; give the full name as `pinkeeper list` \
-             or `ctr -n {} images ls` shows it (docker.io/library/app:1)",
-            self.settings.namespace, self.settings.namespace
-        ))
-    }
-
     async fn operator_pin(&mut self, name: &str) -> Result<pb::PinResponse, Refusal> {
-        if name.is_empty() {
-            return Err(Refusal::invalid("pin: give an image name"));
-        }
-        let client = match self.connected() {
-            Ok(c) => c,
-            Err(r) => return Err(r),
-        };
-        let record = match self.find(&client, name).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return Err(self.no_such_image(name)),
-            Err(r) => return Err(r),
-        };
-        let name = record.name.clone();
-        let was_pinned = record.labels.get(CRI_PIN).map(String::as_str) == Some(PINNED);
-        self.process(vec![Input::OperatorPin { record }]).await;
-        let Some(view) = self.exec.engine.view(&name) else {
-            return Err(Refusal::failed(format!(
-                "{name}: the intent was not recorded"
-            )));
-        };
-        if !view.pinned_now {
-            return Err(Refusal::failed(format!(
-                "recorded the intent for {name}, but could not set io.cri-containerd.pinned (see \
-                 pinkeeper's log); it is set again at the next `pinkeeper reconcile`"
-            )));
-        }
-        Ok(pb::PinResponse {
-            intent: Some(intent_info(&view)),
-            was_pinned,
-        })
+        let client = self.connected()?;
+        let namespace = self.settings.namespace.clone();
+        let (answer, report) = pin(&mut self.exec, &client, &namespace, name).await;
+        self.after(report);
+        answer
     }
 
     async fn operator_unpin(
@@ -165,103 +115,11 @@ impl Daemon {
         name: &str,
         all_names: bool,
     ) -> Result<pb::UnpinResponse, Refusal> {
-        if name.is_empty() {
-            return Err(Refusal::invalid("unpin: give an image name"));
-        }
-        let client = match self.connected() {
-            Ok(c) => c,
-            Err(r) => return Err(r),
-        };
-        let record = match self.find(&client, name).await {
-            Ok(r) => r,
-            Err(r) => return Err(r),
-        };
-        let name = record.as_ref().map_or(name.to_string(), |r| r.name.clone());
-        if record.is_none() && self.exec.engine.intent(&name).is_none() {
-            return Err(self.no_such_image(&name));
-        }
-        let digest = record.as_ref().and_then(|r| r.digest.clone()).or_else(|| {
-            self.exec
-                .engine
-                .intent(&name)
-                .and_then(|i| i.digest.clone())
-        });
-        // The other names of the same image: CRI keeps it pinned while any of them is.
-        let mut same_image: Vec<ImageRecord> = Vec::new();
-        if let Some(digest) = &digest {
-            match client.list().await {
-                Ok(images) => {
-                    same_image = images
-                        .into_iter()
-                        .filter(|r| r.name != name && r.digest.as_ref() == Some(digest))
-                        .collect()
-                }
-                Err(e) => return Err(Refusal::unavailable(e.to_string())),
-            }
-        }
-        let mut targets = vec![(name.clone(), record)];
-        if all_names {
-            targets.extend(same_image.iter().map(|r| (r.name.clone(), Some(r.clone()))));
-        }
-        self.unpin_failures.clear();
-        let mut names = Vec::new();
-        let mut warnings = Vec::new();
-        for (target, record) in targets {
-            let k3s_label = record.as_ref().is_some_and(|r| {
-                r.labels
-                    .get(&self.exec.engine.config().program_label)
-                    .map(String::as_str)
-                    == Some(PINNED)
-            });
-            self.process(vec![Input::OperatorUnpin {
-                name: target.clone(),
-                record,
-            }])
-            .await;
-            if k3s_label {
-                if let Some(file) = self.exec.engine.archive_of(&target) {
-                    warnings.push(format!(
-                        "K3s pins {target} again at its next start: {} provides it; delete that \
-                         file too if the image may be garbage-collected",
-                        crate::escape::path(&file)
-                    ));
-                }
-            }
-            names.push(target);
-        }
-        let failures = std::mem::take(&mut self.unpin_failures);
-        if !failures.is_empty() {
-            let list: Vec<String> = failures
-                .iter()
-                .map(|(n, why)| format!("{n}: {why}"))
-                .collect();
-            return Err(Refusal::failed(format!(
-                "released the intent, but could not remove io.cri-containerd.pinned from {}; run \
-                 `pinkeeper unpin` again",
-                list.join("; ")
-            )));
-        }
-        let still_pinned_aliases: Vec<String> = if all_names {
-            Vec::new()
-        } else {
-            same_image
-                .iter()
-                .filter(|r| r.labels.get(CRI_PIN).map(String::as_str) == Some(PINNED))
-                .map(|r| r.name.clone())
-                .collect()
-        };
-        if !still_pinned_aliases.is_empty() {
-            warnings.push(format!(
-                "the image stays pinned: CRI pins an image while any of its names is, and {} \
-                 still carry the pin; use --all-names to unpin every name",
-                still_pinned_aliases.join(", ")
-            ));
-        }
-        Ok(pb::UnpinResponse {
-            names,
-            still_pinned_aliases,
-            warnings,
-        })
+        let client = self.connected()?;
+        let namespace = self.settings.namespace.clone();
+        let (answer, report) = unpin(&mut self.exec, &client, &namespace, name, all_names).await;
+        self.after(report);
+        answer
     }
 
     async fn history(&mut self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Refusal> {
@@ -303,7 +161,7 @@ impl Daemon {
                 Ok(images) => images,
                 Err(e) => return Err(Refusal::unavailable(e.to_string())),
             };
-            dry_run_decisions(&self.exec.engine, now_ms(), images)
+            dry_run_decisions(&self.exec.engine, self.exec.clock.now(), images)
         } else {
             self.captured = Some(Vec::new());
             self.rescan_within(OPERATOR_SCAN_WAIT).await;
@@ -323,10 +181,146 @@ impl Daemon {
     }
 }
 
+/// Looks an image up by the name given, or by its normalized reference (`app:1` is
+/// `docker.io/library/app:1`, as K3s names it).
+async fn find<S: ImageStore>(store: &S, name: &str) -> Result<Option<ImageRecord>, Refusal> {
+    let unavailable = |e: StoreError| Refusal::unavailable(e.to_string());
+    if let Some(record) = store.get(name).await.map_err(unavailable)? {
+        return Ok(Some(record));
+    }
+    match crate::inventory::reference::normalize_reference(name) {
+        Ok(full) if full != name => store.get(&full).await.map_err(unavailable),
+        _ => Ok(None),
+    }
+}
+
+fn no_such_image(namespace: &str, name: &str) -> Refusal {
+    Refusal::not_found(format!(
+        "no image {name} in containerd namespace {namespace}; give the full name as `pinkeeper \
+         list` or `ctr -n {namespace} images ls` shows it (docker.io/library/app:1)"
+    ))
+}
+
+/// `pinkeeper pin NAME`: records an intent for the image as the store has it now and sets the
+/// CRI pin, through the engine and the executor (the daemon's, or the simulation's). The
+/// answer, and the executor's report for the caller.
+pub async fn pin<J: Journal, C: Clock, S: ImageStore>(
+    exec: &mut Executor<J, C>,
+    store: &S,
+    namespace: &str,
+    name: &str,
+) -> (Result<pb::PinResponse, Refusal>, Report) {
+    let name = name.trim();
+    if name.is_empty() {
+        return (
+            Err(Refusal::invalid("pin: give an image name")),
+            Report::default(),
+        );
+    }
+    let record = match find(store, name).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return (Err(no_such_image(namespace, name)), Report::default()),
+        Err(r) => return (Err(r), Report::default()),
+    };
+    let name = record.name.clone();
+    let was_pinned = cri_pinned(&record.labels);
+    let report = exec
+        .process(Some(store), vec![Input::OperatorPin { record }])
+        .await;
+    let answer = match exec.engine.view(&name) {
+        None => Err(Refusal::failed(format!(
+            "{name}: the intent was not recorded"
+        ))),
+        Some(view) if !view.pinned_now => Err(Refusal::failed(format!(
+            "recorded the intent for {name}, but could not set io.cri-containerd.pinned (see \
+             pinkeeper's log); it is set again at the next `pinkeeper reconcile`"
+        ))),
+        Some(view) => Ok(pb::PinResponse {
+            intent: Some(intent_info(&view)),
+            was_pinned,
+        }),
+    };
+    (answer, report)
+}
+
+/// `pinkeeper unpin NAME [--all-names]`: the engine decides which names to release
+/// ([`Engine::unpin_plan`]); each is released (durably) and its CRI pin removed by the
+/// executor. The answer, and the executor's report for the caller.
+pub async fn unpin<J: Journal, C: Clock, S: ImageStore>(
+    exec: &mut Executor<J, C>,
+    store: &S,
+    namespace: &str,
+    name: &str,
+    all_names: bool,
+) -> (Result<pb::UnpinResponse, Refusal>, Report) {
+    let name = name.trim();
+    let mut report = Report::default();
+    if name.is_empty() {
+        return (Err(Refusal::invalid("unpin: give an image name")), report);
+    }
+    let record = match find(store, name).await {
+        Ok(record) => record,
+        Err(r) => return (Err(r), report),
+    };
+    // The other names of the same image can only be told by a listing.
+    let mut listing = Vec::new();
+    if exec.engine.image_digest(name, record.as_ref()).is_some() {
+        match store.list().await {
+            Ok(images) => listing = images,
+            Err(e) => return (Err(Refusal::unavailable(e.to_string())), report),
+        }
+    }
+    let plan = exec
+        .engine
+        .unpin_plan(name, record.as_ref(), &listing, all_names);
+    if plan.targets.is_empty() {
+        return (Err(no_such_image(namespace, name)), report);
+    }
+    let mut names = Vec::new();
+    for (target, record) in plan.targets {
+        names.push(target.clone());
+        let input = Input::OperatorUnpin {
+            name: target,
+            record,
+        };
+        report.merge(exec.process(Some(store), vec![input]).await);
+    }
+    if let Some(why) = &report.not_durable {
+        // The operator must not believe in a release a restart would forget (and the next
+        // sweep then undo); the pin stays (see the executor).
+        let refusal = Refusal::failed(format!(
+            "could not write the release of {} to the ledger ({why}): it would not survive a \
+             restart, so io.cri-containerd.pinned stays; free space in pinkeeper's state \
+             directory and run `pinkeeper unpin` again",
+            names.join(", ")
+        ));
+        return (Err(refusal), report);
+    }
+    if !report.unpin_failures.is_empty() {
+        let list: Vec<String> = report
+            .unpin_failures
+            .iter()
+            .map(|(n, why)| format!("{n}: {why}"))
+            .collect();
+        let refusal = Refusal::failed(format!(
+            "released the intent, but could not remove io.cri-containerd.pinned from {}; run \
+             `pinkeeper unpin` again",
+            list.join("; ")
+        ));
+        return (Err(refusal), report);
+    }
+    let answer = pb::UnpinResponse {
+        names,
+        still_pinned_aliases: plan.still_pinned_aliases,
+        warnings: plan.warnings,
+    };
+    (Ok(answer), report)
+}
+
 /// Runs a reconcile on a copy of the engine, with the executor against an in-memory copy of
 /// the listing: every Get answered from it, every pin applied to it, the churn window let
 /// pass. What it decided, in order. The real engine, ledger and store are not touched.
-fn dry_run_decisions(engine: &Engine, now: Millis, images: Vec<ImageRecord>) -> Vec<pb::Decision> {
+fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec<pb::Decision> {
     let store = MemoryStore::with_images(images.clone());
     let clock = FixedClock::at(now);
     let mut what_if = Executor::new(engine.clone(), Discard, clock.clone());
@@ -339,7 +333,10 @@ fn dry_run_decisions(engine: &Engine, now: Millis, images: Vec<ImageRecord>) -> 
     if let Some(done) = run_ready(what_if.process(Some(&store), vec![listing])) {
         report.merge(done);
     }
-    clock.set(now + engine.config().churn_window + 1);
+    clock.set(Now {
+        mono: now.mono + engine.config().churn_window + 1,
+        wall: now.wall,
+    });
     if let Some(done) = run_ready(what_if.process(Some(&store), vec![Input::Tick])) {
         report.merge(done);
     }
@@ -402,7 +399,7 @@ fn intent_info(view: &IntentView) -> pb::IntentInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{self, Labels};
+    use crate::engine::{self, Labels, CRI_PIN, PINNED};
 
     fn pinned(both: bool) -> Labels {
         let mut labels = Labels::new();
@@ -432,7 +429,7 @@ mod tests {
         );
         let before: Vec<_> = engine.intents().cloned().collect();
         // K3s swept both while pinkeeper was away; b's record is gone.
-        let decisions = dry_run_decisions(&engine, 1_000, vec![record("a", Labels::new())]);
+        let decisions = dry_run_decisions(&engine, 1_000.into(), vec![record("a", Labels::new())]);
         let said: Vec<(&str, &str)> = decisions
             .iter()
             .map(|d| (d.action.as_str(), d.name.as_str()))

@@ -3,32 +3,16 @@
 //! It owns the view of the images pinkeeper cares about (the ledger's intents with the labels
 //! last seen), the inventory of the images directory, the sweep episode and the timers. It is
 //! pure and deterministic in the style of `quinn-proto`: no I/O and no clock. Every input
-//! carries its own timestamp ([`Engine::handle`]), every effect is returned as an [`Output`]
-//! value for the daemon (or a replay test) to carry out, and [`Engine::next_wakeup`] says when
-//! to call again with [`Input::Tick`].
+//! carries its own instant on a monotonic and on the wall clock ([`Now`], [`Engine::handle`]):
+//! timers run on the first, what is shown or stored carries the second. Every effect is
+//! returned as an [`Output`] value for the daemon (or a replay test) to carry out, and
+//! [`Engine::next_wakeup`] says when (monotonic) to call again with [`Input::Tick`].
 //!
 //! It must not touch containerd, the disk or the clock; `src/containerd/`, `src/ledger/` and
 //! `src/daemon.rs` do that with its outputs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
-
-/// Milliseconds since the Unix epoch, as given by the caller. The engine never reads a clock.
-pub type Millis = u64;
-
-/// A containerd label map.
-pub type Labels = BTreeMap<String, String>;
-
-/// containerd CRI's pin label (note the hyphen; FACTS.md section 1). The only label pinkeeper
-/// ever writes.
-pub const CRI_PIN: &str = "io.cri-containerd.pinned";
-/// The value both pin labels carry.
-pub const PINNED: &str = "pinned";
-/// K3s's own pin label (`io.cattle.<program>.pinned`). Never written by pinkeeper: an image
-/// carrying it is enrolled in K3s's next sweep (FACTS.md section 2).
-pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 
 /// Why an intent is released when its CRI pin is removed outside the sweep.
 const UNPIN: &str = "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)";
@@ -42,390 +26,6 @@ const OPERATOR_UNPIN: &str = "an operator ran `pinkeeper unpin`";
 /// Why an intent is released at once when first seen with K3s's label and no CRI pin.
 const K3S_LABEL_ONLY: &str =
     "seen with K3s's pin label but without the CRI pin: someone had unpinned it (K3s always sets both)";
-
-/// Tunables of the engine. Times are in milliseconds.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The label K3s (or RKE2) pins with and sweeps away at start: `io.cattle.k3s.pinned`.
-    pub program_label: String,
-    /// Quiet time after the last image event of a start-up burst before pinkeeper checks that
-    /// K3s re-pinned what it should have (contract rule 3). K3s imports archives one after
-    /// another, so this only needs to outlast the gap between two image events.
-    pub settle: Millis,
-    /// Upper bound on how long a verification can be put off by a steady stream of events.
-    pub settle_max: Millis,
-    /// How long a deleted record may stay away before its intent is released: K3s re-tags an
-    /// alias by deleting and creating it again at once (FACTS.md section 2, `forceCreateTag`).
-    pub churn_window: Millis,
-    /// How long a released intent stays in the engine (for `pinkeeper list`, `status` and the
-    /// rules that look at what it was released with), counted from its release
-    /// ([`Intent::since`]). Then it is forgotten ([`Output::Forget`]); its history stays.
-    pub retention: Millis,
-}
-
-/// [`Config::retention`] by default: an hour. Forgetting changes no decision
-/// ([`Engine::forget_at`]), so this only says how long `pinkeeper list --all` and `status`
-/// still show a release (the ledger's history keeps it for good). An hour is far beyond any
-/// K3s start-up or alias churn (seconds) and bounds memory to an hour of releases: a node
-/// creating and deleting pinned images all day (20,000 cycles, issue 9) holds no more.
-pub const DEFAULT_RETENTION: Millis = 60 * 60 * 1000;
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            program_label: K3S_PIN.to_string(),
-            settle: 3_000,
-            settle_max: 120_000,
-            churn_window: 3_000,
-            retention: DEFAULT_RETENTION,
-        }
-    }
-}
-
-/// One image record as containerd lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    /// The image name (a reference such as `docker.io/library/app:1`).
-    pub name: String,
-    /// The full label map.
-    #[serde(default)]
-    pub labels: Labels,
-    /// The target descriptor's digest, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-}
-
-/// What an image event says happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventKind {
-    /// `/images/create`
-    Create,
-    /// `/images/update`
-    Update,
-    /// `/images/delete`
-    Delete,
-}
-
-/// An image event, decoded from containerd's envelope. Create and update carry the full label
-/// map after the change; delete carries none (FACTS.md section 3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageEvent {
-    /// Which topic.
-    pub kind: EventKind,
-    /// The image name.
-    pub name: String,
-    /// The labels after the change (empty for a delete).
-    pub labels: Labels,
-}
-
-/// Why a listing was taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ListCause {
-    /// After (re)subscribing: events are not replayed, so anything may have happened.
-    Connected,
-    /// The engine asked for it with [`Output::Verify`] once a start-up burst settled.
-    Verify,
-}
-
-/// Why a write to containerd failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApplyError {
-    /// The image record no longer exists.
-    NotFound,
-    /// Anything else (containerd down, refused, ...).
-    Failed(String),
-}
-
-/// An observation fed to the engine.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// An image event from the stream.
-    Event(ImageEvent),
-    /// A complete listing of the namespace.
-    Listing {
-        /// Every image record.
-        images: Vec<ImageRecord>,
-        /// Why it was taken.
-        cause: ListCause,
-    },
-    /// What the images directory provides now: image name -> file.
-    Inventory(BTreeMap<String, PathBuf>),
-    /// The answer to an [`Output::Fetch`]: the record, or `None` if it is gone.
-    Fetched {
-        /// The name asked for.
-        name: String,
-        /// The record, if it exists.
-        record: Option<ImageRecord>,
-    },
-    /// The outcome of an [`Output::Pin`].
-    Pinned {
-        /// The image written.
-        name: String,
-        /// What happened.
-        result: Result<(), ApplyError>,
-    },
-    /// The event stream broke; a [`ListCause::Connected`] listing follows the next subscription.
-    Disconnected,
-    /// An operator ran `pinkeeper pin` on this record (as containerd has it now): record an
-    /// intent and set the CRI pin if it is missing.
-    OperatorPin {
-        /// The record.
-        record: ImageRecord,
-    },
-    /// An operator ran `pinkeeper unpin NAME`: release the intent and remove the CRI pin.
-    OperatorUnpin {
-        /// The image name.
-        name: String,
-        /// The record as containerd has it now (`None`: it does not exist).
-        record: Option<ImageRecord>,
-    },
-    /// Time passed (see [`Engine::next_wakeup`]).
-    Tick,
-}
-
-/// Why pinkeeper restores a pin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestoreReason {
-    /// The sweep removed the pins and no file in the images directory provides the image.
-    ArchiveGone,
-    /// The start-up settled and K3s did not pin the image again although a file provides it
-    /// (failed import, `.cache.json` bug k3s-io/k3s#14265, aliases K3s no longer re-pins).
-    NotRepinned,
-    /// An operator ran `pinkeeper pin`.
-    Operator,
-}
-
-impl RestoreReason {
-    /// A short human explanation.
-    pub fn explain(self) -> &'static str {
-        match self {
-            RestoreReason::ArchiveGone => {
-                "K3s's startup sweep removed its pins and no file in the images directory provides it any more"
-            }
-            RestoreReason::NotRepinned => {
-                "K3s's startup sweep removed its pins and K3s did not pin it again after the start-up settled"
-            }
-            RestoreReason::Operator => "an operator ran `pinkeeper pin`",
-        }
-    }
-}
-
-/// An effect for the caller to carry out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    /// Set `io.cri-containerd.pinned=pinned` on the image with a per-key update
-    /// (`labels.io.cri-containerd.pinned`), then report back with [`Input::Pinned`].
-    Pin {
-        /// The image.
-        name: String,
-        /// Why.
-        reason: RestoreReason,
-    },
-    /// Remove `io.cri-containerd.pinned` from the image with a per-key update (an operator's
-    /// `pinkeeper unpin`). Its outcome needs no report: the record's next event or listing
-    /// shows it.
-    Unpin {
-        /// The image.
-        name: String,
-    },
-    /// `Images.Get` the image (events carry no digest) and report back with [`Input::Fetched`].
-    Fetch {
-        /// The image.
-        name: String,
-    },
-    /// Rescan the images directory ([`Input::Inventory`]), then list all images
-    /// ([`Input::Listing`] with [`ListCause::Verify`]).
-    Verify,
-    /// Write this ledger record. `new` is true when the intent did not exist (or was released)
-    /// before: it must be durable before any [`Output::Pin`] of the same batch is applied.
-    Save {
-        /// The full record.
-        intent: Intent,
-        /// A newly recorded intent.
-        new: bool,
-    },
-    /// Append this to the ledger's history.
-    History(HistoryEntry),
-    /// Delete the ledger's record of this intent: it was released more than
-    /// [`Config::retention`] ago and the engine has forgotten it. Its history stays. Should
-    /// the name be seen pinned again, it is recorded again like any new name.
-    Forget {
-        /// The image.
-        name: String,
-    },
-    /// A sweep episode ended (after its verification): one log line for the operator.
-    SweepSummary(SweepSummary),
-    /// A durability barrier: every [`Output::Save`], [`Output::Forget`] and
-    /// [`Output::History`] before this one (in this call and earlier ones) is on disk before
-    /// any effect after it ([`Output::Pin`], [`Output::Unpin`]) is carried out. The engine
-    /// emits it after recording an intent and before an operator's unpin; other changes may
-    /// be written in the background.
-    Commit,
-}
-
-/// The state of an intent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum IntentState {
-    /// The image should stay pinned; the pin was there when last seen, or will be restored.
-    Held,
-    /// K3s's sweep removed the pins; a restore or K3s's re-import is due.
-    Swept,
-    /// Released by an operator's unpin or the record's deletion; kept for history.
-    Released,
-}
-
-/// How an intent came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Origin {
-    /// The record carried a pin label when pinkeeper saw it.
-    SeenPinned,
-    /// An operator ran `pinkeeper pin`.
-    Operator,
-}
-
-/// One image name pinkeeper means to keep pinned: the ledger's record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Intent {
-    /// The image name.
-    pub name: String,
-    /// Target digest, from `Images.Get` or a listing.
-    #[serde(default)]
-    pub digest: Option<String>,
-    /// The file of the images directory that provides (or last provided) the image: any
-    /// bytes, stored losslessly (a string when UTF-8).
-    #[serde(default, with = "crate::escape::path_bytes::option")]
-    pub source: Option<PathBuf>,
-    /// The labels last seen on the record.
-    #[serde(default)]
-    pub labels: Labels,
-    /// Where the intent stands.
-    pub state: IntentState,
-    /// How it came to be.
-    pub origin: Origin,
-    /// When it was recorded (or last re-recorded after a release); for a released intent, when
-    /// it was released (ledgers written before 0.x hold the time it was recorded).
-    pub since: Millis,
-    /// How many times pinkeeper restored the pin.
-    #[serde(default)]
-    pub restores: u32,
-    /// When pinkeeper last restored the pin.
-    #[serde(default)]
-    pub last_restored: Option<Millis>,
-    /// Why it was released, when it was.
-    #[serde(default)]
-    pub released_because: Option<String>,
-}
-
-/// One line of the ledger's history: what pinkeeper decided and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// When.
-    pub at: Millis,
-    /// The image.
-    pub name: String,
-    /// What happened: `recorded`, `swept`, `restored`, `restore-failed`, `released`, ...
-    pub action: String,
-    /// Why, in words an operator understands.
-    pub detail: String,
-}
-
-/// The outcome of one sweep episode, logged once when it ends.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SweepSummary {
-    /// When the first swept image was seen.
-    pub started: Millis,
-    /// Whether the sweep was seen live on the event stream or found by a listing afterwards.
-    pub seen_live: bool,
-    /// Images with intent whose pins the sweep removed.
-    pub swept: usize,
-    /// Of those, restored by pinkeeper because their archive is gone.
-    pub restored_archive_gone: usize,
-    /// Of those, restored because K3s had not re-pinned them once the start-up settled.
-    pub restored_not_repinned: usize,
-    /// Of those, pinned again by K3s itself.
-    pub repinned_by_k3s: usize,
-}
-
-/// Where the archive of an intent stands (`pinkeeper list`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ArchiveState {
-    /// A file of the images directory provides the image.
-    Present,
-    /// A file provided it and none does any more.
-    Gone,
-    /// No file ever provided it (pulled, or pinned by an operator).
-    None,
-    /// The images directory has not been read yet.
-    Unknown,
-}
-
-impl ArchiveState {
-    /// The word `pinkeeper list` shows.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ArchiveState::Present => "present",
-            ArchiveState::Gone => "gone",
-            ArchiveState::None => "none",
-            ArchiveState::Unknown => "unknown",
-        }
-    }
-}
-
-/// An intent as an operator sees it: the ledger's record and what pinkeeper knows now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IntentView {
-    /// The ledger's record.
-    pub intent: Intent,
-    /// Its archive.
-    pub archive: ArchiveState,
-    /// The record carries `io.cri-containerd.pinned=pinned` (as last seen).
-    pub pinned_now: bool,
-    /// The record exists (as last seen).
-    pub exists: bool,
-}
-
-impl IntentView {
-    /// An intent held and its image unpinned or gone: kubelet's GC may delete it.
-    pub fn at_risk(&self) -> bool {
-        at_risk(self.intent.state, self.pinned_now, self.exists)
-    }
-}
-
-fn at_risk(state: IntentState, pinned_now: bool, exists: bool) -> bool {
-    state != IntentState::Released && !(pinned_now && exists)
-}
-
-/// The intents counted by state, and those at risk ([`IntentView::at_risk`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tally {
-    /// Intents held.
-    pub held: usize,
-    /// Intents swept.
-    pub swept: usize,
-    /// Intents released.
-    pub released: usize,
-    /// Intents not released whose image is unpinned or gone now.
-    pub at_risk: usize,
-}
-
-/// What `pinkeeper status` shows of the intents, gathered without copying them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Summary {
-    /// The intents by state, and how many are at risk.
-    pub tally: Tally,
-    /// The names at risk ([`IntentView::at_risk`]).
-    pub at_risk: Vec<String>,
-    /// Pins restored so far, over every intent.
-    pub restores: u64,
-    /// Intents not released whose archive is gone ([`ArchiveState::Gone`]).
-    pub archives_gone: usize,
-}
 
 /// Which pins a label map carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -486,6 +86,13 @@ pub struct Engine {
     episode: Option<Episode>,
     /// Released intents to forget, by when ([`Engine::forget_at`]): the earliest is the head.
     forget: BTreeSet<(Millis, String)>,
+    /// Released intent -> the monotonic time its retention ends (set at its release, or at the
+    /// first input for those read from the ledger); forgotten then unless its labels carry a
+    /// pin ([`Engine::forget_at`]).
+    retained_until: HashMap<String, Millis>,
+    /// Released intents read from the ledger have no `retained_until` yet: the first input
+    /// gives the clocks to derive it ([`Engine::anchor`]).
+    anchor_pending: bool,
 }
 
 impl Engine {
@@ -515,45 +122,16 @@ impl Engine {
             verifying: false,
             episode: None,
             forget: BTreeSet::new(),
+            retained_until: HashMap::new(),
+            anchor_pending: false,
         };
-        // Those already past their retention go at the first tick, which `next_wakeup` asks
-        // for at once (the engine has no clock to read here).
-        let forget = engine
+        // Their retention is derived at the first input, which `next_wakeup` asks for at once
+        // (the engine has no clock to read here).
+        engine.anchor_pending = engine
             .intents
             .values()
-            .filter_map(|i| Some((engine.forget_at(i)?, i.name.clone())))
-            .collect();
-        engine.forget = forget;
+            .any(|i| i.state == IntentState::Released);
         engine
-    }
-
-    /// When a released intent is forgotten: [`Config::retention`] after its release, and only
-    /// while the labels it was last seen with carry no pin. Forgetting then changes no
-    /// decision: a record seen again without a pin is ignored either way, and one seen with a
-    /// pin is recorded either way (contract rule 1). One left with K3s's label (an operator
-    /// removed only the CRI pin) is kept until its record is gone, or it would be recorded and
-    /// released again at every listing.
-    fn forget_at(&self, intent: &Intent) -> Option<Millis> {
-        (intent.state == IntentState::Released && !self.pins(&intent.labels).any())
-            .then(|| intent.since.saturating_add(self.config.retention))
-    }
-
-    /// Keeps [`Engine::forget`] in step after the intent `name` changed from `before`.
-    fn reindex(&mut self, name: &str, before: Option<Millis>) {
-        let after = self.intents.get(name).and_then(|i| self.forget_at(i));
-        if before != after {
-            if let Some(at) = before {
-                self.forget.remove(&(at, name.to_string()));
-            }
-            if let Some(at) = after {
-                self.forget.insert((at, name.to_string()));
-            }
-        }
-    }
-
-    /// The forget time of the intent `name` as it stands, for [`Engine::reindex`].
-    fn forget_key(&self, name: &str) -> Option<Millis> {
-        self.intents.get(name).and_then(|i| self.forget_at(i))
     }
 
     /// The intents, released ones included.
@@ -566,111 +144,18 @@ impl Engine {
         self.intents.get(name)
     }
 
-    /// One intent with what pinkeeper knows of it now.
-    pub fn view(&mut self, name: &str) -> Option<IntentView> {
-        let intent = self.intents.get(name)?.clone();
-        let read = self.provided.is_some();
-        let archive = match (read, self.source_of(name)) {
-            (false, _) => ArchiveState::Unknown,
-            (true, Some(_)) => ArchiveState::Present,
-            (true, None) if intent.source.is_some() => ArchiveState::Gone,
-            (true, None) => ArchiveState::None,
-        };
-        let exists = self.exists(name, &intent);
-        Some(IntentView {
-            pinned_now: self.pins(&intent.labels).cri,
-            exists,
-            archive,
-            intent,
-        })
-    }
-
-    /// Whether the image record of an intent exists (as last seen).
-    fn exists(&self, name: &str, intent: &Intent) -> bool {
-        !self.deleted.contains_key(name) && intent.released_because.as_deref() != Some(DELETED)
-    }
-
-    /// What counting [`Engine::views`] gives, without building them: no copy, no archive
-    /// lookup (the daemon's metrics, with 10,000 intents, several times a minute).
-    pub fn tally(&self) -> Tally {
-        let mut tally = Tally::default();
-        for (name, intent) in &self.intents {
-            match intent.state {
-                IntentState::Held => tally.held += 1,
-                IntentState::Swept => tally.swept += 1,
-                IntentState::Released => tally.released += 1,
-            }
-            let pinned_now = self.pins(&intent.labels).cri;
-            if at_risk(intent.state, pinned_now, self.exists(name, intent)) {
-                tally.at_risk += 1;
-            }
-        }
-        tally
-    }
-
-    /// Every intent (released ones included) with what pinkeeper knows of it now.
-    pub fn views(&mut self) -> Vec<IntentView> {
-        self.views_of(|_| true)
-    }
-
-    /// The intents `keep` accepts, with what pinkeeper knows of them now: only those are
-    /// copied and have their archive looked up.
-    pub fn views_of(&mut self, keep: impl Fn(&Intent) -> bool) -> Vec<IntentView> {
-        let names: Vec<String> = self
-            .intents
-            .values()
-            .filter(|i| keep(i))
-            .map(|i| i.name.clone())
-            .collect();
-        names.iter().filter_map(|n| self.view(n)).collect()
-    }
-
-    /// [`Engine::tally`] with the names at risk, the pins restored and the archives gone.
-    pub fn summary(&mut self) -> Summary {
-        let tally = self.tally();
-        let mut summary = Summary {
-            tally,
-            ..Summary::default()
-        };
-        let mut had_archive = Vec::new();
-        for (name, intent) in &self.intents {
-            summary.restores += u64::from(intent.restores);
-            if intent.state == IntentState::Released {
-                continue;
-            }
-            if at_risk(
-                intent.state,
-                self.pins(&intent.labels).cri,
-                self.exists(name, intent),
-            ) {
-                summary.at_risk.push(name.clone());
-            }
-            if intent.source.is_some() {
-                had_archive.push(name.clone());
-            }
-        }
-        if self.provided.is_some() {
-            summary.archives_gone = had_archive
-                .iter()
-                .filter(|n| self.source_of(n).is_none())
-                .count();
-        }
-        summary
-    }
-
-    /// The file of the images directory that provides `name` now (by name, or by digest for
-    /// K3s's aliases), if the directory was read.
-    pub fn archive_of(&mut self, name: &str) -> Option<PathBuf> {
-        self.source_of(name)
-    }
-
     /// The engine's configuration.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// When the engine next needs an [`Input::Tick`], if ever.
+    /// When the engine next needs an [`Input::Tick`], if ever, on the monotonic clock
+    /// ([`Now::mono`]). `Some(0)` (at once) before the first input when the ledger holds
+    /// released intents, whose retention that input starts.
     pub fn next_wakeup(&self) -> Option<Millis> {
+        if self.anchor_pending {
+            return Some(0);
+        }
         let churn = self.deleted.values().min().copied();
         let forget = self.forget.first().map(|(at, _)| *at);
         // A verification already asked for cannot be asked again until its listing comes:
@@ -679,8 +164,13 @@ impl Engine {
         [churn, verify, forget].into_iter().flatten().min()
     }
 
-    /// Feeds one observation made at `now`; returns what to do.
-    pub fn handle(&mut self, now: Millis, input: Input) -> Vec<Output> {
+    /// Feeds one observation made at `now` (both clocks, [`Now`]; a bare [`Millis`] is the
+    /// same value on both); returns what to do.
+    pub fn handle(&mut self, now: impl Into<Now>, input: Input) -> Vec<Output> {
+        let now = now.into();
+        if self.anchor_pending {
+            self.anchor(now);
+        }
         let mut out = Vec::new();
         match input {
             Input::Event(event) => self.on_event(now, event, &mut out),
@@ -689,6 +179,13 @@ impl Engine {
             Input::Fetched { name, record } => {
                 let record = record.filter(|r| r.name == name);
                 self.on_fetched(now, &name, record, &mut out)
+            }
+            Input::FetchFailed { .. } => {
+                // A verification of its own lists every image; the next connection's listing
+                // does as well. A confirmation left waiting for a Get that never answers would
+                // hold an operator's unpin (or a relabelled record) undecided for good. Found
+                // by the simulation (seed 280).
+                self.schedule_verify(now.mono);
             }
             Input::Pinned { name, result } => self.on_pinned(now, name, result, &mut out),
             Input::Disconnected => {
@@ -707,22 +204,21 @@ impl Engine {
     }
 
     fn pins(&self, labels: &Labels) -> Pins {
-        let has = |key: &str| labels.get(key).map(String::as_str) == Some(PINNED);
         Pins {
-            program: has(&self.config.program_label),
-            cri: has(CRI_PIN),
+            program: labels.get(&self.config.program_label).map(String::as_str) == Some(PINNED),
+            cri: cri_pinned(labels),
         }
     }
 
-    fn on_event(&mut self, now: Millis, event: ImageEvent, out: &mut Vec<Output>) {
-        self.note_activity(now);
+    fn on_event(&mut self, now: Now, event: ImageEvent, out: &mut Vec<Output>) {
+        self.note_activity(now.mono);
         match event.kind {
             EventKind::Delete => {
                 if self.holds(&event.name) {
                     // Released at `churn_window` unless K3s creates it again (forceCreateTag).
                     self.deleted
                         .entry(event.name.clone())
-                        .or_insert(now + self.config.churn_window);
+                        .or_insert(now.mono + self.config.churn_window);
                     // A delete may be delivered after the create that followed it (FACTS.md
                     // section 3): a Get tells.
                     out.push(Output::Fetch { name: event.name });
@@ -767,7 +263,7 @@ impl Engine {
     /// holds an intent afterwards.
     fn observe(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         labels: Labels,
         listed: Option<Option<String>>,
@@ -820,7 +316,12 @@ impl Engine {
         }
         let old = self.pins(&intent.labels);
         let was_swept = intent.state == IntentState::Swept;
+        let operator_pin = intent.origin == Origin::Operator;
+        let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
         let labels_changed = intent.labels != labels;
+        if new.program && !intent.k3s_pinned {
+            self.update_intent(name, out, |i| i.k3s_pinned = true);
+        }
         if live && new.cri && old.program && !new.program && !was_swept {
             // K3s's label gone and the CRI pin kept: K3s never does that, and pinkeeper's own
             // restore (CRI pin only) delivered after K3s pinned the image again looks exactly
@@ -851,8 +352,15 @@ impl Engine {
         }
         // The CRI pin is absent now. K3s writes both pins at once and its sweep removes both,
         // so a record left with K3s's label alone, or a pin pinkeeper restored (CRI pin only)
-        // now gone, was unpinned by someone else: contract rule 6.
-        if new.program || (old.cri && !old.program) {
+        // now gone, was unpinned by someone else: contract rule 6. Except when a listing,
+        // after events were missed, finds a restored pin of an image K3s imported from a file
+        // gone with no pin left at all: K3s may have imported it again (both pins) and swept
+        // it since, unseen (an image K3s has pinned, or one a file provided). Keeping the image is the side that loses nothing; an unpin made
+        // with `ctr` while pinkeeper was not watching is taken for that (README: use
+        // `pinkeeper unpin`). Found by the simulation (seed 32).
+        let missed_sweep =
+            !live && !new.program && old.cri && !old.program && !was_swept && k3s_pinned;
+        if new.program || (old.cri && !old.program && !missed_sweep) {
             // An event may be a late or duplicate delivery (FACTS.md section 3): a live one is
             // confirmed with a Get before the intent is released.
             if live {
@@ -865,7 +373,7 @@ impl Engine {
             }
             return false;
         }
-        if old.program && !was_swept {
+        if (old.program || missed_sweep) && !was_swept {
             // The sweep's signature: both pins removed at once from an image with K3s's label.
             self.update_intent(name, out, |i| {
                 i.labels = labels;
@@ -879,7 +387,7 @@ impl Engine {
             self.history(now, name, "swept", how, out);
             let ep = self.episode.get_or_insert_with(|| Episode {
                 summary: SweepSummary {
-                    started: now,
+                    started: now.wall,
                     seen_live: live,
                     ..SweepSummary::default()
                 },
@@ -888,8 +396,16 @@ impl Engine {
             ep.summary.swept += 1;
             ep.open.insert(name.to_string());
             // The episode ends with a verification, whatever the archives.
-            self.schedule_verify(now);
+            self.schedule_verify(now.mono);
             self.settle(name, now, out);
+        } else if !live && operator_pin && !old.cri && !was_swept {
+            // An operator's `pinkeeper pin` recorded and never seen carried out (pinkeeper
+            // was killed between the commit and the write): the intent says pinned, so it is
+            // done now. Found by the simulation (seed 883).
+            if labels_changed {
+                self.update_intent(name, out, |i| i.labels = labels);
+            }
+            self.pin(name, RestoreReason::Operator, out);
         } else if labels_changed {
             self.update_intent(name, out, |i| i.labels = labels);
         }
@@ -898,7 +414,7 @@ impl Engine {
 
     /// Decides what a swept (or otherwise unpinned) intent needs now: a restore at once when
     /// no file provides it, else a verification once the start-up has settled.
-    fn settle(&mut self, name: &str, now: Millis, out: &mut Vec<Output>) {
+    fn settle(&mut self, name: &str, now: Now, out: &mut Vec<Output>) {
         if self.pins_in_flight.contains_key(name) {
             return;
         }
@@ -910,7 +426,7 @@ impl Engine {
             self.pin(name, RestoreReason::NotRepinned, out);
         } else {
             self.awaiting_k3s.insert(name.to_string());
-            self.schedule_verify(now);
+            self.schedule_verify(now.mono);
         }
     }
 
@@ -949,7 +465,7 @@ impl Engine {
 
     fn record(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         labels: Labels,
         digest: Option<String>,
@@ -957,6 +473,7 @@ impl Engine {
         out: &mut Vec<Output>,
     ) {
         let previous = self.intents.get(name);
+        let k3s_pinned = self.pins(&labels).program;
         let mut intent = Intent {
             name: name.to_string(),
             digest: digest
@@ -966,14 +483,16 @@ impl Engine {
             labels,
             state: IntentState::Held,
             origin,
-            since: now,
+            since: now.wall,
             restores: previous.map_or(0, |p| p.restores),
             last_restored: previous.and_then(|p| p.last_restored),
             released_because: None,
+            k3s_pinned: k3s_pinned || previous.is_some_and(|p| p.k3s_pinned),
         };
         let before = self.forget_key(name);
         self.intents.insert(name.to_string(), intent.clone());
         self.reindex(name, before);
+        self.retained_until.remove(name);
         self.provided_digests = None;
         if let Some(source) = self.source_of(name) {
             intent.source = Some(source.clone());
@@ -1005,7 +524,7 @@ impl Engine {
     /// be the ones it was released with, not older ones (or K3s's next re-pin goes unnoticed).
     fn release(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         why: &str,
         seen: Option<Labels>,
@@ -1019,15 +538,20 @@ impl Engine {
         if !self.holds(name) {
             return;
         }
+        self.retain(name, now);
         self.update_intent(name, out, |i| {
             i.state = IntentState::Released;
-            i.since = now;
+            i.since = now.wall;
             i.released_because = Some(why.to_string());
             if let Some(labels) = seen {
                 i.labels = labels;
             }
         });
         self.history(now, name, "released", why, out);
+        // A release is on disk before anything else is done: lost to a crash, it would be
+        // undone by the next start if K3s's sweep came meanwhile (the listing would read the
+        // pins gone as the sweep's, not as the operator's unpin). Found by the simulation.
+        out.push(Output::Commit);
     }
 
     fn update_intent(
@@ -1061,111 +585,18 @@ impl Engine {
         }
     }
 
-    fn history(&self, now: Millis, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
+    fn history(&self, now: Now, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
         out.push(Output::History(HistoryEntry {
-            at: now,
+            at: now.wall,
             name: name.to_string(),
             action: action.to_string(),
             detail: detail.to_string(),
         }));
     }
 
-    /// Whether a file of the images directory provides `name`. True while no inventory is
-    /// known yet: no archive is called gone before the directory was read.
-    fn is_provided(&mut self, name: &str) -> bool {
-        self.provided.is_none() || self.source_of(name).is_some()
-    }
-
-    /// The file that provides `name`: by name, or (for K3s's aliases) by sharing its digest
-    /// with a provided name.
-    fn source_of(&mut self, name: &str) -> Option<PathBuf> {
-        let provided = self.provided.as_ref()?;
-        if let Some(path) = provided.get(name) {
-            return Some(path.clone());
-        }
-        let digest = self.intents.get(name)?.digest.as_ref()?;
-        // Only K3s's own digest alias (`<repo>@<digest>`, FACTS.md section 2, import item 4)
-        // belongs to the archive and is re-pinned by K3s with it. Any other name that only
-        // shares the digest (another tag, an operator's `ctr tag`) is pinned by nobody after
-        // the sweep: it is restored at once, not after the start-up settles.
-        if name.rsplit_once('@').is_none_or(|(_, d)| d != digest) {
-            return None;
-        }
-        let intents = &self.intents;
-        let by_digest = self.provided_digests.get_or_insert_with(|| {
-            provided
-                .iter()
-                .filter_map(|(n, path)| {
-                    let d = intents.get(n)?.digest.clone()?;
-                    Some((d, path.clone()))
-                })
-                .collect()
-        });
-        by_digest.get(digest).cloned()
-    }
-
-    fn on_inventory(
-        &mut self,
-        now: Millis,
-        provided: BTreeMap<String, PathBuf>,
-        out: &mut Vec<Output>,
-    ) {
-        // Held intents a file provided until now (none before the first inventory).
-        let was_provided: BTreeSet<String> = if self.provided.is_some() {
-            let held: Vec<String> = self
-                .intents
-                .values()
-                .filter(|i| i.state == IntentState::Held)
-                .map(|i| i.name.clone())
-                .collect();
-            held.into_iter()
-                .filter(|name| self.source_of(name).is_some())
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
-        self.provided = Some(provided);
-        self.provided_digests = None;
-        // Images swept in this episode and left to K3s because their archive was there (or
-        // not read yet): those whose archive this inventory shows gone are restored now, not
-        // at the verification. (Intents swept before a restart of pinkeeper wait for the
-        // listing, which shows whether their record is still there.)
-        let left_to_k3s: Vec<String> = match &self.episode {
-            Some(ep) => self
-                .awaiting_k3s
-                .iter()
-                .filter(|n| ep.open.contains(*n))
-                .cloned()
-                .collect(),
-            None => Vec::new(),
-        };
-        for name in left_to_k3s {
-            if self.source_of(&name).is_none() {
-                self.settle(&name, now, out);
-            }
-        }
-        let names: Vec<String> = self.intents.keys().cloned().collect();
-        for name in names {
-            if let Some(source) = self.source_of(&name) {
-                self.update_intent(&name, out, |i| i.source = Some(source));
-            } else if was_provided.contains(&name) {
-                // Deleted while K3s runs: K3s unpins nothing now, its next start's sweep
-                // will (FACTS.md section 2, item 7). The pin stays; `source` keeps the file.
-                let file = self.intents[&name].source.as_ref().map_or_else(
-                    || "its archive".to_string(),
-                    |f| crate::escape::path(f).to_string(),
-                );
-                let detail = format!(
-                    "archive of {name} is gone ({file}); its pin stays, and is restored when K3s's start-up sweep removes it"
-                );
-                self.history(now, &name, "archive-gone", &detail, out);
-            }
-        }
-    }
-
     fn on_fetched(
         &mut self,
-        now: Millis,
+        now: Now,
         name: &str,
         record: Option<ImageRecord>,
         out: &mut Vec<Output>,
@@ -1204,7 +635,7 @@ impl Engine {
 
     fn on_pinned(
         &mut self,
-        now: Millis,
+        now: Now,
         name: String,
         result: Result<(), ApplyError>,
         out: &mut Vec<Output>,
@@ -1225,7 +656,7 @@ impl Engine {
                     i.state = IntentState::Held;
                     i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
                     i.restores += 1;
-                    i.last_restored = Some(now);
+                    i.last_restored = Some(now.wall);
                 });
                 self.history(now, &name, "restored", reason.explain(), out);
             }
@@ -1233,140 +664,23 @@ impl Engine {
                 // The record went away meanwhile: its delete event settles the intent.
             }
             Err(ApplyError::Failed(why)) => {
-                // Tried again at the next verification or the next connection's listing.
+                // Tried again at a verification of its own (a listing restores every held
+                // intent found unpinned), or at the next connection's listing, whichever
+                // comes first: a pin that failed once (containerd busy) is not left for the
+                // next K3s restart. Found by the simulation (seed 102).
                 self.awaiting_k3s.insert(name.clone());
+                self.schedule_verify(now.mono);
                 self.history(now, &name, "restore-failed", &why, out);
             }
         }
     }
 
-    fn on_operator_pin(&mut self, now: Millis, record: ImageRecord, out: &mut Vec<Output>) {
-        let name = record.name.clone();
-        let pinned = self.pins(&record.labels).cri;
-        self.deleted.remove(&name);
-        self.unpins_to_confirm.remove(&name);
-        if self.holds(&name) {
-            self.update_intent(&name, out, |i| {
-                i.origin = Origin::Operator;
-                i.labels = record.labels;
-                if record.digest.is_some() {
-                    i.digest = record.digest;
-                }
-            });
-            self.history(
-                now,
-                &name,
-                "operator-pin",
-                RestoreReason::Operator.explain(),
-                out,
-            );
-        } else {
-            self.record(
-                now,
-                &name,
-                record.labels,
-                record.digest,
-                Origin::Operator,
-                out,
-            );
-        }
-        if !pinned {
-            self.awaiting_k3s.remove(&name);
-            self.pin(&name, RestoreReason::Operator, out);
-        }
-    }
-
-    fn on_operator_unpin(
-        &mut self,
-        now: Millis,
-        name: &str,
-        record: Option<ImageRecord>,
-        out: &mut Vec<Output>,
-    ) {
-        let pinned = record.as_ref().is_some_and(|r| self.pins(&r.labels).cri);
-        // What the record carries once the unpin is done: its own event then changes nothing.
-        let after = record.as_ref().map(|r| {
-            let mut labels = r.labels.clone();
-            labels.remove(CRI_PIN);
-            labels
-        });
-        self.unpins_to_confirm.remove(name);
-        if self.holds(name) {
-            self.release(now, name, OPERATOR_UNPIN, after, out);
-        } else if let Some(record) = record {
-            // Never held (or released before): keep the decision, so that only a pin put on
-            // again brings the intent back.
-            let source = self.source_of(name);
-            let previous = self.intents.get(name);
-            let intent = Intent {
-                name: name.to_string(),
-                digest: record
-                    .digest
-                    .or_else(|| previous.and_then(|p| p.digest.clone())),
-                source: source.or_else(|| previous.and_then(|p| p.source.clone())),
-                labels: after.unwrap_or_default(),
-                state: IntentState::Released,
-                origin: previous.map_or(Origin::Operator, |p| p.origin),
-                since: now,
-                restores: previous.map_or(0, |p| p.restores),
-                last_restored: previous.and_then(|p| p.last_restored),
-                released_because: Some(OPERATOR_UNPIN.to_string()),
-            };
-            let before = self.forget_key(name);
-            self.intents.insert(name.to_string(), intent.clone());
-            self.reindex(name, before);
-            self.provided_digests = None;
-            out.push(Output::Save { intent, new: false });
-            self.history(now, name, "released", OPERATOR_UNPIN, out);
-        }
-        if pinned {
-            // The release is on disk before the pin goes: a crash in between would otherwise
-            // read, at the next start, as K3s's sweep of a held intent, and be undone.
-            out.push(Output::Commit);
-            out.push(Output::Unpin {
-                name: name.to_string(),
-            });
-        }
-    }
-
-    /// The record of a released intent is gone: what it showed is no longer there (so that
-    /// the intent can be forgotten in time, [`Engine::forget_at`]).
-    fn record_gone(&mut self, name: &str, out: &mut Vec<Output>) {
-        if self
-            .intents
-            .get(name)
-            .is_some_and(|i| i.state == IntentState::Released && !i.labels.is_empty())
-        {
-            self.update_intent(name, out, |i| i.labels.clear());
-        }
-    }
-
-    /// Drops the released intents whose retention is over.
-    fn forget_due(&mut self, now: Millis, out: &mut Vec<Output>) {
-        while let Some((at, name)) = self.forget.first().cloned() {
-            if at > now {
-                break;
-            }
-            self.forget.pop_first();
-            if self.intents.remove(&name).is_none() {
-                continue;
-            }
-            // A released intent is in none of these; a late answer about it finds nothing.
-            self.deleted.remove(&name);
-            self.awaiting_k3s.remove(&name);
-            self.unpins_to_confirm.remove(&name);
-            self.labels_to_confirm.remove(&name);
-            self.provided_digests = None;
-            out.push(Output::Forget { name });
-        }
-    }
-
-    fn on_tick(&mut self, now: Millis, out: &mut Vec<Output>) {
-        self.forget_due(now, out);
+    fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
+        self.forget_due(now.mono, out);
         let due: Vec<String> = self
             .deleted
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, at)| **at <= now.mono)
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
@@ -1374,7 +688,7 @@ impl Engine {
             let gone = Some(Labels::new());
             self.release(now, &name, DELETED, gone, out);
         }
-        if self.verify_due.is_some_and(|at| at <= now) && !self.verify_in_flight {
+        if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight {
             self.verify_due = None;
             self.verify_deadline = None;
             self.verify_in_flight = true;
@@ -1384,7 +698,7 @@ impl Engine {
 
     fn on_listing(
         &mut self,
-        now: Millis,
+        now: Now,
         images: Vec<ImageRecord>,
         cause: ListCause,
         out: &mut Vec<Output>,
@@ -1420,7 +734,7 @@ impl Engine {
             if intent.state != IntentState::Released {
                 self.deleted
                     .entry(intent.name.clone())
-                    .or_insert(now + self.config.churn_window);
+                    .or_insert(now.mono + self.config.churn_window);
             } else if !intent.labels.is_empty() {
                 gone.push(intent.name.clone());
             }
@@ -1450,5 +764,17 @@ impl Engine {
     }
 }
 
+mod archives;
+mod model;
+mod operator;
+mod retention;
+mod views;
+
+pub use model::*;
+pub use operator::{cri_pinned, UnpinPlan};
+pub use views::{ArchiveState, IntentView, Summary, Tally};
+
+#[cfg(test)]
+mod clock_tests;
 #[cfg(test)]
 mod tests;

@@ -28,7 +28,7 @@ use crate::inventory::CachedFile;
 pub mod journal;
 mod writer;
 
-pub use journal::{Discard, Journal, MemoryLedger};
+pub use journal::{Discard, Journal, MemoryLedger, WriteFault};
 pub use writer::{CommitObserver, Health, OwnedChange, SharedHealth, Writer, MAX_PENDING_HISTORY};
 
 /// Image name -> JSON of [`Intent`].
@@ -766,6 +766,7 @@ mod tests {
             restores: 0,
             last_restored: None,
             released_because: None,
+            k3s_pinned: false,
         }
     }
 

@@ -1,0 +1,373 @@
+//! The engine's vocabulary: the clocks, the labels, its tunables, its inputs and outputs, and
+//! the ledger's records.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds, as given by the caller: of the wall clock (since the Unix epoch) or of a
+/// monotonic clock (any origin), as each use says. The engine never reads a clock.
+pub type Millis = u64;
+
+/// The instant of an input, on both clocks ([`Engine::handle`]).
+///
+/// Every timer of the engine (the alias-churn window, the verification after a start-up, the
+/// retention of released intents) runs on `mono`, and [`Engine::next_wakeup`] answers in it, so
+/// that a step of the wall clock (NTP setting the time of a node without a real-time clock, by
+/// years, during K3s's start-up) neither fires them early nor puts them off. `wall` is only
+/// shown or stored: [`HistoryEntry::at`], [`Intent::since`], [`Intent::last_restored`],
+/// [`SweepSummary::started`].
+///
+/// [`Engine::handle`]: super::Engine::handle
+/// [`Engine::next_wakeup`]: super::Engine::next_wakeup
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// A monotonic clock: any origin, never stepped (the daemon: `std::time::Instant` since
+    /// it started).
+    pub mono: Millis,
+    /// The wall clock, milliseconds since the Unix epoch.
+    pub wall: Millis,
+}
+
+impl From<Millis> for Now {
+    /// The same value on both clocks (tests, replays: a wall clock that is never stepped).
+    fn from(ms: Millis) -> Self {
+        Now { mono: ms, wall: ms }
+    }
+}
+
+/// A containerd label map.
+pub type Labels = BTreeMap<String, String>;
+
+/// containerd CRI's pin label (note the hyphen; FACTS.md section 1). The only label pinkeeper
+/// ever writes.
+pub const CRI_PIN: &str = "io.cri-containerd.pinned";
+/// The value both pin labels carry.
+pub const PINNED: &str = "pinned";
+/// K3s's own pin label (`io.cattle.<program>.pinned`). Never written by pinkeeper: an image
+/// carrying it is enrolled in K3s's next sweep (FACTS.md section 2).
+pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
+
+/// Tunables of the engine. Times are in milliseconds, counted on the monotonic clock.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The label K3s (or RKE2) pins with and sweeps away at start: `io.cattle.k3s.pinned`.
+    pub program_label: String,
+    /// Quiet time after the last image event of a start-up burst before pinkeeper checks that
+    /// K3s re-pinned what it should have (contract rule 3). K3s imports archives one after
+    /// another, so this only needs to outlast the gap between two image events.
+    pub settle: Millis,
+    /// Upper bound on how long a verification can be put off by a steady stream of events.
+    pub settle_max: Millis,
+    /// How long a deleted record may stay away before its intent is released: K3s re-tags an
+    /// alias by deleting and creating it again at once (FACTS.md section 2, `forceCreateTag`).
+    pub churn_window: Millis,
+    /// How long a released intent stays in the engine (for `pinkeeper list`, `status` and the
+    /// rules that look at what it was released with), counted on the monotonic clock from its
+    /// release. Then it is forgotten ([`Output::Forget`]); its history stays. For a released
+    /// intent read from the ledger, what is left of it at the first input is counted from
+    /// [`Intent::since`] by the wall clock, clamped to `0..=retention` (a `since` in the future,
+    /// written before the clock was stepped back, counts as a release just now).
+    pub retention: Millis,
+}
+
+/// [`Config::retention`] by default: an hour. Forgetting changes no decision
+/// (`Engine::forget_at`), so this only says how long `pinkeeper list --all` and `status`
+/// still show a release (the ledger's history keeps it for good). An hour is far beyond any
+/// K3s start-up or alias churn (seconds) and bounds memory to an hour of releases: a node
+/// creating and deleting pinned images all day (20,000 cycles, issue 9) holds no more.
+pub const DEFAULT_RETENTION: Millis = 60 * 60 * 1000;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            program_label: K3S_PIN.to_string(),
+            settle: 3_000,
+            settle_max: 120_000,
+            churn_window: 3_000,
+            retention: DEFAULT_RETENTION,
+        }
+    }
+}
+
+/// One image record as containerd lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The image name (a reference such as `docker.io/library/app:1`).
+    pub name: String,
+    /// The full label map.
+    #[serde(default)]
+    pub labels: Labels,
+    /// The target descriptor's digest, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// What an image event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// `/images/create`
+    Create,
+    /// `/images/update`
+    Update,
+    /// `/images/delete`
+    Delete,
+}
+
+/// An image event, decoded from containerd's envelope. Create and update carry the full label
+/// map after the change; delete carries none (FACTS.md section 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEvent {
+    /// Which topic.
+    pub kind: EventKind,
+    /// The image name.
+    pub name: String,
+    /// The labels after the change (empty for a delete).
+    pub labels: Labels,
+}
+
+/// Why a listing was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListCause {
+    /// After (re)subscribing: events are not replayed, so anything may have happened.
+    Connected,
+    /// The engine asked for it with [`Output::Verify`] once a start-up burst settled.
+    Verify,
+}
+
+/// Why a write to containerd failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// The image record no longer exists.
+    NotFound,
+    /// Anything else (containerd down, refused, ...).
+    Failed(String),
+}
+
+/// An observation fed to the engine.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// An image event from the stream.
+    Event(ImageEvent),
+    /// A complete listing of the namespace.
+    Listing {
+        /// Every image record.
+        images: Vec<ImageRecord>,
+        /// Why it was taken.
+        cause: ListCause,
+    },
+    /// What the images directory provides now: image name -> file.
+    Inventory(BTreeMap<String, PathBuf>),
+    /// The answer to an [`Output::Fetch`]: the record, or `None` if it is gone.
+    Fetched {
+        /// The name asked for.
+        name: String,
+        /// The record, if it exists.
+        record: Option<ImageRecord>,
+    },
+    /// An [`Output::Fetch`] failed (containerd busy or going away): what it was to settle
+    /// is settled by a listing instead, which is as good as a Get.
+    FetchFailed {
+        /// The name asked for.
+        name: String,
+    },
+    /// The outcome of an [`Output::Pin`].
+    Pinned {
+        /// The image written.
+        name: String,
+        /// What happened.
+        result: Result<(), ApplyError>,
+    },
+    /// The event stream broke; a [`ListCause::Connected`] listing follows the next subscription.
+    Disconnected,
+    /// An operator ran `pinkeeper pin` on this record (as containerd has it now): record an
+    /// intent and set the CRI pin if it is missing.
+    OperatorPin {
+        /// The record.
+        record: ImageRecord,
+    },
+    /// An operator ran `pinkeeper unpin NAME`: release the intent and remove the CRI pin.
+    OperatorUnpin {
+        /// The image name.
+        name: String,
+        /// The record as containerd has it now (`None`: it does not exist).
+        record: Option<ImageRecord>,
+    },
+    /// Time passed (see [`Engine::next_wakeup`](super::Engine::next_wakeup)).
+    Tick,
+}
+
+/// Why pinkeeper restores a pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreReason {
+    /// The sweep removed the pins and no file in the images directory provides the image.
+    ArchiveGone,
+    /// The start-up settled and K3s did not pin the image again although a file provides it
+    /// (failed import, `.cache.json` bug k3s-io/k3s#14265, aliases K3s no longer re-pins).
+    NotRepinned,
+    /// An operator ran `pinkeeper pin`.
+    Operator,
+}
+
+impl RestoreReason {
+    /// A short human explanation.
+    pub fn explain(self) -> &'static str {
+        match self {
+            RestoreReason::ArchiveGone => {
+                "K3s's startup sweep removed its pins and no file in the images directory provides it any more"
+            }
+            RestoreReason::NotRepinned => {
+                "K3s's startup sweep removed its pins and K3s did not pin it again after the start-up settled"
+            }
+            RestoreReason::Operator => "an operator ran `pinkeeper pin`",
+        }
+    }
+}
+
+/// An effect for the caller to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Set `io.cri-containerd.pinned=pinned` on the image with a per-key update
+    /// (`labels.io.cri-containerd.pinned`), then report back with [`Input::Pinned`].
+    Pin {
+        /// The image.
+        name: String,
+        /// Why.
+        reason: RestoreReason,
+    },
+    /// Remove `io.cri-containerd.pinned` from the image with a per-key update (an operator's
+    /// `pinkeeper unpin`). Its outcome needs no report: the record's next event or listing
+    /// shows it.
+    Unpin {
+        /// The image.
+        name: String,
+    },
+    /// `Images.Get` the image (events carry no digest) and report back with [`Input::Fetched`].
+    Fetch {
+        /// The image.
+        name: String,
+    },
+    /// Rescan the images directory ([`Input::Inventory`]), then list all images
+    /// ([`Input::Listing`] with [`ListCause::Verify`]).
+    Verify,
+    /// Write this ledger record. `new` is true when the intent did not exist (or was released)
+    /// before: it must be durable before any [`Output::Pin`] of the same batch is applied.
+    Save {
+        /// The full record.
+        intent: Intent,
+        /// A newly recorded intent.
+        new: bool,
+    },
+    /// Append this to the ledger's history.
+    History(HistoryEntry),
+    /// Delete the ledger's record of this intent: it was released more than
+    /// [`Config::retention`] ago and the engine has forgotten it. Its history stays. Should
+    /// the name be seen pinned again, it is recorded again like any new name.
+    Forget {
+        /// The image.
+        name: String,
+    },
+    /// A sweep episode ended (after its verification): one log line for the operator.
+    SweepSummary(SweepSummary),
+    /// A durability barrier: every [`Output::Save`], [`Output::Forget`] and
+    /// [`Output::History`] before this one (in this call and earlier ones) is on disk before
+    /// any effect after it ([`Output::Pin`], [`Output::Unpin`]) is carried out. The engine
+    /// emits it after recording or releasing an intent, and before an operator's unpin
+    /// is answered or carried out; other changes may be written in the background.
+    Commit,
+}
+
+/// The state of an intent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntentState {
+    /// The image should stay pinned; the pin was there when last seen, or will be restored.
+    Held,
+    /// K3s's sweep removed the pins; a restore or K3s's re-import is due.
+    Swept,
+    /// Released by an operator's unpin or the record's deletion; kept for history.
+    Released,
+}
+
+/// How an intent came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Origin {
+    /// The record carried a pin label when pinkeeper saw it.
+    SeenPinned,
+    /// An operator ran `pinkeeper pin`.
+    Operator,
+}
+
+/// One image name pinkeeper means to keep pinned: the ledger's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The image name.
+    pub name: String,
+    /// Target digest, from `Images.Get` or a listing.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The file of the images directory that provides (or last provided) the image: any
+    /// bytes, stored losslessly (a string when UTF-8).
+    #[serde(default, with = "crate::escape::path_bytes::option")]
+    pub source: Option<PathBuf>,
+    /// The labels last seen on the record.
+    #[serde(default)]
+    pub labels: Labels,
+    /// Where the intent stands.
+    pub state: IntentState,
+    /// How it came to be.
+    pub origin: Origin,
+    /// When it was recorded (or last re-recorded after a release); for a released intent, when
+    /// it was released (ledgers written before 0.x hold the time it was recorded). Wall clock:
+    /// shown, and read back after a restart only to derive what is left of a release's
+    /// retention ([`Config::retention`], clamped, so a clock step since moves no decision).
+    pub since: Millis,
+    /// How many times pinkeeper restored the pin.
+    #[serde(default)]
+    pub restores: u32,
+    /// When pinkeeper last restored the pin (wall clock).
+    #[serde(default)]
+    pub last_restored: Option<Millis>,
+    /// Why it was released, when it was.
+    #[serde(default)]
+    pub released_because: Option<String>,
+    /// K3s has pinned this name (its label was seen on the record): K3s may import it again
+    /// and sweep it, unseen while pinkeeper is away (ledgers before 0.x: false).
+    #[serde(default)]
+    pub k3s_pinned: bool,
+}
+
+/// One line of the ledger's history: what pinkeeper decided and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When (wall clock).
+    pub at: Millis,
+    /// The image.
+    pub name: String,
+    /// What happened: `recorded`, `swept`, `restored`, `restore-failed`, `released`, ...
+    pub action: String,
+    /// Why, in words an operator understands.
+    pub detail: String,
+}
+
+/// The outcome of one sweep episode, logged once when it ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SweepSummary {
+    /// When the first swept image was seen (wall clock).
+    pub started: Millis,
+    /// Whether the sweep was seen live on the event stream or found by a listing afterwards.
+    pub seen_live: bool,
+    /// Images with intent whose pins the sweep removed.
+    pub swept: usize,
+    /// Of those, restored by pinkeeper because their archive is gone.
+    pub restored_archive_gone: usize,
+    /// Of those, restored because K3s had not re-pinned them once the start-up settled.
+    pub restored_not_repinned: usize,
+    /// Of those, pinned again by K3s itself.
+    pub repinned_by_k3s: usize,
+}
