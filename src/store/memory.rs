@@ -164,7 +164,10 @@ impl MemoryStore {
 
     /// Commits what an event says and publishes it (what K3s, CRI or `ctr` do). A create or
     /// update keeps the record's digest, or gives it one ([`MemoryStore::set_digest`]).
-    pub fn apply(&self, event: ImageEvent) {
+    /// Labels with an empty value are dropped, from the record and the event, as containerd
+    /// does.
+    pub fn apply(&self, mut event: ImageEvent) {
+        stored_labels(&mut event.labels);
         let mut state = self.lock();
         match event.kind {
             EventKind::Delete => {
@@ -189,13 +192,22 @@ impl MemoryStore {
         Self::publish(&mut state, event);
     }
 
-    /// Creates a record (an import), publishing `/images/create`; an existing one is updated.
-    pub fn create(&self, record: ImageRecord) {
+    /// Imports a record as containerd's importer does: a new one is created with its labels
+    /// (`/images/create`); an existing one only gets the new target and keeps its labels
+    /// (`Images.Update` of `target`, `/images/update` with the labels kept). Labels with an
+    /// empty value are not stored (containerd drops them).
+    pub fn create(&self, mut record: ImageRecord) {
+        stored_labels(&mut record.labels);
         let mut state = self.lock();
-        let kind = if state.images.contains_key(&record.name) {
-            EventKind::Update
-        } else {
-            EventKind::Create
+        let kind = match state.images.get(&record.name) {
+            Some(existing) => {
+                record.labels = existing.labels.clone();
+                if record.digest.is_none() {
+                    record.digest = existing.digest.clone();
+                }
+                EventKind::Update
+            }
+            None => EventKind::Create,
         };
         let event = ImageEvent {
             kind,
@@ -248,11 +260,18 @@ impl MemoryStore {
     /// Replaces every record without an event (the state before a story starts, or what
     /// changed while nobody was subscribed).
     pub fn replace_all(&self, images: impl IntoIterator<Item = ImageRecord>) {
-        self.lock().images = images.into_iter().map(|r| (r.name.clone(), r)).collect();
+        self.lock().images = images
+            .into_iter()
+            .map(|mut r| {
+                stored_labels(&mut r.labels);
+                (r.name.clone(), r)
+            })
+            .collect();
     }
 
     /// Puts one record without an event.
-    pub fn put(&self, record: ImageRecord) {
+    pub fn put(&self, mut record: ImageRecord) {
+        stored_labels(&mut record.labels);
         self.lock().images.insert(record.name.clone(), record);
     }
 
@@ -377,6 +396,12 @@ impl MemoryStore {
             Fault::Hang { .. } => std::future::pending().await,
         }
     }
+}
+
+/// containerd never stores a label whose value is empty (its metadata store deletes the key
+/// instead), and its create and update events carry the labels as stored.
+fn stored_labels(labels: &mut Labels) {
+    labels.retain(|_, value| !value.is_empty());
 }
 
 impl ImageStore for MemoryStore {
