@@ -456,6 +456,11 @@ pub struct Engine {
     /// (`repo@digest`, extra registries) share the target of the image they alias, so they
     /// belong to the same archive. Rebuilt lazily.
     provided_digests: Option<HashMap<String, PathBuf>>,
+    /// Digest -> K3s's aliases (`name@digest`) of that digest whose file was not known when
+    /// their digest was: the answers to concurrent Gets come in any order, so an alias can
+    /// learn its digest before the name it aliases does. They learn their file when that name
+    /// learns its digest ([`Engine::tie_aliases`]); stale entries are checked then.
+    untied_aliases: HashMap<String, BTreeSet<String>>,
     /// Names whose record was deleted, with the time their intent is released unless a create
     /// comes first (alias churn).
     deleted: BTreeMap<String, Millis>,
@@ -498,6 +503,7 @@ impl Engine {
             intents,
             provided: None,
             provided_digests: None,
+            untied_aliases: HashMap::new(),
             deleted: BTreeMap::new(),
             pins_in_flight: BTreeMap::new(),
             awaiting_k3s,
@@ -972,6 +978,7 @@ impl Engine {
                 i.source = Some(source);
             }
         }
+        self.tie_aliases(name, out);
         let detail = if origin == Origin::Operator {
             "an operator ran `pinkeeper pin`"
         } else if intent.labels.contains_key(CRI_PIN) {
@@ -1046,6 +1053,47 @@ impl Engine {
                 intent: intent.clone(),
                 new: false,
             });
+        }
+        if new_digest {
+            self.tie_aliases(name, out);
+        }
+    }
+
+    /// `name`'s digest is known now. If `name` is K3s's alias (`<repo>@<digest>`) and no file
+    /// is known for it yet, it waits in [`Engine::untied_aliases`]; if a file provides `name`,
+    /// the aliases waiting for its digest take that file as theirs (else an archive deleted
+    /// before the next read of the directory would not count them as gone).
+    fn tie_aliases(&mut self, name: &str, out: &mut Vec<Output>) {
+        let Some(intent) = self.intents.get(name) else {
+            return;
+        };
+        let Some(digest) = intent.digest.clone() else {
+            return;
+        };
+        if name.rsplit_once('@').is_some_and(|(_, d)| d == digest) {
+            if intent.source.is_none() {
+                self.untied_aliases
+                    .entry(digest)
+                    .or_default()
+                    .insert(name.to_string());
+            }
+            return;
+        }
+        let Some(source) = self.provided.as_ref().and_then(|p| p.get(name)).cloned() else {
+            return;
+        };
+        let Some(aliases) = self.untied_aliases.remove(&digest) else {
+            return;
+        };
+        for alias in aliases {
+            let untied = self
+                .intents
+                .get(&alias)
+                .is_some_and(|i| i.source.is_none() && i.digest.as_ref() == Some(&digest));
+            if untied {
+                let source = source.clone();
+                self.update_intent(&alias, out, |i| i.source = Some(source));
+            }
         }
     }
 
@@ -1333,8 +1381,11 @@ impl Engine {
                 break;
             }
             self.forget.pop_first();
-            if self.intents.remove(&name).is_none() {
+            let Some(gone) = self.intents.remove(&name) else {
                 continue;
+            };
+            if let Some(aliases) = gone.digest.and_then(|d| self.untied_aliases.get_mut(&d)) {
+                aliases.remove(&name);
             }
             // A released intent is in none of these; a late answer about it finds nothing.
             self.deleted.remove(&name);
