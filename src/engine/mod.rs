@@ -664,6 +664,11 @@ impl Engine {
         self.source_of(name)
     }
 
+    /// Whether a start-up verification is due or asked for and not yet applied.
+    pub fn verification_pending(&self) -> bool {
+        self.verify_due.is_some() || self.verify_in_flight
+    }
+
     /// The engine's configuration.
     pub fn config(&self) -> &Config {
         &self.config
