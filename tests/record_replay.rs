@@ -135,7 +135,15 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
 
     let swept_before = node.last_sweep_started()?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
-    node.restart_k3s().await?;
+    // Both followers are subscribed again before K3s sweeps (as they are on a node: K3s
+    // sweeps about a second after starting containerd).
+    node.restart_containerd().await?;
+    recorder
+        .wait_until("its second connection", |t| {
+            t.matches(r#"{"connect":true"#).count() == 2
+        })
+        .await?;
+    node.k3s_starts_again().await?;
     let web = with_aliases(&first, &[WEB]);
     node.wait_until("web's pins restored", |images| {
         web.iter().all(|n| cri_pinned(images, n))

@@ -353,6 +353,14 @@ impl Node {
     /// images dir. (K3s sweeps about a second after starting containerd, and pinkeeper
     /// reconnects within a few hundred ms: the tests wait for that state, not for a second.)
     pub async fn restart_k3s(&mut self) -> Result<()> {
+        self.restart_containerd().await?;
+        self.k3s_starts_again().await
+    }
+
+    /// The first half of [`Node::restart_k3s`]: containerd restarted, and pinkeeper (if it
+    /// runs and answers) subscribed to it again. A test with another follower (`pinkeeper
+    /// record`) waits for it too before [`Node::k3s_starts_again`].
+    pub async fn restart_containerd(&mut self) -> Result<()> {
         let watching = self.pinkeeper.is_some() && self.cli(&["status"])?.0 == 0;
         let restarted_ms = wall_ms();
         self.containerd.restart().await?;
@@ -366,6 +374,11 @@ impl Node {
             })
             .await?;
         }
+        Ok(())
+    }
+
+    /// The second half of [`Node::restart_k3s`]: K3s sweeps and re-imports the images dir.
+    pub async fn k3s_starts_again(&mut self) -> Result<()> {
         if let Err(e) = self.k3s.start().await {
             bail!(
                 "K3s's start failed: {e:#}\ncontainerd log:\n{}\npinkeeper log:\n{}",
