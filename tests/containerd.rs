@@ -6,10 +6,9 @@ mod common;
 
 use common::{APP, HELM, PAUSE, SETTLE_MS, WEB};
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{cri_pinned, k3s_pinned, with_aliases, Node};
+use common::{cri_pinned, has_entry, k3s_pinned, with_aliases, Node};
 use pinkeeper_testkit::{
     ImageInfo, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE,
 };
@@ -27,7 +26,7 @@ async fn first_boot(node: &mut Node) -> Result<(BTreeMap<String, ImageInfo>, Vec
     node.k3s.start().await?;
     let first = node.images().await?;
     let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
     Ok((first, pinned))
 }
 
@@ -55,8 +54,9 @@ async fn restores_after_a_restart_with_an_archive_deleted(version: Version) -> R
         )
         .await?;
     let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
 
+    let swept_before = node.last_sweep_started()?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     let web = with_aliases(&first, &[WEB]);
@@ -76,8 +76,12 @@ async fn restores_after_a_restart_with_an_archive_deleted(version: Version) -> R
             after.get(name)
         );
     }
-    // Let the verification run, then check nothing else moved.
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
+    // Once the verification has run and summarised the sweep, nothing else moved.
+    let sweep = node.wait_sweep_after(swept_before).await?;
+    ensure!(
+        sweep["swept"] == 8 && sweep["restored_archive_gone"] == 2,
+        "{sweep}"
+    );
     let settled = node.images().await?;
     let nobody_labels = &settled[nobody].labels;
     ensure!(
@@ -93,9 +97,6 @@ async fn restores_after_a_restart_with_an_archive_deleted(version: Version) -> R
             );
         }
     }
-    ensure!(node
-        .log()
-        .contains("K3s startup sweep: 8 pinned image(s) swept, 2 restored"));
     node.stop_pinkeeper()?;
     Ok(())
 }
@@ -108,7 +109,7 @@ async fn repairs_a_sweep_missed_while_stopped(version: Version) -> Result<()> {
     // Started after the first boot: it learns the intents from its first listing.
     node.start_pinkeeper()?;
     let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
     node.kill_pinkeeper()?;
 
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
@@ -126,8 +127,16 @@ async fn repairs_a_sweep_missed_while_stopped(version: Version) -> Result<()> {
         })
         .await?;
     ensure!(web.iter().all(|n| !k3s_pinned(&after, n)));
-    // Its history says why (logged once the ledger has it).
-    node.wait_log("a missed K3s sweep", 1).await?;
+    // Its history says why.
+    node.wait_history("web's missed sweep in its history", Some(WEB), |h| {
+        h.iter().any(|e| {
+            e["action"] == "swept"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("a missed K3s sweep"))
+        })
+    })
+    .await?;
     Ok(())
 }
 
@@ -136,8 +145,10 @@ async fn respects_an_operator_unpin(version: Version) -> Result<()> {
     let mut node = node(version, false).await?;
     let (first, _) = first_boot(&mut node).await?;
 
+    let swept_before = node.last_sweep_started()?;
     node.client.ctr_remove_cri_pin(WEB).await?;
-    node.wait_log("intent released", 1).await?;
+    node.wait_history("web released", Some(WEB), |h| has_entry(h, WEB, "released"))
+        .await?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     // The alias is still protected (the operator unpinned one name); WEB is not.
@@ -146,7 +157,10 @@ async fn respects_an_operator_unpin(version: Version) -> Result<()> {
         cri_pinned(images, &web_alias)
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
+    // The verification has run (nothing else could restore WEB after it).
+    let swept_at = node.wait_sweep_after(swept_before).await?["started_ms"]
+        .as_u64()
+        .unwrap_or(0);
     let images = node.images().await?;
     ensure!(
         !cri_pinned(&images, WEB) && !k3s_pinned(&images, WEB),
@@ -155,7 +169,7 @@ async fn respects_an_operator_unpin(version: Version) -> Result<()> {
     );
     // And not at the next restart either.
     node.restart_k3s().await?;
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
+    node.wait_sweep_after(swept_at).await?;
     ensure!(!cri_pinned(&node.images().await?, WEB));
     Ok(())
 }
@@ -165,6 +179,7 @@ async fn respects_an_operator_unpin(version: Version) -> Result<()> {
 async fn restores_what_the_cache_bug_left_unpinned(version: Version) -> Result<()> {
     let mut node = node(version, true).await?;
     let (_, pinned) = first_boot(&mut node).await?;
+    let swept_before = node.last_sweep_started()?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     let after = node
@@ -173,7 +188,11 @@ async fn restores_what_the_cache_bug_left_unpinned(version: Version) -> Result<(
         })
         .await?;
     ensure!(pinned.iter().all(|n| !k3s_pinned(&after, n)));
-    node.wait_log("K3s did not pin it again", 1).await?;
+    let sweep = node.wait_sweep_after(swept_before).await?;
+    ensure!(
+        sweep["restored_not_repinned"].as_u64().unwrap_or(0) > 0,
+        "{sweep}"
+    );
     Ok(())
 }
 
@@ -201,12 +220,8 @@ async fn follows_containerd_restarts_in_a_row(version: Version) -> Result<()> {
         })
         .await?;
     }
-    ensure!(
-        node.log()
-            .matches("restored io.cri-containerd.pinned")
-            .count()
-            >= 8
-    );
+    let restored = node.status()?["pins_restored"].as_u64().unwrap_or(0);
+    ensure!(restored >= 8, "{restored} pins restored over 4 rounds");
     Ok(())
 }
 
@@ -217,15 +232,12 @@ async fn starts_before_containerd() -> Result<()> {
     node.k3s.start().await?;
     node.containerd.stop()?;
     node.start_pinkeeper()?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    ensure!(
-        node.log().contains("waiting for containerd"),
-        "{}",
-        node.log()
-    );
+    // It serves its API and says it is not connected.
+    node.wait_status("pinkeeper up, not connected", |s| s["connected"] == false)
+        .await?;
     node.containerd.resume().await?;
     node.client = node.containerd.client(K8S_NAMESPACE).await?;
-    node.wait_log("action=recorded", 8).await?;
+    node.wait_recorded(8).await?;
     node.stop_pinkeeper()?;
     Ok(())
 }
@@ -246,7 +258,21 @@ async fn kill_9_never_breaks_the_ledger() -> Result<()> {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(seed % 120)).await;
+        // Killed at a point of the story chosen at random: at once, once its API answers, or
+        // once it holds some of the intents (while it may be writing others).
+        match seed % 4 {
+            0 => {}
+            1 => {
+                node.wait_status("pinkeeper answering", |_| true).await?;
+            }
+            _ => {
+                let some = seed % 9;
+                node.wait_status(&format!("{some} intent(s) held"), |s| {
+                    s["intents_held"].as_u64().unwrap_or(0) >= some
+                })
+                .await?;
+            }
+        }
         node.kill_pinkeeper()?;
         let ledger = pinkeeper::ledger::Ledger::open(&state)
             .with_context(|| format!("round {round}: the ledger does not open"))?;
@@ -259,8 +285,12 @@ async fn kill_9_never_breaks_the_ledger() -> Result<()> {
     }
     // And a last run records everything.
     node.start_pinkeeper()?;
-    node.wait_log("reconciled after connecting", 1).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.wait_status("every intent held", |s| {
+        s["intents_held"].as_u64().unwrap_or(0) >= 8
+    })
+    .await?;
+    // A history answer comes from the ledger's writer after the writes queued before it.
+    node.history(None)?;
     node.stop_pinkeeper()?;
     let ledger = pinkeeper::ledger::Ledger::open(&state)?;
     ensure!(ledger.intents()?.len() >= 8);
@@ -281,6 +311,7 @@ async fn handles_a_whole_map_writer_outside_any_sweep(version: Version) -> Resul
         }
         labels
     };
+    let swept_before = node.last_sweep_started()?;
     node.client
         .replace_labels(APP, &without(APP, &[K3S_PIN_LABEL, CRI_PIN_LABEL]))
         .await?;
@@ -291,8 +322,12 @@ async fn handles_a_whole_map_writer_outside_any_sweep(version: Version) -> Resul
         .wait_until("app restored", |images| cri_pinned(images, APP))
         .await?;
     ensure!(!k3s_pinned(&after, APP), "{:?}", after.get(APP));
-    node.wait_log("intent released", 1).await?;
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
+    node.wait_history("helm released", Some(HELM), |h| {
+        has_entry(h, HELM, "released")
+    })
+    .await?;
+    // APP's episode verified and summarised: nothing restores HELM after this.
+    node.wait_sweep_after(swept_before).await?;
     let settled = node.images().await?;
     ensure!(
         !cri_pinned(&settled, HELM) && k3s_pinned(&settled, HELM),

@@ -6,10 +6,9 @@ mod common;
 use common::{APP, SETTLE_MS, WEB};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
-use common::{cri_pinned, k3s_pinned, with_aliases, Node};
+use anyhow::{ensure, Context, Result};
+use common::{cri_pinned, eventually_blocking, k3s_pinned, with_aliases, Node};
 use pinkeeper_testkit::{Version, K3S_PIN_LABEL};
 use serde_json::Value;
 
@@ -42,7 +41,7 @@ async fn every_subcommand_against_a_running_daemon(version: Version) -> Result<(
     node.k3s.start().await?;
     let first = node.images().await?;
     let pinned = with_aliases(&first, &[APP, WEB]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
 
     // status
     let status = node.cli_json(&["status"])?;
@@ -147,6 +146,7 @@ async fn every_subcommand_against_a_running_daemon(version: Version) -> Result<(
     ensure!(code == 1 && err.contains("no image"), "{code} {err}");
 
     // a restart with web's archive deleted: status tells the sweep, history the restore
+    let swept_before = node.last_sweep_started()?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     let web = with_aliases(&first, &[WEB]);
@@ -154,7 +154,7 @@ async fn every_subcommand_against_a_running_daemon(version: Version) -> Result<(
         web.iter().all(|n| cri_pinned(images, n))
     })
     .await?;
-    node.wait_log("K3s startup sweep", 1).await?;
+    node.wait_sweep_after(swept_before).await?;
     let status = node.cli_json(&["status"])?;
     let sweep = &status["last_sweep"];
     ensure!(
@@ -240,10 +240,6 @@ async fn every_subcommand_against_a_running_daemon(version: Version) -> Result<(
     );
     let (code, _, err) = node.cli(&["unpin", "docker.io/library/missing:1"])?;
     ensure!(code == 1 && err.contains("no image"), "{err}");
-    // The release survives the next events: nothing re-pins it behind the operator's back.
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 2)).await;
-    ensure!(!cri_pinned(&node.images().await?, APP));
-
     // reconcile: a dry run changes nothing; a real one agrees
     let before = node.images().await?;
     let dry = node.cli_json(&["reconcile", "--dry-run"])?;
@@ -256,18 +252,16 @@ async fn every_subcommand_against_a_running_daemon(version: Version) -> Result<(
     ensure!(code == 0 && text.contains("would"), "{text}");
     let real = node.cli_json(&["reconcile"])?;
     ensure!(real["dry_run"] == false, "{real}");
+    // The release survives a full reconcile: nothing re-pins it behind the operator's back.
+    ensure!(!cri_pinned(&node.images().await?, APP));
     ensure!(node.cli_json(&["status"])?["last_reconcile_ms"] != 0);
 
     // containerd away: status says so, pin refuses with a reason
     node.containerd.stop()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while node.cli_json(&["status"])?["connected"] == true {
-        ensure!(
-            Instant::now() < deadline,
-            "status never noticed containerd went away"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_status("status to notice containerd went away", |s| {
+        s["connected"] == false
+    })
+    .await?;
     let (code, _, err) = node.cli(&["pin", APP])?;
     ensure!(code == 1 && err.contains("not connected"), "{err}");
     node.stop_pinkeeper()?;
@@ -327,14 +321,9 @@ fn cli_as(uid: Option<u32>, socket: &std::path::Path, args: &[&str]) -> Result<(
 }
 
 fn wait_for(path: &std::path::Path) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("{} never appeared", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
+    eventually_blocking(&format!("{} to appear", path.display()), || {
+        Ok(path.exists().then_some(()))
+    })
 }
 
 #[test]
@@ -399,14 +388,9 @@ fn the_control_socket_is_root_only_and_guarded() -> Result<()> {
     let (code, err) = cli_as(None, &socket, &["status"])?;
     ensure!(code == 1 && err.contains("not running"), "{err}");
     let mut daemon = spawn_daemon(dir.path(), "state", "third.log")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cli_as(None, &socket, &["status"])?.0 != 0 {
-        ensure!(
-            Instant::now() < deadline,
-            "the restarted daemon never answered"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually_blocking("the restarted daemon to answer", || {
+        Ok((cli_as(None, &socket, &["status"])?.0 == 0).then_some(()))
+    })?;
     let log = std::fs::read_to_string(dir.path().join("third.log"))?;
     ensure!(log.contains("replaced a stale control socket"), "{log}");
 

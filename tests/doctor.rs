@@ -124,7 +124,7 @@ async fn doctor_checks_a_node_with_pinkeeper_stopped(version: Version) -> Result
     node.start_pinkeeper()?;
     let first = node.images().await?;
     let pinned = with_aliases(&first, &[APP, WEB]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
     node.stop_pinkeeper()?;
     let (code, checks) = doctor_json(&node)?;
     ensure!(code == expected_exit, "{version}: exit {code}: {checks:#?}");

@@ -9,7 +9,6 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use common::{cri_pinned, k3s_pinned, with_aliases, Node, APP, SETTLE_MS, WEB};
@@ -24,22 +23,7 @@ async fn wait_status(
     what: &str,
     check: impl Fn(&serde_json::Value) -> bool,
 ) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let last = node.cli_json(&["status"]);
-        if let Ok(status) = &last {
-            if check(status) {
-                return Ok(status.clone());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "timed out waiting for {what}; last status: {last:?}\npinkeeper log:\n{}",
-                node.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_status(what, check).await
 }
 
 fn held(status: &serde_json::Value) -> u64 {
@@ -106,24 +90,24 @@ async fn a_latin1_archive_name_is_kept_and_shown_escaped(version: Version) -> Re
     let pinned = first_boot(&mut node, &[APP, WEB, CAFE]).await?;
     // The source is stored losslessly and shown escaped (once the directory was read: the
     // intent may be recorded before).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = node.cli_json(&["list"])?;
-        let cafe = list["intents"]
-            .as_array()
-            .and_then(|a| a.iter().find(|i| i["name"] == CAFE))
-            .cloned()
-            .context("cafe listed")?;
-        let source = cafe["source"].as_str().unwrap_or_default().to_string();
-        if source.ends_with("caf\\xe9 \\x1b[1m\\n.tar") {
-            break;
+    common::eventually("cafe's source shown escaped", || {
+        let list = node.cli_json(&["list"]);
+        async move {
+            let list = list?;
+            let cafe = list["intents"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["name"] == CAFE))
+                .cloned()
+                .context("cafe listed")?;
+            let source = cafe["source"].as_str().unwrap_or_default().to_string();
+            if source.ends_with("caf\\xe9 \\x1b[1m\\n.tar") {
+                return Ok(Some(()));
+            }
+            ensure!(source.is_empty(), "source shown as {source:?}");
+            Ok(None)
         }
-        ensure!(
-            source.is_empty() && Instant::now() < deadline,
-            "source shown as {source:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await?;
     // Restarted, pinkeeper reads its ledger back and keeps protecting.
     node.stop_pinkeeper()?;
     node.start_pinkeeper()?;
@@ -324,7 +308,6 @@ async fn a_fifo_swapped_into_the_images_dir_never_blocks(version: Version) -> Re
         let stop = stop.clone();
         let images = images.clone();
         std::thread::spawn(move || -> Result<()> {
-            let mut round = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 for name in ["swap.tar", "swap.txt"] {
                     let real = images.join(name);
@@ -340,12 +323,8 @@ async fn a_fifo_swapped_into_the_images_dir_never_blocks(version: Version) -> Re
                     }
                     std::fs::rename(&fifo, &real)?;
                 }
-                round += 1;
-                std::thread::sleep(Duration::from_millis(if round.is_multiple_of(7) {
-                    30
-                } else {
-                    1
-                }));
+                // As fast as it goes: the reads below meet the swaps wherever they are.
+                std::thread::yield_now();
             }
             for name in ["swap.tar", "swap.txt"] {
                 let _ = std::fs::remove_file(images.join(name));
@@ -353,12 +332,18 @@ async fn a_fifo_swapped_into_the_images_dir_never_blocks(version: Version) -> Re
             Ok(())
         })
     };
-    // pinkeeper keeps answering while the directory changes under it.
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
+    // pinkeeper keeps answering while the directory changes under it, and reads it to its
+    // end again and again (an operator's reconcile reads it at once, debounce or not).
+    let before = node.status()?["images_dir_scans"].as_u64().unwrap_or(0);
+    for _ in 0..10 {
+        node.cli_json(&["reconcile"])?;
         node.cli_json(&["status"])?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let scans = node.status()?["images_dir_scans"].as_u64().unwrap_or(0);
+    eprintln!(
+        "{version:?}: {} read(s) of the directory during 10 reconciles",
+        scans.saturating_sub(before)
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     swapper
         .join()
@@ -437,15 +422,12 @@ async fn a_control_socket_it_cannot_serve_does_not_stop_protection(version: Vers
     node.k3s.start().await?;
     let pinned = with_aliases(&node.images().await?, &[APP, WEB]);
     let held = format!("pinkeeper_intents{{state=\"held\"}} {}", pinned.len());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains(&held)) {
-        ensure!(
-            Instant::now() < deadline,
-            "the textfile never showed {held}:\n{}",
-            node.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(&format!("the textfile to show {held}"), || {
+        let shown = std::fs::read_to_string(&textfile).is_ok_and(|t| t.contains(&held));
+        std::future::ready(Ok(shown.then_some(())))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}:\n{}", node.log()))?;
     restart_without_web(&mut node, &pinned).await?;
     node.stop_pinkeeper()?;
     Ok(())

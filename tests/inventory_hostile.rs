@@ -5,6 +5,8 @@
 //! remember. Nothing here asserts a time: a call that would block fails at a generous deadline
 //! instead of hanging the suite; the timings are in README.md.
 
+mod common;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
@@ -57,16 +59,18 @@ fn inventory(dir: &Path, args: &[&str]) -> Output {
         b
     });
     let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > DEADLINE {
+    let exited =
+        common::eventually_blocking("pinkeeper inventory to exit", || Ok(child.try_wait()?));
+    let status = match exited {
+        Ok(status) => status,
+        Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("pinkeeper inventory blocked: no exit within {DEADLINE:?}");
+            panic!(
+                "pinkeeper inventory blocked ({e}) after {:?}",
+                started.elapsed()
+            );
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
     Output {
         status,

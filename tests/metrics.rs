@@ -9,9 +9,9 @@ use common::{APP, SETTLE_MS, WEB};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use common::{cri_pinned, with_aliases, Node};
 use pinkeeper_testkit::Version;
 use prometheus_parse::{Scrape, Value};
@@ -185,23 +185,33 @@ async fn wait_metrics(
     what: &str,
     check: impl Fn(&Parsed) -> Result<()>,
 ) -> Result<Vec<Parsed>> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let outcome = match scrape_all(textfile, address).await {
-            Ok(all) => match all
-                .iter()
-                .try_for_each(|p| check(p).with_context(|| format!("{}:\n{}", p.what, p.text)))
-            {
-                Ok(()) => return Ok(all),
+    let last = std::cell::RefCell::new(None);
+    let check = &check;
+    let waited = common::eventually(what, || {
+        let last = &last;
+        async move {
+            let outcome = match scrape_all(textfile, address).await {
+                Ok(all) => match all
+                    .iter()
+                    .try_for_each(|p| check(p).with_context(|| format!("{}:\n{}", p.what, p.text)))
+                {
+                    Ok(()) => return Ok(Some(all)),
+                    Err(e) => e,
+                },
                 Err(e) => e,
-            },
-            Err(e) => e,
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: {outcome:#}\npinkeeper log:\n{}", node.log());
+            };
+            *last.borrow_mut() = Some(outcome);
+            Ok(None)
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    waited.map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: {:#?}\npinkeeper log:\n{}",
+            last.borrow().as_ref().map(|o| format!("{o:#}")),
+            node.log()
+        )
+    })
 }
 
 fn free_loopback_address() -> Result<SocketAddr> {
@@ -234,10 +244,14 @@ async fn metrics_through_a_k3s_restart(version: Version) -> Result<()> {
     let first = node.images().await?;
     let pinned = with_aliases(&first, &[APP, WEB]);
     ensure!(pinned.len() == 4, "{pinned:?}");
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
     let held = pinned.len() as f64;
     // Whatever episode the first boot opened has ended (verified, summarised) before counting.
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 3)).await;
+    node.wait_status("no verification pending", |s| {
+        s["verification_pending"] == false && s["intents_swept"] == 0
+    })
+    .await?;
+    let swept_before = node.last_sweep_started()?;
     let version_label = env!("CARGO_PKG_VERSION");
     let booted = wait_metrics(&node, &textfile, address, "first boot", |m| {
         ensure!(m.value("pinkeeper_intents", &[("state", "held")])? == held);
@@ -282,7 +296,7 @@ async fn metrics_through_a_k3s_restart(version: Version) -> Result<()> {
         web.iter().all(|n| cri_pinned(images, n))
     })
     .await?;
-    node.wait_log("K3s startup sweep", 1).await?;
+    node.wait_sweep_after(swept_before).await?;
     let after = wait_metrics(&node, &textfile, address, "after the restart", |m| {
         ensure!(
             m.value(
@@ -365,7 +379,7 @@ async fn off_by_default() -> Result<()> {
     let mut node = Node::new(Version::V1_7, ARCHIVES, false, SETTLE_MS).await?;
     node.start_pinkeeper()?;
     node.k3s.start().await?;
-    node.wait_log("action=recorded", 4).await?;
+    node.wait_recorded(4).await?;
     node.stop_pinkeeper()?;
     let log = node.log();
     ensure!(

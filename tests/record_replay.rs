@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use common::{cri_pinned, with_aliases, Node};
 use pinkeeper::engine::{Config, IntentState, Output, RestoreReason};
 use pinkeeper::replay::Replay;
@@ -59,18 +59,19 @@ impl Recorder {
 
     /// Waits until the recording satisfies `check`.
     async fn wait_until(&self, what: &str, check: impl Fn(&str) -> bool) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !check(&self.text()) {
-            if Instant::now() > deadline {
-                bail!(
-                    "the recording never showed {what}:\n{}\nrecorder's log:\n{}",
-                    self.text(),
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        let check = &check;
+        common::eventually(
+            what,
+            || async move { Ok(check(&self.text()).then_some(())) },
+        )
+        .await
+        .map_err(|e| {
+            anyhow!(
+                "{e}: the recording:\n{}\nrecorder's log:\n{}",
+                self.text(),
+                self.log()
+            )
+        })
     }
 
     /// SIGTERM: the recorder must finish the file and exit 0.
@@ -124,25 +125,38 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
         .wait_until("its first listing", |t| t.contains(r#"{"connect":true"#))
         .await?;
     node.start_pinkeeper()?;
-    node.wait_log("reconciled after connecting", 1).await?;
+    node.wait_status("pinkeeper connected", |s| s["connected"] == true)
+        .await?;
 
     node.k3s.start().await?;
     let first = node.images().await?;
     let pinned = with_aliases(&first, &[APP, WEB, PAUSE, HELM]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
 
+    let swept_before = node.last_sweep_started()?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
-    node.restart_k3s().await?;
+    // Both followers are subscribed again before K3s sweeps (as they are on a node: K3s
+    // sweeps about a second after starting containerd).
+    node.restart_containerd().await?;
+    recorder
+        .wait_until("its second connection", |t| {
+            t.matches(r#"{"connect":true"#).count() == 2
+        })
+        .await?;
+    node.k3s_starts_again().await?;
     let web = with_aliases(&first, &[WEB]);
     node.wait_until("web's pins restored", |images| {
         web.iter().all(|n| cri_pinned(images, n))
     })
     .await?;
     // The verification of K3s's re-pins runs and ends the sweep episode.
-    node.wait_log("K3s startup sweep:", 1).await?;
+    node.wait_sweep_after(swept_before).await?;
 
     node.client.ctr_remove_cri_pin(HELM).await?;
-    node.wait_log("intent released", 1).await?;
+    node.wait_history("helm released", Some(HELM), |h| {
+        h.iter().any(|e| e["action"] == "released")
+    })
+    .await?;
     recorder
         .wait_until("the operator's unpin", |t| {
             envelopes_of(t, HELM).iter().any(|e| {
@@ -151,8 +165,11 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
             })
         })
         .await?;
-    // Nothing is pending in the daemon (no churn window, no verification) once it stops.
-    tokio::time::sleep(Duration::from_millis(SETTLE_MS * 2)).await;
+    // Nothing is pending in the daemon (no verification, nothing swept) once it stops.
+    node.wait_status("nothing pending", |s| {
+        s["verification_pending"] == false && s["intents_swept"] == 0
+    })
+    .await?;
     node.stop_pinkeeper()?;
     recorder.stop()?;
     let recording = recorder.text();

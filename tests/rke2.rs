@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{cri_pinned, with_aliases, Node};
+use common::{actions, cri_pinned, has_entry, with_aliases, Node};
 use common::{APP, SETTLE_MS, WEB};
 use pinkeeper_testkit::{K3s, Version, K3S_PIN_LABEL, RKE2_PIN_LABEL};
 
@@ -35,8 +35,9 @@ async fn restores_rke2s_sweep_with_program_rke2(version: Version) -> Result<()> 
             first[name]
         );
     }
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
 
+    let swept_before = node.last_sweep_started()?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     let web = with_aliases(&first, &[WEB]);
@@ -60,10 +61,12 @@ async fn restores_rke2s_sweep_with_program_rke2(version: Version) -> Result<()> 
             after.get(name)
         );
     }
+    // Decided once the sweep is summarised (the verification has run).
+    node.wait_sweep_after(swept_before).await?;
+    let history = node.history(None)?;
     ensure!(
-        !node.log().contains("intent released"),
-        "RKE2's sweep was taken for an unpin:\n{}",
-        node.log()
+        actions(&history, "released") == 0,
+        "RKE2's sweep was taken for an unpin: {history:#?}"
     );
     node.stop_pinkeeper()
 }
@@ -78,13 +81,17 @@ async fn program_k3s_on_an_rke2_node_takes_the_sweep_for_an_unpin() -> Result<()
     node.k3s.start().await?;
     let first = node.images().await?;
     let pinned = with_aliases(&first, &[APP, WEB]);
-    node.wait_log("action=recorded", pinned.len()).await?;
+    node.wait_recorded(pinned.len()).await?;
 
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     let web = with_aliases(&first, &[WEB]);
-    node.wait_log("intent released", pinned.len()).await?;
-    tokio::time::sleep(std::time::Duration::from_millis(SETTLE_MS * 3)).await;
+    // Every name's intent released by the sweep (app's come back as RKE2 pins it again):
+    // nothing restores web's names after this.
+    node.wait_history("web's intents released", None, |h| {
+        web.iter().all(|n| has_entry(h, n, "released"))
+    })
+    .await?;
     let after = node.images().await?;
     for name in &web {
         ensure!(

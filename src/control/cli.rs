@@ -257,11 +257,17 @@ fn show_status(s: &pb::StatusResponse) -> String {
     let read = if s.images_dir_read_ms == 0 {
         "not read yet".to_string()
     } else if s.images_dir_broken == 0 {
-        format!("read {}", when(s.images_dir_read_ms))
+        format!(
+            "read {}, {} read(s) since start",
+            when(s.images_dir_read_ms),
+            s.images_dir_scans
+        )
     } else {
         format!(
-            "read {}, {} file(s) K3s cannot import (`pinkeeper inventory` lists them)",
+            "read {}, {} read(s) since start, {} file(s) K3s cannot import \
+             (`pinkeeper inventory` lists them)",
             when(s.images_dir_read_ms),
+            s.images_dir_scans,
             s.images_dir_broken
         )
     };

@@ -73,6 +73,8 @@ impl Daemon {
             ledger_recovered: ledger.recovered.unwrap_or_default(),
             images_dir_read_ms: facts.images_read,
             images_dir_broken: u32::try_from(facts.images_broken).unwrap_or(u32::MAX),
+            images_dir_scans: self.scans_started - u64::from(self.scan_task.is_some()),
+            verification_pending: self.exec.engine.verification_pending(),
         }
     }
 

@@ -62,6 +62,11 @@ pub struct Engine {
     /// (`repo@digest`, extra registries) share the target of the image they alias, so they
     /// belong to the same archive. Rebuilt lazily.
     provided_digests: Option<HashMap<String, PathBuf>>,
+    /// Digest -> K3s's aliases (`name@digest`) of that digest whose file was not known when
+    /// their digest was: the answers to concurrent Gets come in any order, so an alias can
+    /// learn its digest before the name it aliases does. They learn their file when that name
+    /// learns its digest ([`Engine::tie_aliases`]); stale entries are checked then.
+    untied_aliases: HashMap<String, BTreeSet<String>>,
     /// Names whose record was deleted, with the time their intent is released unless a create
     /// comes first (alias churn).
     deleted: BTreeMap<String, Millis>,
@@ -111,6 +116,7 @@ impl Engine {
             intents,
             provided: None,
             provided_digests: None,
+            untied_aliases: HashMap::new(),
             deleted: BTreeMap::new(),
             pins_in_flight: BTreeMap::new(),
             awaiting_k3s,
@@ -142,6 +148,11 @@ impl Engine {
     /// One intent by name.
     pub fn intent(&self, name: &str) -> Option<&Intent> {
         self.intents.get(name)
+    }
+
+    /// Whether a start-up verification is due or asked for and not yet applied.
+    pub fn verification_pending(&self) -> bool {
+        self.verify_due.is_some() || self.verify_in_flight
     }
 
     /// The engine's configuration.
@@ -500,6 +511,7 @@ impl Engine {
                 i.source = Some(source);
             }
         }
+        self.tie_aliases(name, out);
         let detail = if origin == Origin::Operator {
             "an operator ran `pinkeeper pin`"
         } else if intent.labels.contains_key(CRI_PIN) {
@@ -582,6 +594,47 @@ impl Engine {
                 intent: intent.clone(),
                 new: false,
             });
+        }
+        if new_digest {
+            self.tie_aliases(name, out);
+        }
+    }
+
+    /// `name`'s digest is known now. If `name` is K3s's alias (`<repo>@<digest>`) and no file
+    /// is known for it yet, it waits in [`Engine::untied_aliases`]; if a file provides `name`,
+    /// the aliases waiting for its digest take that file as theirs (else an archive deleted
+    /// before the next read of the directory would not count them as gone).
+    fn tie_aliases(&mut self, name: &str, out: &mut Vec<Output>) {
+        let Some(intent) = self.intents.get(name) else {
+            return;
+        };
+        let Some(digest) = intent.digest.clone() else {
+            return;
+        };
+        if name.rsplit_once('@').is_some_and(|(_, d)| d == digest) {
+            if intent.source.is_none() {
+                self.untied_aliases
+                    .entry(digest)
+                    .or_default()
+                    .insert(name.to_string());
+            }
+            return;
+        }
+        let Some(source) = self.provided.as_ref().and_then(|p| p.get(name)).cloned() else {
+            return;
+        };
+        let Some(aliases) = self.untied_aliases.remove(&digest) else {
+            return;
+        };
+        for alias in aliases {
+            let untied = self
+                .intents
+                .get(&alias)
+                .is_some_and(|i| i.source.is_none() && i.digest.as_ref() == Some(&digest));
+            if untied {
+                let source = source.clone();
+                self.update_intent(&alias, out, |i| i.source = Some(source));
+            }
         }
     }
 

@@ -87,8 +87,11 @@ impl Engine {
                 break;
             }
             self.forget.pop_first();
-            if self.intents.remove(&name).is_none() {
+            let Some(gone) = self.intents.remove(&name) else {
                 continue;
+            };
+            if let Some(aliases) = gone.digest.and_then(|d| self.untied_aliases.get_mut(&d)) {
+                aliases.remove(&name);
             }
             self.retained_until.remove(&name);
             // A released intent is in none of these; a late answer about it finds nothing.

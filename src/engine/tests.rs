@@ -821,3 +821,35 @@ fn a_verification_in_flight_asks_for_no_wakeup() {
         "nothing can fire before the listing comes: {wakeup:?}"
     );
 }
+
+/// K3s's alias answered before the name it aliases: the alias still learns which archive
+/// provides it, so that once the archive is deleted both count as gone (the flake of
+/// tests/control.rs on containerd 2.x: `archives_gone` 1 instead of 2).
+#[test]
+fn an_alias_fetched_before_its_name_learns_its_archive() {
+    let mut e = Engine::new(Config::default(), []);
+    e.handle(0, inventory(&[(APP, "app.tar")]));
+    e.handle(1, event(EventKind::Create, APP, Labels::new()));
+    e.handle(2, update(APP, both()));
+    e.handle(3, event(EventKind::Create, ALIAS, both()));
+    e.handle(
+        4,
+        Input::Fetched {
+            name: ALIAS.into(),
+            record: Some(record(ALIAS, both(), "sha256:aaaa")),
+        },
+    );
+    e.handle(
+        5,
+        Input::Fetched {
+            name: APP.into(),
+            record: Some(record(APP, both(), "sha256:aaaa")),
+        },
+    );
+    assert_eq!(
+        e.intent(ALIAS).and_then(|i| i.source.clone()),
+        Some(PathBuf::from("app.tar"))
+    );
+    e.handle(6, inventory(&[]));
+    assert_eq!(e.summary().archives_gone, 2);
+}

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,8 +16,50 @@ use pinkeeper_testkit::{
     K8S_NAMESPACE,
 };
 
-/// How long K3s takes from starting containerd to its sweep (it waits for CRI first).
-pub const K3S_SWEEP_DELAY: Duration = Duration::from_millis(1000);
+/// How long any wait for state may take before the test fails: generous, for a loaded
+/// 2-core machine (a green run never waits this long; only a broken one does).
+pub const DEADLINE: Duration = Duration::from_secs(120);
+/// Between two looks at the state.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The one wait of the integration tests: polls `probe` until it yields a value, and fails
+/// after [`DEADLINE`] naming `what`. `probe` looks at state (the daemon's answers, the image
+/// store, a process), never at the time.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = probe().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for synchronous code (called from a test's runtime or from none): it waits on
+/// a thread of its own, with a runtime of its own.
+pub fn eventually_blocking<T: Send>(
+    what: &str,
+    mut probe: impl FnMut() -> Result<Option<T>> + Send,
+) -> Result<T> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()?
+                    .block_on(eventually(what, || std::future::ready(probe())))
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("waiting for {what} panicked"))
+    })
+}
 
 /// One archive of the images dir: file name, layout, image names.
 pub type Archive<'a> = (&'a str, Layout, &'a [&'a str]);
@@ -25,7 +68,8 @@ pub const APP: &str = "docker.io/library/app:1";
 pub const WEB: &str = "registry.example.com/team/web:2.3";
 pub const PAUSE: &str = "docker.io/rancher/mirrored-pause:3.6";
 pub const HELM: &str = "docker.io/rancher/klipper-helm:v0.9.3";
-/// Quiet time pinkeeper waits before checking K3s's re-pins, short for the tests.
+/// Quiet time pinkeeper waits before checking K3s's re-pins, short for the tests (a setting of
+/// the daemon: no test waits for it; they wait for the verification's summary in `status`).
 pub const SETTLE_MS: u64 = 400;
 
 /// app.tar (OCI, containerd's name annotation) and web.tar.gz (docker save).
@@ -195,19 +239,102 @@ impl Node {
         }
     }
 
-    /// Waits until pinkeeper's log shows `count` lines containing `needle`.
-    pub async fn wait_log(&self, needle: &str, count: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.log().matches(needle).count() < count {
-            if Instant::now() > deadline {
-                bail!(
-                    "pinkeeper's log never showed {count} x {needle:?}:\n{}",
-                    self.log()
-                );
+    /// `pinkeeper status --json`.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        self.cli_json(&["status"])
+    }
+
+    /// Waits until pinkeeper answers `status` and `check` holds on it.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let check = &check;
+        let waited = eventually(what, || {
+            let answer = self.cli(&["status", "--json"]);
+            async move {
+                let (code, out, _) = answer?;
+                if code != 0 {
+                    return Ok(None);
+                }
+                let status: serde_json::Value = serde_json::from_str(&out)?;
+                Ok(check(&status).then_some(status))
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        })
+        .await;
+        waited.map_err(|e| {
+            let now = self.cli(&["status"]).map(|(_, out, err)| out + &err);
+            anyhow::anyhow!("{e}; status now: {now:?}\npinkeeper log:\n{}", self.log())
+        })
+    }
+
+    /// The ledger's history (`pinkeeper history --json`), of `name` or of all, newest first.
+    pub fn history(&self, name: Option<&str>) -> Result<Vec<serde_json::Value>> {
+        let mut args = vec!["history", "--limit", "1000000"];
+        args.extend(name);
+        let history = self.cli_json(&args)?;
+        Ok(history["entries"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until `check` holds on the history of `name` (or of all).
+    pub async fn wait_history(
+        &self,
+        what: &str,
+        name: Option<&str>,
+        check: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Result<Vec<serde_json::Value>> {
+        let check = &check;
+        let waited = eventually(what, || {
+            // Not answering yet (starting) is not an error: the deadline tells.
+            let entries = self.history(name).ok();
+            async move { Ok(entries.filter(|e| check(e))) }
+        })
+        .await;
+        waited.map_err(|e| {
+            let now = self.history(name).unwrap_or_default();
+            anyhow::anyhow!("{e}; history now: {now:#?}\npinkeeper log:\n{}", self.log())
+        })
+    }
+
+    /// Waits until pinkeeper has recorded `count` intents (its history's `recorded` entries).
+    pub async fn wait_recorded(&self, count: usize) -> Result<Vec<serde_json::Value>> {
+        self.wait_history(&format!("{count} intent(s) recorded"), None, |h| {
+            actions(h, "recorded") >= count
+        })
+        .await
+    }
+
+    /// Waits until a sweep episode that started after `after_ms` (0: any) has been verified
+    /// and summarised; returns status's `last_sweep`. What the verification could restore is
+    /// decided (and written) by then.
+    pub async fn wait_sweep_after(&self, after_ms: u64) -> Result<serde_json::Value> {
+        let status = self
+            .wait_status("a sweep summarised", |s| {
+                s["last_sweep"]["started_ms"]
+                    .as_u64()
+                    .is_some_and(|t| t > after_ms)
+            })
+            .await?;
+        Ok(status["last_sweep"].clone())
+    }
+
+    /// When the last summarised sweep started (0: none since pinkeeper started).
+    pub fn last_sweep_started(&self) -> Result<u64> {
+        Ok(self.status()?["last_sweep"]["started_ms"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+
+    /// Waits until pinkeeper has finished more than `after` reads of the images directory.
+    pub async fn wait_scans_after(&self, after: u64) -> Result<u64> {
+        let status = self
+            .wait_status(
+                &format!("a read of the images directory after read {after}"),
+                |s| s["images_dir_scans"].as_u64().unwrap_or(0) > after,
+            )
+            .await?;
+        Ok(status["images_dir_scans"].as_u64().unwrap_or(0))
     }
 
     pub async fn images(&self) -> Result<BTreeMap<String, ImageInfo>> {
@@ -221,12 +348,37 @@ impl Node {
         }
     }
 
-    /// K3s restarts: its containerd is killed and started again, about a second later K3s
-    /// sweeps and re-imports the images dir.
+    /// K3s restarts: its containerd is killed and started again; once pinkeeper (if it runs
+    /// and answers) has subscribed to the new containerd, K3s sweeps and re-imports the
+    /// images dir. (K3s sweeps about a second after starting containerd, and pinkeeper
+    /// reconnects within a few hundred ms: the tests wait for that state, not for a second.)
     pub async fn restart_k3s(&mut self) -> Result<()> {
+        self.restart_containerd().await?;
+        self.k3s_starts_again().await
+    }
+
+    /// The first half of [`Node::restart_k3s`]: containerd restarted, and pinkeeper (if it
+    /// runs and answers) subscribed to it again. A test with another follower (`pinkeeper
+    /// record`) waits for it too before [`Node::k3s_starts_again`].
+    pub async fn restart_containerd(&mut self) -> Result<()> {
+        let watching = self.pinkeeper.is_some() && self.cli(&["status"])?.0 == 0;
+        let restarted_ms = wall_ms();
         self.containerd.restart().await?;
         self.client = self.containerd.client(K8S_NAMESPACE).await?;
-        tokio::time::sleep(K3S_SWEEP_DELAY).await;
+        if watching {
+            self.wait_status("pinkeeper subscribed to the restarted containerd", |s| {
+                s["connected"] == true
+                    && s["connected_since_ms"]
+                        .as_u64()
+                        .is_some_and(|t| t >= restarted_ms)
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The second half of [`Node::restart_k3s`]: K3s sweeps and re-imports the images dir.
+    pub async fn k3s_starts_again(&mut self) -> Result<()> {
         if let Err(e) = self.k3s.start().await {
             bail!(
                 "K3s's start failed: {e:#}\ncontainerd log:\n{}\npinkeeper log:\n{}",
@@ -243,19 +395,19 @@ impl Node {
         what: &str,
         check: impl Fn(&BTreeMap<String, ImageInfo>) -> bool,
     ) -> Result<BTreeMap<String, ImageInfo>> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        let check = &check;
+        let waited = eventually(what, || async move {
             let images = self.images().await?;
-            if check(&images) {
-                return Ok(images);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}; images: {images:#?}\npinkeeper log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(check(&images).then_some(images))
+        })
+        .await;
+        match waited {
+            Ok(images) => Ok(images),
+            Err(e) => bail!(
+                "{e}; images: {:#?}\npinkeeper log:\n{}",
+                self.images().await,
+                self.log()
+            ),
         }
     }
 }
@@ -264,6 +416,25 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.kill_pinkeeper();
     }
+}
+
+/// The wall clock in ms, as pinkeeper's status shows times.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How many history entries have `action`.
+pub fn actions(history: &[serde_json::Value], action: &str) -> usize {
+    history.iter().filter(|e| e["action"] == action).count()
+}
+
+/// Whether the history has an entry of `name` with `action`.
+pub fn has_entry(history: &[serde_json::Value], name: &str, action: &str) -> bool {
+    history
+        .iter()
+        .any(|e| e["name"] == name && e["action"] == action)
 }
 
 /// Names of the images of `wanted` plus their `repo@digest` aliases.
@@ -323,17 +494,13 @@ pub fn terminate(mut child: Child, what: &str, log: impl Fn() -> String) -> Resu
         .arg(child.id().to_string())
         .status()?;
     ensure!(status.success(), "kill -TERM failed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            ensure!(
-                status.success(),
-                "{what} exited with {status} on SIGTERM:\n{}",
-                log()
-            );
-            return Ok(());
-        }
-        ensure!(Instant::now() < deadline, "{what} ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let exited = eventually_blocking(&format!("{what} to exit on SIGTERM"), || {
+        Ok(child.try_wait()?)
+    })?;
+    ensure!(
+        exited.success(),
+        "{what} exited with {exited} on SIGTERM:\n{}",
+        log()
+    );
+    Ok(())
 }
