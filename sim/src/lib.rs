@@ -486,11 +486,15 @@ impl Sim {
                     if archive.churned == Some(name) && !remembered {
                         self.store.delete(name);
                     }
-                    self.store.create(ImageRecord {
-                        name: name.to_string(),
-                        labels,
-                        digest: Some(archive.digest.to_string()),
-                    });
+                    // The import creates the record (a re-import keeps its labels), then K3s
+                    // labels it (labelImages: a whole-map update).
+                    if !self.store.replace_labels(name, labels.clone()) {
+                        self.store.create(ImageRecord {
+                            name: name.to_string(),
+                            labels,
+                            digest: Some(archive.digest.to_string()),
+                        });
+                    }
                     self.k3s_labelled.insert(name.to_string());
                     self.unpinned.remove(*name);
                     self.let_go.remove(*name);
@@ -714,8 +718,12 @@ impl Sim {
             return;
         };
         let engine = Engine::new(self.config.clone(), ledger.intents.values().cloned());
+        let mut exec = Executor::new(engine, ledger, self.clock.clone());
+        if self.tracing {
+            exec.trace = Some(Vec::new());
+        }
         self.node = Some(Node {
-            exec: Executor::new(engine, ledger, self.clock.clone()),
+            exec,
             events: None,
             queue: EventQueue::new(K3S_PIN),
             verify: false,
@@ -738,6 +746,18 @@ impl Sim {
     fn after(&mut self, report: Report) {
         self.outcome.restores += report.restored.len() as u64;
         if self.tracing {
+            let outputs = self
+                .node
+                .as_mut()
+                .and_then(|n| n.exec.trace.as_mut())
+                .map(std::mem::take)
+                .unwrap_or_default();
+            for (_, output) in outputs {
+                if !matches!(output, engine::Output::History(_)) {
+                    let line = format!("t={}     output {output:?}", self.mono);
+                    self.trace.push(line);
+                }
+            }
             for h in &report.history {
                 let line = format!(
                     "t={}   pinkeeper: {} {}: {}",

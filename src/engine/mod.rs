@@ -305,6 +305,20 @@ impl Engine {
                     self.record(now, name, labels.clone(), digest, Origin::SeenPinned, out);
                     self.release(now, name, K3S_LABEL_ONLY, Some(labels), out);
                 }
+                // An event may be the late delivery of a pin written before the release
+                // (pinkeeper's own restore, or K3s's): the record itself says, so a Get
+                // confirms before the intent comes back. Found by the simulation (seed 5776).
+                Some(old)
+                    if new.cri
+                        && !old.cri
+                        && live
+                        && self.labels_to_confirm.insert(name.into()) =>
+                {
+                    out.push(Output::Fetch {
+                        name: name.to_string(),
+                    });
+                }
+                Some(old) if new.cri && !old.cri && live => {}
                 Some(old) if new.cri && !old.cri => {
                     self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
                 }
@@ -331,7 +345,10 @@ impl Engine {
         let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
         let labels_changed = intent.labels != labels;
         if new.program && !intent.k3s_pinned {
+            // Once per name, and on disk at once: lost to a crash, a later sweep missed while
+            // away would read as an operator's unpin.
             self.update_intent(name, out, |i| i.k3s_pinned = true);
+            out.push(Output::Commit);
         }
         if live && new.cri && old.program && !new.program && !was_swept {
             // K3s's label gone and the CRI pin kept: K3s never does that, and pinkeeper's own
@@ -660,7 +677,7 @@ impl Engine {
             // Gone: its delete event (or the next listing) settles the intent.
             return;
         };
-        if recheck && self.holds(name) {
+        if recheck && self.intents.contains_key(name) {
             // What the record carries now, read as a listing reads it.
             self.observe(now, name, record.labels, Some(record.digest), out);
             return;
@@ -680,6 +697,16 @@ impl Engine {
                     i.labels = record.labels;
                     i.state = IntentState::Held;
                 });
+            } else if !self.pins(&record.labels).program
+                && self
+                    .intents
+                    .get(name)
+                    .is_some_and(|i| self.pins(&i.labels).program)
+            {
+                // No pin left at all, on a record last seen with K3s's label: K3s's sweep came
+                // after what was being confirmed (an operator leaves K3s's label), so it is
+                // read as the sweep. Found by the simulation (seed 1766).
+                self.observe(now, name, record.labels, Some(record.digest), out);
             } else {
                 self.release(now, name, UNPIN, Some(record.labels), out);
             }
