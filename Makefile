@@ -4,6 +4,8 @@
 #   make install [DESTDIR=...] [PREFIX=/usr/local]   the binary, the systemd unit and drop-ins,
 #               and /etc/pinkeeper/config.toml.example
 #   make deb    a Debian package (cargo-deb), in target/debian/
+#   make simulate [SEEDS=N] [FROM=S] | [SEED=S]   the deterministic simulation (sim/): N seeds
+#               from S, or one seed with its story
 SHELL := /bin/bash
 CARGO ?= cargo
 PREFIX ?= /usr/local
@@ -19,7 +21,7 @@ DROPIN_UNITS := k3s k3s-agent rke2-server rke2-agent
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: all deps build demo test fmt-check clippy unit-tests packaging-test install uninstall \
-	deb cargo-deb
+	deb cargo-deb simulate
 
 all: build
 
@@ -41,6 +43,14 @@ clippy: deps
 
 unit-tests: deps
 	$(CARGO) test --workspace
+
+# `make test` plays 10,000 seeds (sim/tests/seeds.rs); this plays as many as asked, in release,
+# stops at the first broken invariant and prints its story and the command that replays it.
+SEEDS ?= 100000
+FROM ?= 0
+simulate: deps
+	$(CARGO) run --release -p pinkeeper-sim -- \
+		$(if $(SEED),--seed $(SEED),--seeds $(SEEDS) --from $(FROM))
 
 # The unit (systemd-analyze verify and security), `make install` into a temp dir, `make deb`.
 packaging-test: deps

@@ -1,8 +1,11 @@
 //! pinkeeper keeps K3s air-gap images pinned in containerd across K3s restarts.
 //!
 //! Data flows one way: observations (containerd's events and listings, the images directory)
-//! go into the pure [`engine`], whose decisions are carried out by the thin I/O modules
-//! ([`containerd`], [`ledger`]) and fed back as outcomes. [`daemon`] wires them together.
+//! go into the pure [`engine`], whose decisions are carried out by one executor
+//! (`daemon::executor`) through the image-store trait ([`store`]: containerd, or in memory)
+//! and a journal ([`ledger`]), and fed back as outcomes. [`daemon`] wires them to the sockets,
+//! the directory and the timers; `replay`, `reconcile --dry-run` and the simulation (`sim/`)
+//! run the same executor against the in-memory store.
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 

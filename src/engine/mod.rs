@@ -697,16 +697,6 @@ impl Engine {
                     i.labels = record.labels;
                     i.state = IntentState::Held;
                 });
-            } else if !self.pins(&record.labels).program
-                && self
-                    .intents
-                    .get(name)
-                    .is_some_and(|i| self.pins(&i.labels).program)
-            {
-                // No pin left at all, on a record last seen with K3s's label: K3s's sweep came
-                // after what was being confirmed (an operator leaves K3s's label), so it is
-                // read as the sweep. Found by the simulation (seed 1766).
-                self.observe(now, name, record.labels, Some(record.digest), out);
             } else {
                 self.release(now, name, UNPIN, Some(record.labels), out);
             }

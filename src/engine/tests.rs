@@ -485,8 +485,45 @@ fn operator_unpin_of_an_image_without_intent_keeps_the_decision() {
     // Its own event does not bring the intent back; a pin put on again does.
     assert!(pins(&e.handle(11, update(name, Labels::new()))).is_empty());
     assert_eq!(e.intent(name).unwrap().state, IntentState::Released);
-    e.handle(12, update(name, labels(&[CRI_PIN])));
+    // A live event is confirmed with a Get first: it may be a late delivery.
+    let out = e.handle(12, update(name, labels(&[CRI_PIN])));
+    assert_eq!(out, vec![Output::Fetch { name: name.into() }]);
+    e.handle(
+        13,
+        Input::Fetched {
+            name: name.into(),
+            record: Some(record(name, labels(&[CRI_PIN]), "sha256:dddd")),
+        },
+    );
     assert_eq!(e.intent(name).unwrap().state, IntentState::Held);
+}
+
+/// Found by the simulation (seed 5776): pinkeeper's own restore, delivered after an operator's
+/// `pinkeeper unpin` released the intent, must not bring it back.
+#[test]
+fn a_late_echo_of_a_restore_does_not_undo_an_unpin() {
+    let mut e = engine_with_two();
+    let unpinned = record(WEB, labels(&[K3S_PIN]), "sha256:bbbb");
+    e.handle(
+        10,
+        Input::OperatorUnpin {
+            name: WEB.into(),
+            record: Some(record(WEB, both(), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
+    // The update of an earlier pin, delivered late.
+    let out = e.handle(11, update(WEB, both()));
+    assert_eq!(out, vec![Output::Fetch { name: WEB.into() }]);
+    // The record says: unpinned.
+    e.handle(
+        12,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(unpinned),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
 }
 
 #[test]
@@ -694,6 +731,13 @@ fn pinned_again_before_the_retention_the_intent_is_not_forgotten() {
     let retention = e.config().retention;
     let released = delete_for_good(&mut e, 1_000, WEB);
     e.handle(released + 10, event(EventKind::Create, WEB, both()));
+    e.handle(
+        released + 11,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(record(WEB, both(), "sha256:bbbb")),
+        },
+    );
     assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
     assert_eq!(e.next_wakeup(), None);
     let out = e.handle(released + retention + 1, Input::Tick);
