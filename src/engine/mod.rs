@@ -328,6 +328,19 @@ impl Engine {
             return false;
         };
         if self.unpins_to_confirm.contains(name) {
+            if live && new.cri {
+                // The CRI pin is on again after the unpin seen: that one was a late delivery
+                // (an operator's pin, or a restore, came after it). The Get under way reads
+                // the record as a listing would instead of confirming an unpin. Found by the
+                // simulation (seeds 1766, 2753, 7607).
+                self.unpins_to_confirm.remove(name);
+                self.labels_to_confirm.insert(name.to_string());
+                self.update_intent(name, out, |i| {
+                    i.labels = labels;
+                    i.state = IntentState::Held;
+                });
+                return true;
+            }
             if live {
                 // Decided by the Get under way; later events must not read as a sweep.
                 return true;

@@ -897,3 +897,24 @@ fn an_alias_fetched_before_its_name_learns_its_archive() {
     e.handle(6, inventory(&[]));
     assert_eq!(e.summary().archives_gone, 2);
 }
+
+/// Found by the simulation (seeds 1766, 2753, 7607): an unpin's event delivered late, after an
+/// operator pinned the image again, is followed by the pin's own event; K3s's sweep after that
+/// is a sweep, not the operator's unpin confirmed.
+#[test]
+fn an_unpin_event_followed_by_a_pin_is_not_confirmed_as_an_unpin() {
+    let mut e = engine_with_two();
+    let out = e.handle(1, update(WEB, labels(&[K3S_PIN])));
+    assert_eq!(out, vec![Output::Fetch { name: WEB.into() }]);
+    // The pin written after it, then K3s's sweep, come before the Get's answer.
+    e.handle(2, update(WEB, both()));
+    e.handle(3, update(WEB, Labels::new()));
+    e.handle(
+        4,
+        Input::Fetched {
+            name: WEB.into(),
+            record: Some(record(WEB, Labels::new(), "sha256:bbbb")),
+        },
+    );
+    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Swept);
+}
