@@ -86,6 +86,9 @@ pub struct Engine {
     verify_deadline: Option<Millis>,
     /// A verification was asked for and its listing has not come yet.
     verify_in_flight: bool,
+    /// Disconnected since the last [`Input::Disconnected`], until a listing: a verification
+    /// due meanwhile waits for the connection (its listing could not be taken).
+    away: bool,
     /// A verification listing is being applied: unpinned intents are restored, not deferred.
     verifying: bool,
     episode: Option<Episode>,
@@ -125,6 +128,7 @@ impl Engine {
             verify_due: None,
             verify_deadline: None,
             verify_in_flight: false,
+            away: false,
             verifying: false,
             episode: None,
             forget: BTreeSet::new(),
@@ -171,7 +175,9 @@ impl Engine {
         let forget = self.forget.first().map(|(at, _)| *at);
         // A verification already asked for cannot be asked again until its listing comes:
         // waking for it would only spin.
-        let verify = self.verify_due.filter(|_| !self.verify_in_flight);
+        let verify = self
+            .verify_due
+            .filter(|_| !self.verify_in_flight && !self.away);
         [churn, verify, forget].into_iter().flatten().min()
     }
 
@@ -202,7 +208,11 @@ impl Engine {
             Input::Disconnected => {
                 self.pins_in_flight.clear();
                 self.labels_to_confirm.clear();
-                self.verify_in_flight = false;
+                // A verification whose listing never came is asked again once connected.
+                if std::mem::take(&mut self.verify_in_flight) {
+                    self.verify_due = Some(now.mono);
+                }
+                self.away = true;
             }
             Input::Tick => self.on_tick(now, &mut out),
             Input::OperatorPin { record } => self.on_operator_pin(now, record, &mut out),
@@ -771,7 +781,8 @@ impl Engine {
             let gone = Some(Labels::new());
             self.release(now, &name, DELETED, gone, out);
         }
-        if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight {
+        if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight && !self.away
+        {
             self.verify_due = None;
             self.verify_deadline = None;
             self.verify_in_flight = true;
@@ -786,6 +797,7 @@ impl Engine {
         cause: ListCause,
         out: &mut Vec<Output>,
     ) {
+        self.away = false;
         self.verifying = cause == ListCause::Verify;
         if self.verifying {
             self.verify_in_flight = false;

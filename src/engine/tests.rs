@@ -918,3 +918,29 @@ fn an_unpin_event_followed_by_a_pin_is_not_confirmed_as_an_unpin() {
     );
     assert_eq!(e.intent(WEB).unwrap().state, IntentState::Swept);
 }
+
+/// A verification due (or asked for) while containerd is away waits for the connection: its
+/// listing cannot be taken, and an engine waiting for it would never verify again.
+#[test]
+fn a_verification_waits_for_the_connection() {
+    let mut e = engine_with_two();
+    e.handle(10, inventory(&[(APP, "app.tar")]));
+    e.handle(1000, update(APP, Labels::new()));
+    let due = e.next_wakeup().expect("a verification is due");
+    assert_eq!(e.handle(due, Input::Tick), vec![Output::Verify]);
+    // The stream breaks before the verification's listing.
+    e.handle(due + 1, Input::Disconnected);
+    assert_eq!(e.next_wakeup(), None, "nothing to do while away");
+    assert!(e.handle(due + 60_000, Input::Tick).is_empty());
+    // Connected again: the verification is asked again after the connection's listing.
+    e.handle(
+        due + 60_001,
+        Input::Listing {
+            images: vec![record(APP, Labels::new(), "sha256:aaaa")],
+            cause: ListCause::Connected,
+        },
+    );
+    let again = e.next_wakeup().expect("the verification is due again");
+    assert!(again <= due + 60_001 + Config::default().settle);
+    assert!(e.handle(again, Input::Tick).contains(&Output::Verify));
+}
