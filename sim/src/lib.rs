@@ -708,7 +708,25 @@ impl Sim {
         self.outcome.crashes += 1;
         let mut ledger = node.exec.journal;
         ledger.crash();
+        // That K3s pinned a name is committed as soon as it is learned (an `Output::Commit`);
+        // when that commit fails (a full disk, a hung write) the knowledge is lost with the
+        // process: such a name, known from a CRI pin alone, cannot be told from an operator's
+        // `ctr` pin until K3s or an operator pins it again (README: what it cannot protect
+        // against).
+        let owned = |i: &engine::Intent| i.k3s_pinned;
+        let forgotten: Vec<String> = node
+            .exec
+            .engine
+            .intents()
+            .filter(|i| i.state != IntentState::Released && owned(i))
+            .filter(|i| !ledger.intents.get(&i.name).is_some_and(owned))
+            .map(|i| i.name.clone())
+            .collect();
         self.ledger = Some(ledger);
+        for name in forgotten {
+            self.let_go(&name);
+            self.amnesia.insert(name);
+        }
         lock(&self.faults).hung = false;
         self.note(|| format!("pinkeeper is killed {where_}"));
     }

@@ -155,97 +155,6 @@ fn no_archive_is_called_gone_before_the_directory_was_read() {
 }
 
 #[test]
-fn a_live_unpin_is_confirmed_by_a_get_before_release() {
-    let mut e = engine_with_two();
-    let out = e.handle(1, update(WEB, labels(&[K3S_PIN])));
-    assert_eq!(out, vec![Output::Fetch { name: WEB.into() }]);
-    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
-    // The sweep's event comes before the Get's answer: still not a sweep.
-    let out = e.handle(2, update(WEB, Labels::new()));
-    assert!(pins(&out).is_empty());
-    e.handle(
-        3,
-        Input::Fetched {
-            name: WEB.into(),
-            record: Some(record(WEB, Labels::new(), "sha256:bbbb")),
-        },
-    );
-    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
-}
-
-#[test]
-fn a_stale_unpin_is_not_a_release() {
-    let mut e = engine_with_two();
-    e.handle(1, update(WEB, Labels::new()));
-    e.handle(2, update(WEB, labels(&[CRI_PIN])));
-    // A late copy of some earlier event without the pin.
-    e.handle(3, update(WEB, Labels::new()));
-    e.handle(
-        4,
-        Input::Fetched {
-            name: WEB.into(),
-            record: Some(record(WEB, labels(&[CRI_PIN]), "sha256:bbbb")),
-        },
-    );
-    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
-}
-
-#[test]
-fn alias_churn_keeps_the_intent_and_a_plain_delete_releases_it() {
-    let mut e = engine_with_two();
-    e.handle(1, event(EventKind::Delete, ALIAS, Labels::new()));
-    assert_eq!(e.next_wakeup(), Some(1 + Config::default().churn_window));
-    e.handle(2, event(EventKind::Create, ALIAS, both()));
-    assert_eq!(e.next_wakeup(), None);
-    e.handle(10, event(EventKind::Delete, ALIAS, Labels::new()));
-    e.handle(10 + Config::default().churn_window, Input::Tick);
-    assert_eq!(e.intent(ALIAS).unwrap().state, IntentState::Released);
-}
-
-#[test]
-fn a_failed_restore_is_retried_at_the_next_listing() {
-    let mut e = engine_with_two();
-    e.handle(1, inventory(&[]));
-    let out = e.handle(2, update(WEB, Labels::new()));
-    assert_eq!(pins(&out).len(), 1);
-    e.handle(
-        3,
-        Input::Pinned {
-            name: WEB.into(),
-            result: Err(ApplyError::Failed("Unavailable".into())),
-        },
-    );
-    e.handle(4, Input::Disconnected);
-    let out = e.handle(
-        5,
-        Input::Listing {
-            images: vec![record(WEB, Labels::new(), "sha256:bbbb")],
-            cause: ListCause::Connected,
-        },
-    );
-    assert_eq!(
-        pins(&out),
-        vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
-    );
-}
-
-#[test]
-fn a_pin_in_flight_is_not_written_twice() {
-    let mut e = engine_with_two();
-    e.handle(1, inventory(&[]));
-    assert_eq!(pins(&e.handle(2, update(WEB, Labels::new()))).len(), 1);
-    assert_eq!(pins(&e.handle(3, update(WEB, Labels::new()))).len(), 0);
-    let out = e.handle(
-        4,
-        Input::Listing {
-            images: vec![record(WEB, Labels::new(), "sha256:bbbb")],
-            cause: ListCause::Connected,
-        },
-    );
-    assert_eq!(pins(&out).len(), 0);
-}
-
-#[test]
 fn swept_state_survives_a_restart_of_pinkeeper() {
     let mut e = engine_with_two();
     e.handle(1, update(WEB, Labels::new()));
@@ -498,34 +407,6 @@ fn operator_unpin_of_an_image_without_intent_keeps_the_decision() {
     assert_eq!(e.intent(name).unwrap().state, IntentState::Held);
 }
 
-/// Found by the simulation (seed 5776): pinkeeper's own restore, delivered after an operator's
-/// `pinkeeper unpin` released the intent, must not bring it back.
-#[test]
-fn a_late_echo_of_a_restore_does_not_undo_an_unpin() {
-    let mut e = engine_with_two();
-    let unpinned = record(WEB, labels(&[K3S_PIN]), "sha256:bbbb");
-    e.handle(
-        10,
-        Input::OperatorUnpin {
-            name: WEB.into(),
-            record: Some(record(WEB, both(), "sha256:bbbb")),
-        },
-    );
-    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
-    // The update of an earlier pin, delivered late.
-    let out = e.handle(11, update(WEB, both()));
-    assert_eq!(out, vec![Output::Fetch { name: WEB.into() }]);
-    // The record says: unpinned.
-    e.handle(
-        12,
-        Input::Fetched {
-            name: WEB.into(),
-            record: Some(unpinned),
-        },
-    );
-    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
-}
-
 #[test]
 fn a_clone_decides_without_touching_the_original() {
     let mut e = engine_with_two();
@@ -548,44 +429,6 @@ fn a_clone_decides_without_touching_the_original() {
     );
     assert_eq!(e.intent(WEB).unwrap().state, IntentState::Held);
     assert_eq!(what_if.intent(WEB).unwrap().state, IntentState::Swept);
-}
-
-#[test]
-fn a_late_echo_of_pinkeepers_own_restore_is_checked_not_believed() {
-    // pinkeeper restored APP (CRI pin only), K3s pinned it again (both), then the restore's
-    // event arrives late: believed, the next sweep would read as an operator's unpin.
-    let mut e = engine_with_two();
-    e.handle(1, inventory(&[(WEB, "web.tar")]));
-    e.handle(2, update(APP, Labels::new()));
-    e.handle(
-        3,
-        Input::Pinned {
-            name: APP.into(),
-            result: Ok(()),
-        },
-    );
-    e.handle(4, update(APP, both()));
-    let out = e.handle(5, update(APP, labels(&[CRI_PIN])));
-    assert!(
-        out.iter()
-            .any(|o| matches!(o, Output::Fetch { name } if name == APP)),
-        "{out:?}"
-    );
-    assert_eq!(e.intent(APP).unwrap().labels, both());
-    e.handle(
-        6,
-        Input::Fetched {
-            name: APP.into(),
-            record: Some(record(APP, both(), "sha256:aaaa")),
-        },
-    );
-    assert_eq!(e.intent(APP).unwrap().labels, both());
-    // The next sweep is a sweep: restored at once (the archive is gone).
-    let out = e.handle(10, update(APP, Labels::new()));
-    assert_eq!(
-        pins(&out),
-        vec![(APP.to_string(), RestoreReason::ArchiveGone)]
-    );
 }
 
 #[test]
@@ -898,27 +741,6 @@ fn an_alias_fetched_before_its_name_learns_its_archive() {
     assert_eq!(e.summary().archives_gone, 2);
 }
 
-/// Found by the simulation (seeds 1766, 2753, 7607): an unpin's event delivered late, after an
-/// operator pinned the image again, is followed by the pin's own event; K3s's sweep after that
-/// is a sweep, not the operator's unpin confirmed.
-#[test]
-fn an_unpin_event_followed_by_a_pin_is_not_confirmed_as_an_unpin() {
-    let mut e = engine_with_two();
-    let out = e.handle(1, update(WEB, labels(&[K3S_PIN])));
-    assert_eq!(out, vec![Output::Fetch { name: WEB.into() }]);
-    // The pin written after it, then K3s's sweep, come before the Get's answer.
-    e.handle(2, update(WEB, both()));
-    e.handle(3, update(WEB, Labels::new()));
-    e.handle(
-        4,
-        Input::Fetched {
-            name: WEB.into(),
-            record: Some(record(WEB, Labels::new(), "sha256:bbbb")),
-        },
-    );
-    assert_eq!(e.intent(WEB).unwrap().state, IntentState::Swept);
-}
-
 /// A verification due (or asked for) while containerd is away waits for the connection: its
 /// listing cannot be taken, and an engine waiting for it would never verify again.
 #[test]
@@ -944,3 +766,5 @@ fn a_verification_waits_for_the_connection() {
     assert!(again <= due + 60_001 + Config::default().settle);
     assert!(e.handle(again, Input::Tick).contains(&Output::Verify));
 }
+
+mod deliveries;

@@ -1,0 +1,295 @@
+//! How the engine reads what containerd says about a name: an event, a listing's record, or
+//! a Get's answer. Each change of labels is read here as a pin, an unpin, K3s's sweep, a
+//! deletion, or a late or duplicate delivery to be confirmed first (FACTS.md section 3).
+//!
+//! It decides only; the bookkeeping it calls (`record`, `release`, `update_intent`, `settle`)
+//! lives in `mod.rs`.
+
+use super::*;
+
+impl Engine {
+    pub(super) fn on_event(&mut self, now: Now, event: ImageEvent, out: &mut Vec<Output>) {
+        self.note_activity(now.mono);
+        match event.kind {
+            EventKind::Delete => {
+                if self.holds(&event.name) {
+                    // Released at `churn_window` unless K3s creates it again (forceCreateTag).
+                    self.deleted
+                        .entry(event.name.clone())
+                        .or_insert(now.mono + self.config.churn_window);
+                    // A delete may be delivered after the create that followed it (FACTS.md
+                    // section 3): a Get tells.
+                    out.push(Output::Fetch { name: event.name });
+                } else {
+                    self.record_gone(&event.name, out);
+                }
+            }
+            EventKind::Create => {
+                let recreated = self.deleted.remove(&event.name).is_some();
+                if recreated && !self.pins(&event.labels).any() {
+                    // K3s re-creates its aliases with both pins; this is someone else's record.
+                    self.release(
+                        now,
+                        &event.name,
+                        "its record was deleted and created again without a pin",
+                        Some(event.labels),
+                        out,
+                    );
+                    return;
+                }
+                let new_target = self.observe(now, &event.name, event.labels, None, out);
+                if new_target {
+                    // A (re)created record may have a new target: events carry no digest.
+                    out.push(Output::Fetch { name: event.name });
+                }
+            }
+            EventKind::Update => {
+                self.observe(now, &event.name, event.labels, None, out);
+            }
+        }
+    }
+
+    /// True while an intent holds for `name` (not released).
+    pub(super) fn holds(&self, name: &str) -> bool {
+        self.intents
+            .get(name)
+            .is_some_and(|i| i.state != IntentState::Released)
+    }
+
+    /// Applies the labels now seen on `name`: from an event (`listed` is `None`) or from a
+    /// listing (`Some(digest)`, the record's target digest if any). Returns true when the name
+    /// holds an intent afterwards.
+    pub(super) fn observe(
+        &mut self,
+        now: Now,
+        name: &str,
+        labels: Labels,
+        listed: Option<Option<String>>,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let live = listed.is_none();
+        if let Some(Some(digest)) = &listed {
+            if self.holds(name) {
+                self.update_intent(name, out, |i| i.digest = Some(digest.clone()));
+            }
+        }
+        let new = self.pins(&labels);
+        let Some(intent) = self
+            .intents
+            .get(name)
+            .filter(|i| i.state != IntentState::Released)
+        else {
+            // A released intent comes back only when the CRI pin is put on again (K3s
+            // re-importing the archive, someone pinning it): K3s's label alone, as an operator
+            // leaves it when removing the CRI pin, is no reason to undo the unpin.
+            let before = self.intents.get(name).map(|i| self.pins(&i.labels));
+            match before {
+                None if new.cri => {
+                    self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
+                }
+                None if new.program => {
+                    let digest = listed.flatten();
+                    self.record(now, name, labels.clone(), digest, Origin::SeenPinned, out);
+                    self.release(now, name, K3S_LABEL_ONLY, Some(labels), out);
+                }
+                // An event may be the late delivery of a pin written before the release
+                // (pinkeeper's own restore, or K3s's): the record itself says, so a Get
+                // confirms before the intent comes back. Found by the simulation (seed 5776).
+                Some(old)
+                    if new.cri
+                        && !old.cri
+                        && live
+                        && self.labels_to_confirm.insert(name.into()) =>
+                {
+                    out.push(Output::Fetch {
+                        name: name.to_string(),
+                    });
+                }
+                Some(old) if new.cri && !old.cri && live => {}
+                Some(old) if new.cri && !old.cri => {
+                    self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
+                }
+                Some(old) if old != new => self.update_intent(name, out, |i| i.labels = labels),
+                _ => {}
+            }
+            return false;
+        };
+        if self.unpins_to_confirm.contains(name) {
+            if live && new.cri {
+                // The CRI pin is on again after the unpin seen: that one was a late delivery
+                // (an operator's pin, or a restore, came after it). The Get under way reads
+                // the record as a listing would instead of confirming an unpin. Found by the
+                // simulation (seeds 1766, 2753, 7607).
+                self.unpins_to_confirm.remove(name);
+                self.labels_to_confirm.insert(name.to_string());
+                self.update_intent(name, out, |i| {
+                    i.labels = labels;
+                    i.state = IntentState::Held;
+                });
+                return true;
+            }
+            if live {
+                // Decided by the Get under way; later events must not read as a sweep.
+                return true;
+            }
+            // A listing is as good as the Get: the unpin came first. Unless both pins are
+            // gone now from a record held with K3s's label: the sweep ran since, and the
+            // reading below says so (as for the Get, in `on_fetched`; seed 148119).
+            self.unpins_to_confirm.remove(name);
+            let swept_since = !new.program && self.pins(&intent.labels).program;
+            if !new.cri && !swept_since {
+                self.release(now, name, UNPIN, Some(labels), out);
+                return false;
+            }
+        }
+        let old = self.pins(&intent.labels);
+        let was_swept = intent.state == IntentState::Swept;
+        let operator_pin = intent.origin == Origin::Operator;
+        let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
+        let labels_changed = intent.labels != labels;
+        if new.program && !intent.k3s_pinned {
+            // Once per name, and on disk at once: lost to a crash, a later sweep missed while
+            // away would read as an operator's unpin.
+            self.update_intent(name, out, |i| i.k3s_pinned = true);
+            out.push(Output::Commit);
+        }
+        if live && new.cri && old.program && !new.program && !was_swept {
+            // K3s's label gone and the CRI pin kept: K3s never does that, and pinkeeper's own
+            // restore (CRI pin only) delivered after K3s pinned the image again looks exactly
+            // like it. Believed, it would make the next sweep read as an operator's unpin; the
+            // record itself says which it is.
+            if self.labels_to_confirm.insert(name.to_string()) {
+                out.push(Output::Fetch {
+                    name: name.to_string(),
+                });
+            }
+            return true;
+        }
+        if new.cri {
+            if was_swept && !self.pins_in_flight.contains_key(name) {
+                self.awaiting_k3s.remove(name);
+                if let Some(ep) = self.episode.as_mut() {
+                    if ep.open.remove(name) {
+                        ep.summary.repinned_by_k3s += 1;
+                    }
+                }
+                self.history(now, name, "repinned", "pinned again by K3s's import", out);
+            }
+            self.update_intent(name, out, |i| {
+                i.labels = labels;
+                i.state = IntentState::Held;
+            });
+            return true;
+        }
+        // The CRI pin is absent now. K3s writes both pins at once and its sweep removes both,
+        // so a record left with K3s's label alone, or a pin pinkeeper restored (CRI pin only)
+        // now gone, was unpinned by someone else: contract rule 6. Except when a listing,
+        // after events were missed, finds a restored pin of an image K3s imported from a file
+        // gone with no pin left at all: K3s may have imported it again (both pins) and swept
+        // it since, unseen (an image K3s has pinned, or one a file provided). Keeping the image is the side that loses nothing; an unpin made
+        // with `ctr` while pinkeeper was not watching is taken for that (README: use
+        // `pinkeeper unpin`). Found by the simulation (seed 32).
+        let missed_sweep =
+            !live && !new.program && old.cri && !old.program && !was_swept && k3s_pinned;
+        if new.program || (old.cri && !old.program && !missed_sweep) {
+            // An event may be a late or duplicate delivery (FACTS.md section 3): a live one is
+            // confirmed with a Get before the intent is released.
+            if live {
+                self.unpins_to_confirm.insert(name.to_string());
+                out.push(Output::Fetch {
+                    name: name.to_string(),
+                });
+            } else {
+                self.release(now, name, UNPIN, Some(labels), out);
+            }
+            return false;
+        }
+        if (old.program || missed_sweep) && !was_swept {
+            // The sweep's signature: both pins removed at once from an image with K3s's label.
+            self.update_intent(name, out, |i| {
+                i.labels = labels;
+                i.state = IntentState::Swept;
+            });
+            let how = if live {
+                "K3s's startup sweep removed both pins"
+            } else {
+                "both pins were removed while pinkeeper was not watching (a missed K3s sweep)"
+            };
+            self.history(now, name, "swept", how, out);
+            let ep = self.episode.get_or_insert_with(|| Episode {
+                summary: SweepSummary {
+                    started: now.wall,
+                    seen_live: live,
+                    ..SweepSummary::default()
+                },
+                ..Episode::default()
+            });
+            ep.summary.swept += 1;
+            ep.open.insert(name.to_string());
+            // The episode ends with a verification, whatever the archives.
+            self.schedule_verify(now.mono);
+            self.settle(name, now, out);
+        } else if !live && operator_pin && !old.cri && !was_swept {
+            // An operator's `pinkeeper pin` recorded and never seen carried out (pinkeeper
+            // was killed between the commit and the write): the intent says pinned, so it is
+            // done now. Found by the simulation (seed 883).
+            if labels_changed {
+                self.update_intent(name, out, |i| i.labels = labels);
+            }
+            self.pin(name, RestoreReason::Operator, out);
+        } else if labels_changed {
+            self.update_intent(name, out, |i| i.labels = labels);
+        }
+        true
+    }
+
+    pub(super) fn on_fetched(
+        &mut self,
+        now: Now,
+        name: &str,
+        record: Option<ImageRecord>,
+        out: &mut Vec<Output>,
+    ) {
+        let confirming = self.unpins_to_confirm.remove(name);
+        let recheck = self.labels_to_confirm.remove(name) && !confirming;
+        let Some(record) = record else {
+            // Gone: its delete event (or the next listing) settles the intent.
+            return;
+        };
+        if recheck && self.intents.contains_key(name) {
+            // What the record carries now, read as a listing reads it.
+            self.observe(now, name, record.labels, Some(record.digest), out);
+            return;
+        }
+        if self.pins(&record.labels).any() {
+            // A delete delivered late: the record exists again, pinned. (Created again without
+            // a pin, it is left to the create event or the churn window.)
+            self.deleted.remove(name);
+        }
+        if record.digest.is_some() && self.holds(name) {
+            self.update_intent(name, out, |i| i.digest = record.digest.clone());
+        }
+        if confirming {
+            let pins = self.pins(&record.labels);
+            let had_k3s_label = self
+                .intents
+                .get(name)
+                .is_some_and(|i| self.pins(&i.labels).program);
+            if pins.cri {
+                // The unpin was a stale delivery: the record is pinned now.
+                self.update_intent(name, out, |i| {
+                    i.labels = record.labels;
+                    i.state = IntentState::Held;
+                });
+            } else if !pins.program && had_k3s_label {
+                // Both pins are gone now from a record held with K3s's label: the sweep's
+                // signature. The event (K3s's label without the CRI pin) was a late delivery
+                // of an older state, and the sweep has run since; the record is read as a
+                // listing reads it. Found by the simulation (seed 15446).
+                self.observe(now, name, record.labels, Some(record.digest), out);
+            } else {
+                self.release(now, name, UNPIN, Some(record.labels), out);
+            }
+        }
+    }
+}
