@@ -52,19 +52,62 @@ fn check_idempotent(path: &Path, replay: &mut Replay) {
     );
 }
 
+fn replays(file: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(file);
+    let mut replay = run_fixture(&path);
+    check_invariants(&path, &replay);
+    check_idempotent(&path, &mut replay);
+}
+
+/// One test per fixture, so that each failure is named; [`every_fixture_has_its_test`] keeps
+/// the list and the directory in step.
+macro_rules! fixtures {
+    ($($test:ident => $file:literal,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                replays($file);
+            }
+        )*
+        const FIXTURES: &[&str] = &[$($file),*];
+    };
+}
+
+fixtures! {
+    alias_churn => "alias-churn.jsonl",
+    duplicates_reordered => "duplicates-reordered.jsonl",
+    late_alias_delete => "late-alias-delete.jsonl",
+    missed_sweep_1_7_cachebug => "missed-sweep-1.7-cachebug.jsonl",
+    missed_sweep_1_7_plain => "missed-sweep-1.7-plain.jsonl",
+    missed_sweep_2_1_cachebug => "missed-sweep-2.1-cachebug.jsonl",
+    missed_sweep_2_1_plain => "missed-sweep-2.1-plain.jsonl",
+    never_pinned => "never-pinned.jsonl",
+    operator_unpin => "operator-unpin.jsonl",
+    release_keeps_last_labels => "release-keeps-last-labels.jsonl",
+    restart_1_7_cachebug => "restart-1.7-cachebug.jsonl",
+    restart_1_7_plain => "restart-1.7-plain.jsonl",
+    restart_2_1_cachebug => "restart-2.1-cachebug.jsonl",
+    restart_2_1_plain => "restart-2.1-plain.jsonl",
+    unpin_races_sweep => "unpin-races-sweep.jsonl",
+    unpinned_before_pinkeeper => "unpinned-before-pinkeeper.jsonl",
+    whole_map_writer => "whole-map-writer.jsonl",
+}
+
 #[test]
-fn every_fixture_replays() {
+fn every_fixture_has_its_test() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
         .expect("tests/fixtures exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.ends_with(".jsonl"))
         .collect();
-    paths.sort();
-    assert!(paths.len() >= 8, "fixtures missing from {}", dir.display());
-    for path in &paths {
-        let mut replay = run_fixture(path);
-        check_invariants(path, &replay);
-        check_idempotent(path, &mut replay);
-    }
+    found.sort();
+    assert_eq!(
+        found,
+        FIXTURES,
+        "every fixture in {} needs a line in the fixtures! list of tests/replay.rs",
+        dir.display()
+    );
 }
