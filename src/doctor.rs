@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{ConfigError, FileConfig, Overrides, Program, Settings};
+use crate::cli::node::NodeArgs;
+use crate::config::{ConfigError, Overrides, Program, Settings};
 use crate::containerd::Containerd;
 use crate::engine::{ImageRecord, Intent, IntentState, CRI_PIN, PINNED};
 use crate::inventory::{CachedFile, Scanner};
@@ -1266,29 +1267,12 @@ async fn check_at_risk(
 /// 1 when something did, 2 for bad usage.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
-    /// TOML config file of `pinkeeper run`; flags override its values. Must exist when given
-    /// [default: /etc/pinkeeper/config.toml, read only if it exists]
-    #[arg(long, value_name = "PATH")]
-    pub config: Option<PathBuf>,
-    /// containerd's gRPC socket [default: /run/k3s/containerd/containerd.sock]
-    #[arg(long, value_name = "PATH")]
-    pub containerd_socket: Option<PathBuf>,
-    /// containerd namespace K3s imports into [default: k8s.io]
-    #[arg(long, value_name = "NS")]
-    pub namespace: Option<String>,
-    /// K3s's images directory [default: /var/lib/rancher/k3s/agent/images]
-    #[arg(long, value_name = "PATH")]
-    pub images_dir: Option<PathBuf>,
-    /// Directory of the ledger [default: /var/lib/pinkeeper]
-    #[arg(long, value_name = "PATH")]
-    pub state_dir: Option<PathBuf>,
+    /// The node's settings, as `pinkeeper run` takes them.
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// The running pinkeeper's control socket [default: /run/pinkeeper/pinkeeper.sock]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
-    /// K3s or RKE2, as `pinkeeper run --program`: the program the node is checked for
-    /// [default: k3s]
-    #[arg(long, value_name = "PROGRAM", value_parser = ["k3s", "rke2"])]
-    pub program: Option<String>,
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
@@ -1298,17 +1282,11 @@ impl DoctorArgs {
     /// The settings, resolved as `pinkeeper run` resolves them (defaults, the config file,
     /// the flags).
     pub fn settings(&self) -> Result<DoctorSettings, ConfigError> {
-        let file = FileConfig::find(self.config.as_deref())?;
         let flags = Overrides {
-            containerd_socket: self.containerd_socket.clone(),
-            namespace: self.namespace.clone(),
-            images_dir: self.images_dir.clone(),
-            state_dir: self.state_dir.clone(),
             control_socket: self.control_socket.clone(),
-            program: self.program.clone(),
             ..Overrides::default()
         };
-        Settings::resolve_found(file, flags).map(DoctorSettings::from)
+        self.node.resolve(flags).map(DoctorSettings::from)
     }
 }
 
@@ -1953,13 +1931,12 @@ mod tests {
         let config = dir.path().join("c.toml");
         std::fs::write(&config, "state_dir = \"/srv/pk\"\nnamespace = \"other\"\n").unwrap();
         let args = DoctorArgs {
-            config: Some(config.clone()),
-            containerd_socket: None,
-            namespace: Some("k8s.io".into()),
-            images_dir: None,
-            state_dir: None,
+            node: NodeArgs {
+                config: Some(config.clone()),
+                namespace: Some("k8s.io".into()),
+                ..NodeArgs::default()
+            },
             control_socket: None,
-            program: None,
             json: false,
         };
         let s = args.settings().unwrap();
@@ -1968,24 +1945,18 @@ mod tests {
         assert_eq!(s.containerd_socket, PathBuf::from(K3S_SOCKET));
         assert_eq!(s.program, Program::K3s);
         assert_eq!(s.images_dir, PathBuf::from(DEFAULT_IMAGES_DIR));
-        let rke2 = DoctorArgs {
-            program: Some("rke2".into()),
-            ..args.clone()
-        };
+        let mut rke2 = args.clone();
+        rke2.node.program = Some("rke2".into());
         let s = rke2.settings().unwrap();
         assert_eq!(s.program, Program::Rke2);
         assert_eq!(s.images_dir, PathBuf::from(RKE2_IMAGES_DIR));
         std::fs::write(&config, "program = \"rke2\"\n").unwrap();
         assert_eq!(args.settings().unwrap().program, Program::Rke2);
-        let missing = DoctorArgs {
-            config: Some(dir.path().join("missing.toml")),
-            ..args.clone()
-        };
+        let mut missing = args.clone();
+        missing.node.config = Some(dir.path().join("missing.toml"));
         assert!(missing.settings().is_err());
-        let bad = DoctorArgs {
-            containerd_socket: Some("relative".into()),
-            ..args
-        };
+        let mut bad = args;
+        bad.node.containerd_socket = Some("relative".into());
         assert!(bad.settings().is_err());
     }
 }

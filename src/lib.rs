@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 #![warn(unreachable_pub)]
 
+pub mod cli;
 pub mod config;
 pub mod containerd;
 pub mod control;

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use pinkeeper::config::{FileConfig, Overrides, Settings};
+use pinkeeper::cli::node::NodeArgs;
+use pinkeeper::config::Overrides;
 use pinkeeper::control::cli;
 
 /// Keeps K3s air-gap images pinned in containerd across K3s restarts.
@@ -59,9 +60,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct InventoryArgs {
-    /// K3s's images directory
-    #[arg(long, value_name = "DIR", default_value = pinkeeper::config::DEFAULT_IMAGES_DIR)]
-    images_dir: PathBuf,
+    /// The node's settings.
+    #[command(flatten)]
+    node: NodeArgs,
     /// Print JSON (the shape is documented in README.md) instead of a table
     #[arg(long)]
     json: bool,
@@ -69,27 +70,9 @@ struct InventoryArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// TOML config file; flags override its values. Must exist when given [default:
-    /// /etc/pinkeeper/config.toml, read only if it exists]
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// K3s or RKE2: the pin label pinkeeper follows (io.cattle.<program>.pinned) and the
-    /// default images directory [default: k3s]
-    #[arg(long, value_name = "PROGRAM", value_parser = ["k3s", "rke2"])]
-    program: Option<String>,
-    /// containerd's gRPC socket [default: /run/k3s/containerd/containerd.sock]
-    #[arg(long, value_name = "PATH")]
-    containerd_socket: Option<PathBuf>,
-    /// containerd namespace K3s imports into [default: k8s.io]
-    #[arg(long, value_name = "NS")]
-    namespace: Option<String>,
-    /// K3s's images directory [default: /var/lib/rancher/k3s/agent/images; with --program
-    /// rke2: /var/lib/rancher/rke2/agent/images]
-    #[arg(long, value_name = "PATH")]
-    images_dir: Option<PathBuf>,
-    /// Directory of the ledger [default: /var/lib/pinkeeper]
-    #[arg(long, value_name = "PATH")]
-    state_dir: Option<PathBuf>,
+    /// The node's settings.
+    #[command(flatten)]
+    node: NodeArgs,
     /// The operator API's socket [default: /run/pinkeeper/pinkeeper.sock]
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -163,23 +146,15 @@ fn init_logging(format: pinkeeper::config::LogFormat) {
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let file = match FileConfig::find(args.config.as_deref()) {
-        Ok(file) => file,
-        Err(e) => return usage_error(&e),
-    };
     let flags = Overrides {
-        containerd_socket: args.containerd_socket,
-        namespace: args.namespace,
-        images_dir: args.images_dir,
-        state_dir: args.state_dir,
         control_socket: args.control_socket,
         settle_ms: args.settle_ms,
-        program: args.program,
         log_format: args.log_format,
         metrics_textfile: args.metrics_textfile,
         metrics_address: args.metrics_address,
+        ..Overrides::default()
     };
-    let settings = match Settings::resolve_found(file, flags) {
+    let settings = match args.node.resolve(flags) {
         Ok(s) => s,
         Err(e) => return usage_error(&e),
     };
@@ -209,9 +184,13 @@ fn usage_error(e: &dyn std::fmt::Display) -> ExitCode {
 }
 
 /// Exit 0 once the directory was read (broken files are part of the output), 1 if it
-/// cannot be read; clap exits 2 on bad usage.
+/// cannot be read, 2 on bad usage (a flag, or the config file).
 fn inventory(args: &InventoryArgs) -> ExitCode {
-    let dir = &args.images_dir;
+    let settings = match args.node.resolve(Overrides::default()) {
+        Ok(s) => s,
+        Err(e) => return usage_error(&e),
+    };
+    let dir = &settings.images_dir;
     let problem = match std::fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => None,
         Ok(_) => Some("is not a directory".to_string()),

@@ -25,7 +25,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::config::{DEFAULT_CONTAINERD_SOCKET, DEFAULT_IMAGES_DIR, DEFAULT_NAMESPACE};
+use crate::cli::node::NodeArgs;
+use crate::config::{ConfigError, Overrides, DEFAULT_CONTAINERD_SOCKET};
 use crate::containerd::{Containerd, ContainerdError, EnvelopedEvent};
 use crate::engine::{EventKind, ImageRecord};
 use crate::inventory::watch::Watcher;
@@ -45,18 +46,42 @@ pub struct RecordArgs {
     /// `pinkeeper replay FILE`
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// containerd's gRPC socket
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTAINERD_SOCKET)]
-    pub containerd_socket: PathBuf,
-    /// containerd namespace K3s imports into
-    #[arg(long, value_name = "NS", default_value = DEFAULT_NAMESPACE)]
-    pub namespace: String,
-    /// K3s's images directory
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_IMAGES_DIR)]
-    pub images_dir: PathBuf,
+    /// The node's settings.
+    #[command(flatten)]
+    pub node: NodeArgs,
     /// Stop after this many seconds [default: at SIGINT (Ctrl-C) or SIGTERM]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration_secs: Option<u64>,
+}
+
+/// What a recording reads and writes, resolved from [`RecordArgs`] as `pinkeeper run`
+/// resolves its settings (the config file and `--program` included).
+#[derive(Debug, Clone)]
+pub struct RecordSettings {
+    /// The file to write.
+    pub out: PathBuf,
+    /// containerd's gRPC socket.
+    pub containerd_socket: PathBuf,
+    /// containerd namespace K3s imports into.
+    pub namespace: String,
+    /// K3s's images directory.
+    pub images_dir: PathBuf,
+    /// When to stop by itself.
+    pub duration_secs: Option<u64>,
+}
+
+impl RecordArgs {
+    /// The recording these arguments ask for.
+    pub fn resolve(&self) -> Result<RecordSettings, ConfigError> {
+        let settings = self.node.resolve(Overrides::default())?;
+        Ok(RecordSettings {
+            out: self.out.clone(),
+            containerd_socket: settings.containerd_socket,
+            namespace: settings.namespace,
+            images_dir: settings.images_dir,
+            duration_secs: self.duration_secs,
+        })
+    }
 }
 
 /// Why a recording stopped short.
@@ -90,13 +115,18 @@ pub enum RecordError {
 /// Runs `pinkeeper record`: exit 0 once stopped by a signal or `--duration-secs`, 1 on a
 /// failure (clap exits 2 on bad usage).
 pub fn run(args: RecordArgs) -> ExitCode {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let result = match runtime {
-        Ok(runtime) => runtime.block_on(record(&args)),
-        Err(e) => Err(RecordError::Setup(e)),
+    let args = match args.resolve() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("pinkeeper: {e}");
+            return ExitCode::from(2);
+        }
     };
+    let runtime = match crate::runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(record(&args));
     match result {
         Ok(why) => {
             eprintln!(
@@ -113,7 +143,7 @@ pub fn run(args: RecordArgs) -> ExitCode {
 }
 
 /// Records until a signal or the duration; returns what stopped it.
-pub async fn record(args: &RecordArgs) -> Result<&'static str, RecordError> {
+pub async fn record(args: &RecordSettings) -> Result<&'static str, RecordError> {
     use tokio::signal::unix::{signal, SignalKind};
     // Both handlers are in place before anything is written: a signal at any moment ends the
     // file with its closing lines instead of killing the process between two lines.
@@ -234,7 +264,7 @@ impl Recording {
 
 /// The recorder's state across connections.
 struct Recorder<'a> {
-    args: &'a RecordArgs,
+    args: &'a RecordSettings,
     out: Recording,
     /// Taken while a scan runs on the blocking pool.
     scanner: Option<Scanner>,
@@ -476,6 +506,37 @@ mod tests {
     const WEB: &str = "docker.io/library/web:1";
     const WEB_DIGEST: &str =
         "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// `record` honours the config file and `--program` as `run` does.
+    #[test]
+    fn the_recording_takes_the_nodes_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "program = \"rke2\"\ncontainerd_socket = \"/run/other.sock\"\n",
+        )
+        .unwrap();
+        let args = RecordArgs {
+            out: dir.path().join("out.jsonl"),
+            node: NodeArgs {
+                config: Some(config),
+                namespace: Some("ns".into()),
+                ..NodeArgs::default()
+            },
+            duration_secs: Some(1),
+        };
+        let rec = args.resolve().unwrap();
+        assert_eq!(rec.containerd_socket, PathBuf::from("/run/other.sock"));
+        assert_eq!(rec.namespace, "ns");
+        assert_eq!(
+            rec.images_dir,
+            PathBuf::from(crate::config::Program::Rke2.default_images_dir())
+        );
+        let mut bad = args.clone();
+        bad.node.program = Some("k9s".into());
+        assert!(bad.resolve().is_err());
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
         pairs

@@ -1,0 +1,3 @@
+//! The command line's parts shared by the subcommands.
+
+pub mod node;
