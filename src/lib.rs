@@ -14,17 +14,12 @@ pub mod config;
 pub mod containerd;
 pub mod control;
 pub mod daemon;
-pub mod doctor;
 pub mod engine;
 pub mod escape;
 pub mod inventory;
 pub mod ledger;
 pub mod logging;
 pub mod memory;
-pub mod metrics;
-pub mod notify;
-pub mod reconnect;
-pub mod record;
 pub mod replay;
 pub mod store;
 

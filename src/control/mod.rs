@@ -6,7 +6,6 @@
 //! answers from the engine and the ledger. It decides nothing itself and never touches
 //! containerd or the ledger. [`client`] is the CLI's side.
 
-pub mod cli;
 pub mod client;
 
 use std::cell::Cell;

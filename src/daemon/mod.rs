@@ -10,6 +10,8 @@
 //! call to containerd's images itself.
 
 pub mod executor;
+pub mod metrics;
+pub mod notify;
 pub mod operator;
 mod scan;
 
@@ -23,14 +25,14 @@ use tracing::{debug, info, warn};
 
 use crate::config::Settings;
 use crate::containerd::queue::EventQueue;
+use crate::containerd::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RETRY_MAX_FAST};
 use crate::containerd::{Containerd, ContainerdError};
 use crate::control::{self, Request};
+use crate::daemon::metrics::{Exporter, Metrics};
 use crate::engine::{self, Engine, HistoryEntry, Input, ListCause, Millis, SweepSummary};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
-use crate::metrics::{Exporter, Metrics};
-use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RETRY_MAX_FAST};
 use executor::{Clock, Executor, Report};
 use scan::{scan_finished, ScanOutcome, SCAN_WAIT};
 
@@ -187,7 +189,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     // Metrics (off unless asked for): the HTTP listener is up before READY too.
     let metrics = Arc::new(Metrics::new());
     let http = match settings.metrics_address {
-        Some(address) => crate::metrics::listen(address, metrics.clone()).await,
+        Some(address) => crate::daemon::metrics::listen(address, metrics.clone()).await,
         None => None,
     };
     if let Some(file) = &settings.metrics_textfile {
@@ -215,7 +217,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         control,
         status,
         captured: None,
-        watchdog: crate::notify::watchdog_period().map(|period| {
+        watchdog: crate::daemon::notify::watchdog_period().map(|period| {
             let mut interval = tokio::time::interval(period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             interval
@@ -263,7 +265,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         }
     };
     tokio::pin!(shutdown);
-    crate::notify::ready(&format!(
+    crate::daemon::notify::ready(&format!(
         "waiting for containerd at {}",
         daemon.settings.containerd_socket.display()
     ));
@@ -274,7 +276,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             Ok(())
         }
     };
-    crate::notify::stopping();
+    crate::daemon::notify::stopping();
     if let Some(server) = server {
         server.stop().await;
     }
@@ -301,7 +303,7 @@ impl Daemon {
             self.client = None;
             self.status.connected_since = None;
             self.metrics.metrics().disconnected();
-            crate::notify::status(&format!(
+            crate::daemon::notify::status(&format!(
                 "containerd at {} is away (K3s restarting?); waiting for it",
                 self.settings.containerd_socket.display()
             ));
@@ -320,7 +322,7 @@ impl Daemon {
                 Ok(client) => match client.version().await {
                     Ok(version) => {
                         info!(socket = %socket.display(), version, "connected to containerd");
-                        crate::notify::status(&format!(
+                        crate::daemon::notify::status(&format!(
                             "connected to containerd {version} at {}",
                             socket.display()
                         ));
@@ -354,7 +356,7 @@ impl Daemon {
                     continue;
                 }
                 _ = watchdog_due(&mut self.watchdog) => {
-                    crate::notify::watchdog();
+                    crate::daemon::notify::watchdog();
                     continue;
                 }
             }
@@ -409,7 +411,7 @@ impl Daemon {
                     continue;
                 }
                 Wake::Watchdog => {
-                    crate::notify::watchdog();
+                    crate::daemon::notify::watchdog();
                     continue;
                 }
                 Wake::Timer => {

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::client::{Client, ClientError};
-use super::pb;
+use crate::control::client::{Client, ClientError};
+use crate::control::pb;
 use crate::replay::format_millis;
 
 /// Flags every subcommand has.

@@ -27,11 +27,11 @@ use tokio::sync::mpsc;
 
 use crate::cli::node::NodeArgs;
 use crate::config::{ConfigError, Overrides, DEFAULT_CONTAINERD_SOCKET};
+use crate::containerd::reconnect::{images_dir_changed, AbortOnDrop, Backoff};
 use crate::containerd::{Containerd, ContainerdError, EnvelopedEvent};
 use crate::engine::{EventKind, ImageRecord};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
-use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff};
 use crate::replay::format_timestamp;
 
 /// Events queued between the stream reader and the writer (which waits for a `Get` per
