@@ -27,19 +27,6 @@ const OPERATOR_UNPIN: &str = "an operator ran `pinkeeper unpin`";
 const K3S_LABEL_ONLY: &str =
     "seen with K3s's pin label but without the CRI pin: someone had unpinned it (K3s always sets both)";
 
-/// Which pins a label map carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pins {
-    program: bool,
-    cri: bool,
-}
-
-impl Pins {
-    fn any(self) -> bool {
-        self.program || self.cri
-    }
-}
-
 /// A sweep in progress.
 #[derive(Debug, Default, Clone)]
 struct Episode {
@@ -224,11 +211,9 @@ impl Engine {
         out
     }
 
+    /// [`pins`] with this engine's program label.
     fn pins(&self, labels: &Labels) -> Pins {
-        Pins {
-            program: labels.get(&self.config.program_label).map(String::as_str) == Some(PINNED),
-            cri: cri_pinned(labels),
-        }
+        pins(labels, &self.config.program_label)
     }
 
     /// Decides what a swept (or otherwise unpinned) intent needs now: a restore at once when
@@ -596,8 +581,8 @@ mod retention;
 mod views;
 
 pub use model::*;
-pub use operator::{cri_pinned, UnpinPlan};
-pub use views::{ArchiveState, IntentView, Summary, Tally};
+pub use operator::UnpinPlan;
+pub use views::{risk, ArchiveState, IntentView, Risk, Summary, Tally};
 
 #[cfg(test)]
 mod clock_tests;

@@ -49,6 +49,44 @@ pub const PINNED: &str = "pinned";
 /// carrying it is enrolled in K3s's next sweep (FACTS.md section 2).
 pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 
+/// Which pins a label map carries ([`pins`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// K3s's (or RKE2's) own pin label, [`Config::program_label`].
+    pub program: bool,
+    /// CRI's pin, [`CRI_PIN`]: the one kubelet's image GC respects, and the only one
+    /// pinkeeper writes.
+    pub cri: bool,
+}
+
+impl Pins {
+    /// Either pin.
+    pub fn any(self) -> bool {
+        self.program || self.cri
+    }
+}
+
+/// The one rule for "is it pinned": which pins `labels` carries, K3s's read from
+/// `program_label` ([`Config::program_label`]). A pin label counts only with the value
+/// [`PINNED`]; look-alike keys (`io.cri.containerd.pinned`) and other values do nothing
+/// (FACTS.md section 1).
+pub fn pins(labels: &Labels, program_label: &str) -> Pins {
+    Pins {
+        program: carries(labels, program_label),
+        cri: cri_pinned(labels),
+    }
+}
+
+/// [`pins`]`(labels, _).cri`, for callers that need no program label: whether the label map
+/// carries CRI's pin (`io.cri-containerd.pinned=pinned`).
+pub fn cri_pinned(labels: &Labels) -> bool {
+    carries(labels, CRI_PIN)
+}
+
+fn carries(labels: &Labels, key: &str) -> bool {
+    labels.get(key).map(String::as_str) == Some(PINNED)
+}
+
 /// Tunables of the engine. Times are in milliseconds, counted on the monotonic clock.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -291,6 +329,13 @@ pub enum IntentState {
     Swept,
     /// Released by an operator's unpin or the record's deletion; kept for history.
     Released,
+}
+
+impl IntentState {
+    /// Held or swept: pinkeeper means to keep the image pinned (an intent not released).
+    pub fn keeps_pinned(self) -> bool {
+        self != IntentState::Released
+    }
 }
 
 /// How an intent came to be.
