@@ -565,6 +565,7 @@ pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Action;
     use std::time::Duration;
 
     #[test]
@@ -614,7 +615,10 @@ mod tests {
         assert!(replay.store.images().contains_key("a:1"));
         assert!(!replay.store.images().contains_key("b:1"));
         assert!(
-            replay.history().iter().any(|h| h.action == "archive-gone"),
+            replay
+                .history()
+                .iter()
+                .any(|h| h.action == Action::ArchiveGone),
             "{:?}",
             replay.history()
         );

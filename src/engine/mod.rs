@@ -313,7 +313,7 @@ impl Engine {
             "seen carrying K3s's pin label"
         };
         out.push(Output::Save { intent, new: true });
-        self.history(now, name, "recorded", detail, out);
+        self.history(now, name, Action::Recorded, detail, out);
         // Contract rule 7: a recorded intent survives `kill -9`, and is on disk before
         // pinkeeper acts on it (its pin, in this batch or the next).
         out.push(Output::Commit);
@@ -352,7 +352,7 @@ impl Engine {
                 i.labels = labels;
             }
         });
-        self.history(now, name, "released", why, out);
+        self.history(now, name, Action::Released, why, out);
         // A release is on disk before anything else is done: lost to a crash, it would be
         // undone by the next start if K3s's sweep came meanwhile (the listing would read the
         // pins gone as the sweep's, not as the operator's unpin). Found by the simulation.
@@ -431,11 +431,11 @@ impl Engine {
         }
     }
 
-    fn history(&self, now: Now, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
+    fn history(&self, now: Now, name: &str, action: Action, detail: &str, out: &mut Vec<Output>) {
         out.push(Output::History(HistoryEntry {
             at: now.wall,
             name: name.to_string(),
-            action: action.to_string(),
+            action,
             detail: detail.to_string(),
         }));
     }
@@ -456,7 +456,7 @@ impl Engine {
                     i.state = IntentState::Held;
                     i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
                 });
-                self.history(now, &name, "pinned", reason.explain(), out);
+                self.history(now, &name, Action::Pinned, reason.explain(), out);
             }
             Ok(()) => {
                 self.update_intent(&name, out, |i| {
@@ -465,7 +465,7 @@ impl Engine {
                     i.restores += 1;
                     i.last_restored = Some(now.wall);
                 });
-                self.history(now, &name, "restored", reason.explain(), out);
+                self.history(now, &name, Action::Restored, reason.explain(), out);
             }
             Err(ApplyError::NotFound) => {
                 // The record went away meanwhile: its delete event settles the intent.
@@ -477,7 +477,7 @@ impl Engine {
                 // next K3s restart. Found by the simulation (seed 102).
                 self.awaiting_k3s.insert(name.clone());
                 self.schedule_verify(now.mono);
-                self.history(now, &name, "restore-failed", &why, out);
+                self.history(now, &name, Action::RestoreFailed, &why, out);
             }
         }
     }

@@ -394,10 +394,121 @@ pub struct HistoryEntry {
     pub at: Millis,
     /// The image.
     pub name: String,
-    /// What happened: `recorded`, `swept`, `restored`, `restore-failed`, `released`, ...
-    pub action: String,
+    /// What happened.
+    pub action: Action,
     /// Why, in words an operator understands.
     pub detail: String,
+}
+
+/// What a [`HistoryEntry`] says happened.
+///
+/// Its wire form, [`Action::as_str`] (`recorded`, `restore-failed`, ...), is what the ledger
+/// stores, the control API sends, `pinkeeper history` and `replay` show, and the log's
+/// `action=` field carries; serde reads and writes it as that string. A word this version does
+/// not know (a ledger written by another version) reads as [`Action::Other`], kept as it was,
+/// so an old or newer ledger stays readable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// An intent was recorded: the record was seen pinned, or an operator pinned it.
+    Recorded,
+    /// K3s's startup sweep removed the pins of an intent's image.
+    Swept,
+    /// pinkeeper restored the CRI pin of a swept image.
+    Restored,
+    /// Writing a pin failed; it is tried again.
+    RestoreFailed,
+    /// The intent was released (an operator's unpin, the record's deletion).
+    Released,
+    /// K3s's import pinned a swept image again.
+    Repinned,
+    /// pinkeeper set the CRI pin for an operator's `pinkeeper pin`.
+    Pinned,
+    /// No file of the images directory provides the image any more.
+    ArchiveGone,
+    /// An operator ran `pinkeeper pin` on an image already held.
+    OperatorPin,
+    /// The daemon repaired its ledger at start (written by the daemon, not the engine).
+    LedgerRecovered,
+    /// A word this version does not know, as stored.
+    Other(String),
+}
+
+impl Action {
+    const KNOWN: [Action; 10] = [
+        Action::Recorded,
+        Action::Swept,
+        Action::Restored,
+        Action::RestoreFailed,
+        Action::Released,
+        Action::Repinned,
+        Action::Pinned,
+        Action::ArchiveGone,
+        Action::OperatorPin,
+        Action::LedgerRecovered,
+    ];
+
+    /// The wire and display form.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Action::Recorded => "recorded",
+            Action::Swept => "swept",
+            Action::Restored => "restored",
+            Action::RestoreFailed => "restore-failed",
+            Action::Released => "released",
+            Action::Repinned => "repinned",
+            Action::Pinned => "pinned",
+            Action::ArchiveGone => "archive-gone",
+            Action::OperatorPin => "operator-pin",
+            Action::LedgerRecovered => "ledger-recovered",
+            Action::Other(word) => word,
+        }
+    }
+}
+
+impl From<&str> for Action {
+    /// Never fails: a word not known is [`Action::Other`].
+    fn from(word: &str) -> Self {
+        Action::KNOWN
+            .into_iter()
+            .find(|a| a.as_str() == word)
+            .unwrap_or_else(|| Action::Other(word.to_string()))
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = std::convert::Infallible;
+
+    fn from_str(word: &str) -> Result<Self, Self::Err> {
+        Ok(Action::from(word))
+    }
+}
+
+impl From<Action> for String {
+    fn from(action: Action) -> Self {
+        match action {
+            Action::Other(word) => word,
+            known => known.as_str().to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let word = String::deserialize(deserializer)?;
+        Ok(Action::from(word.as_str()))
+    }
 }
 
 /// The outcome of one sweep episode, logged once when it ends.

@@ -4,8 +4,8 @@
 //! [`Input::OperatorUnpin`](super::Input::OperatorUnpin) per target.
 
 use super::{
-    cri_pinned, Engine, ImageRecord, Intent, IntentState, Now, Origin, Output, RestoreReason,
-    CRI_PIN, OPERATOR_UNPIN,
+    cri_pinned, Action, Engine, ImageRecord, Intent, IntentState, Now, Origin, Output,
+    RestoreReason, CRI_PIN, OPERATOR_UNPIN,
 };
 
 /// What `pinkeeper unpin` does ([`Engine::unpin_plan`]).
@@ -133,7 +133,7 @@ impl Engine {
             self.history(
                 now,
                 &name,
-                "operator-pin",
+                Action::OperatorPin,
                 RestoreReason::Operator.explain(),
                 out,
             );
@@ -196,7 +196,7 @@ impl Engine {
             self.reindex(name, before);
             self.provided_digests = None;
             out.push(Output::Save { intent, new: false });
-            self.history(now, name, "released", OPERATOR_UNPIN, out);
+            self.history(now, name, Action::Released, OPERATOR_UNPIN, out);
         }
         // The release is on disk before the operator hears of it and before the pin goes: a
         // crash in between would otherwise read, at the next start, as K3s's sweep of a held
