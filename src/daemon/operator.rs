@@ -366,11 +366,7 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
 /// The API's view of an intent.
 fn intent_info(view: &IntentView) -> pb::IntentInfo {
     let i = &view.intent;
-    let state = match i.state {
-        IntentState::Held => "held",
-        IntentState::Swept => "swept",
-        IntentState::Released => "released",
-    };
+    let state = i.state.as_str();
     let source = i
         .source
         .as_ref()

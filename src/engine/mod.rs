@@ -307,7 +307,7 @@ impl Engine {
         self.tie_aliases(name, out);
         let detail = if origin == Origin::Operator {
             "an operator ran `pinkeeper pin`"
-        } else if intent.labels.contains_key(CRI_PIN) {
+        } else if self.pins(&intent.labels).cri {
             "seen carrying io.cri-containerd.pinned=pinned"
         } else {
             "seen carrying K3s's pin label"

@@ -252,6 +252,16 @@ pub enum RestoreReason {
 }
 
 impl RestoreReason {
+    /// Its wire form (the same as serde's): `archive-gone`, `not-repinned`, `operator`; the
+    /// metrics' `reason` label and `pinkeeper replay`'s output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreReason::ArchiveGone => "archive-gone",
+            RestoreReason::NotRepinned => "not-repinned",
+            RestoreReason::Operator => "operator",
+        }
+    }
+
     /// A short human explanation.
     pub fn explain(self) -> &'static str {
         match self {
@@ -332,6 +342,16 @@ pub enum IntentState {
 }
 
 impl IntentState {
+    /// Its wire form (the same as serde's): `held`, `swept`, `released`; the control API's
+    /// and the metrics' word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntentState::Held => "held",
+            IntentState::Swept => "swept",
+            IntentState::Released => "released",
+        }
+    }
+
     /// Held or swept: pinkeeper means to keep the image pinned (an intent not released).
     pub fn keeps_pinned(self) -> bool {
         self != IntentState::Released

@@ -101,3 +101,19 @@ fn the_at_risk_rule() {
     assert_eq!(risk(Released, false, false), None);
     assert!(Held.keeps_pinned() && Swept.keeps_pinned() && !Released.keeps_pinned());
 }
+
+#[test]
+fn states_and_reasons_show_their_serde_form() {
+    for state in [IntentState::Held, IntentState::Swept, IntentState::Released] {
+        let serde = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde, format!("\"{}\"", state.as_str()));
+    }
+    for reason in [
+        RestoreReason::ArchiveGone,
+        RestoreReason::NotRepinned,
+        RestoreReason::Operator,
+    ] {
+        let serde = serde_json::to_string(&reason).unwrap();
+        assert_eq!(serde, format!("\"{}\"", reason.as_str()));
+    }
+}
