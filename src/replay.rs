@@ -39,7 +39,7 @@ use serde::Deserialize;
 use crate::daemon::executor::{run_ready, Executor, FixedClock};
 use crate::engine::{
     Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent, IntentState,
-    Labels, ListCause, Millis, Now, Output, RestoreReason,
+    Labels, ListCause, Millis, Now, Output,
 };
 use crate::ledger::MemoryLedger;
 use crate::store::{ImageStore, MemoryEvents, MemoryStore};
@@ -483,14 +483,6 @@ fn civil_seconds(secs: u64) -> String {
     )
 }
 
-fn reason_name(reason: RestoreReason) -> &'static str {
-    match reason {
-        RestoreReason::ArchiveGone => "archive-gone",
-        RestoreReason::NotRepinned => "not-repinned",
-        RestoreReason::Operator => "operator",
-    }
-}
-
 /// One decision of the engine as a line for an operator (`pinkeeper replay`), starting with
 /// its time. `None` for bookkeeping (ledger saves, `Images.Get`s): the history entries that
 /// come with them say what changed.
@@ -500,7 +492,7 @@ pub fn describe(at: Millis, output: &Output) -> Option<String> {
         Output::Pin { name, reason } => {
             format!(
                 "{at} pin {name} ({}: {})",
-                reason_name(*reason),
+                reason.as_str(),
                 reason.explain()
             )
         }
@@ -539,7 +531,7 @@ pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
     Some(match output {
         Output::Pin { name, reason } => json!({
             "at": time, "at_ms": at, "decision": "pin", "name": name,
-            "reason": reason_name(*reason), "explain": reason.explain(),
+            "reason": reason.as_str(), "explain": reason.explain(),
         }),
         Output::History(h) => json!({
             "at": time, "at_ms": at, "decision": "history", "action": h.action,
@@ -565,6 +557,7 @@ pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::{Action, RestoreReason};
     use std::time::Duration;
 
     #[test]
@@ -614,7 +607,10 @@ mod tests {
         assert!(replay.store.images().contains_key("a:1"));
         assert!(!replay.store.images().contains_key("b:1"));
         assert!(
-            replay.history().iter().any(|h| h.action == "archive-gone"),
+            replay
+                .history()
+                .iter()
+                .any(|h| h.action == Action::ArchiveGone),
             "{:?}",
             replay.history()
         );

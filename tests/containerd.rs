@@ -8,7 +8,7 @@ use common::{APP, HELM, PAUSE, SETTLE_MS, WEB};
 use std::collections::BTreeMap;
 
 use anyhow::{ensure, Context, Result};
-use common::{cri_pinned, has_entry, k3s_pinned, with_aliases, Node};
+use common::{action, cri_pinned, has_entry, k3s_pinned, with_aliases, Action, Node};
 use pinkeeper_testkit::{
     ImageInfo, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL, K8S_NAMESPACE,
 };
@@ -130,7 +130,7 @@ async fn repairs_a_sweep_missed_while_stopped(version: Version) -> Result<()> {
     // Its history says why.
     node.wait_history("web's missed sweep in its history", Some(WEB), |h| {
         h.iter().any(|e| {
-            e["action"] == "swept"
+            action(e) == Action::Swept
                 && e["detail"]
                     .as_str()
                     .is_some_and(|d| d.contains("a missed K3s sweep"))
@@ -147,8 +147,10 @@ async fn respects_an_operator_unpin(version: Version) -> Result<()> {
 
     let swept_before = node.last_sweep_started()?;
     node.client.ctr_remove_cri_pin(WEB).await?;
-    node.wait_history("web released", Some(WEB), |h| has_entry(h, WEB, "released"))
-        .await?;
+    node.wait_history("web released", Some(WEB), |h| {
+        has_entry(h, WEB, Action::Released)
+    })
+    .await?;
     std::fs::remove_file(node.images_dir().join("web.tar.gz"))?;
     node.restart_k3s().await?;
     // The alias is still protected (the operator unpinned one name); WEB is not.
@@ -323,7 +325,7 @@ async fn handles_a_whole_map_writer_outside_any_sweep(version: Version) -> Resul
         .await?;
     ensure!(!k3s_pinned(&after, APP), "{:?}", after.get(APP));
     node.wait_history("helm released", Some(HELM), |h| {
-        has_entry(h, HELM, "released")
+        has_entry(h, HELM, Action::Released)
     })
     .await?;
     // APP's episode verified and summarised: nothing restores HELM after this.

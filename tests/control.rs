@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context, Result};
-use common::{cri_pinned, eventually_blocking, k3s_pinned, with_aliases, Node};
+use common::{action, cri_pinned, eventually_blocking, k3s_pinned, with_aliases, Action, Node};
 use pinkeeper_testkit::{Version, K3S_PIN_LABEL};
 use serde_json::Value;
 
@@ -184,8 +184,10 @@ async fn every_subcommand_against_a_running_daemon(version: Version) -> Result<(
     let entries = history["entries"].as_array().context("entries")?;
     ensure!(
         entries.iter().all(|e| e["name"] == WEB)
-            && entries.iter().any(|e| e["action"] == "restored")
-            && entries.last().is_some_and(|e| e["action"] == "recorded"),
+            && entries.iter().any(|e| action(e) == Action::Restored)
+            && entries
+                .last()
+                .is_some_and(|e| action(e) == Action::Recorded),
         "history newest first, of WEB only: {history}"
     );
     let (code, text, _) = node.cli(&["history", "--limit", "3"])?;

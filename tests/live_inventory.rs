@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use common::{actions, has_entry, Node};
+use common::{action, actions, has_entry, Action, Node};
 use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
 use pinkeeper_testkit::{ImageInfo, Version, CRI_PIN_LABEL, K3S_PIN_LABEL};
 
@@ -18,7 +18,7 @@ const EXTRA: &str = "docker.io/library/extra:7";
 /// Long, so that a restore after the settle would be told apart from one at the sweep.
 const SETTLE_MS: u64 = 3000;
 /// The history's entry for an archive deleted at runtime.
-const GONE: &str = "archive-gone";
+const GONE: Action = Action::ArchiveGone;
 
 const ARCHIVES: &[common::Archive<'static>] = common::APP_AND_WEB;
 
@@ -46,10 +46,10 @@ fn with_alias(images: &BTreeMap<String, ImageInfo>, name: &str) -> Result<Vec<St
 }
 
 /// How many entries of `name`'s history have `action`.
-fn actions_of(history: &[serde_json::Value], name: &str, action: &str) -> usize {
+fn actions_of(history: &[serde_json::Value], name: &str, want: Action) -> usize {
     history
         .iter()
-        .filter(|e| e["name"] == name && e["action"] == action)
+        .filter(|e| e["name"] == name && action(e) == want)
         .count()
 }
 
@@ -88,7 +88,7 @@ async fn an_archive_deleted_at_runtime_is_known_before_the_next_start(
     for name in &web {
         ensure!(pins(&images, name) == (true, true), "{name}: {images:?}");
     }
-    ensure!(actions(&node.history(None)?, "restored") == 0);
+    ensure!(actions(&node.history(None)?, Action::Restored) == 0);
 
     let swept_before = node.last_sweep_started()?;
     node.restart_k3s().await?;

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use common::{cri_pinned, with_aliases, Node};
-use pinkeeper::engine::{Config, IntentState, Output, RestoreReason};
+use common::{action, cri_pinned, with_aliases, Node};
+use pinkeeper::engine::{Action, Config, IntentState, Output, RestoreReason};
 use pinkeeper::replay::Replay;
 use pinkeeper_testkit::{Version, CRI_PIN_LABEL, K3S_PIN_LABEL};
 
@@ -153,7 +153,7 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
 
     node.client.ctr_remove_cri_pin(HELM).await?;
     node.wait_history("helm released", Some(HELM), |h| {
-        h.iter().any(|e| e["action"] == "released")
+        h.iter().any(|e| action(e) == Action::Released)
     })
     .await?;
     recorder
@@ -182,7 +182,7 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
     let ledger = pinkeeper::ledger::Ledger::open(&node.state_dir())?;
     let history = ledger.history(None, usize::MAX)?;
     let mut live_pins = BTreeSet::new();
-    for entry in history.iter().filter(|h| h.action == "restored") {
+    for entry in history.iter().filter(|h| h.action == Action::Restored) {
         live_pins.insert(pin(&entry.name, reason_of(&entry.detail)?));
     }
     let live_intents: BTreeMap<String, IntentState> = ledger

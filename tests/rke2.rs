@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::{ensure, Result};
-use common::{actions, cri_pinned, has_entry, with_aliases, Node};
+use common::{actions, cri_pinned, has_entry, with_aliases, Action, Node};
 use common::{APP, SETTLE_MS, WEB};
 use pinkeeper_testkit::{K3s, Version, K3S_PIN_LABEL, RKE2_PIN_LABEL};
 
@@ -65,7 +65,7 @@ async fn restores_rke2s_sweep_with_program_rke2(version: Version) -> Result<()> 
     node.wait_sweep_after(swept_before).await?;
     let history = node.history(None)?;
     ensure!(
-        actions(&history, "released") == 0,
+        actions(&history, Action::Released) == 0,
         "RKE2's sweep was taken for an unpin: {history:#?}"
     );
     node.stop_pinkeeper()
@@ -89,7 +89,7 @@ async fn program_k3s_on_an_rke2_node_takes_the_sweep_for_an_unpin() -> Result<()
     // Every name's intent released by the sweep (app's come back as RKE2 pins it again):
     // nothing restores web's names after this.
     node.wait_history("web's intents released", None, |h| {
-        web.iter().all(|n| has_entry(h, n, "released"))
+        web.iter().all(|n| has_entry(h, n, Action::Released))
     })
     .await?;
     let after = node.images().await?;

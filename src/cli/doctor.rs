@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::cli::node::NodeArgs;
 use crate::config::{ConfigError, Overrides, Program, Settings};
 use crate::containerd::Containerd;
-use crate::engine::{ImageRecord, Intent, IntentState, CRI_PIN, PINNED};
+use crate::engine::{self, cri_pinned, ImageRecord, Intent, IntentState, Risk, CRI_PIN, PINNED};
 use crate::inventory::{CachedFile, Scanner};
 use crate::ledger::{Ledger, LedgerError, FILE_NAME};
 
@@ -1006,10 +1006,6 @@ fn read_ledger(state_dir: &Path) -> LedgerRead {
     }
 }
 
-fn is_held(intent: &Intent) -> bool {
-    matches!(intent.state, IntentState::Held | IntentState::Swept)
-}
-
 fn check_ledger(settings: &DoctorSettings, ledger: &LedgerRead) -> Check {
     const NAME: &str = "ledger";
     match ledger {
@@ -1108,14 +1104,14 @@ fn at_risk(intents: &[Intent], images: &[ImageRecord]) -> AtRisk {
     let by_name: BTreeMap<&str, &ImageRecord> =
         images.iter().map(|r| (r.name.as_str(), r)).collect();
     let mut risk = AtRisk::default();
-    for intent in intents.iter().filter(|i| is_held(i)) {
+    for intent in intents.iter().filter(|i| i.state.keeps_pinned()) {
         risk.held += 1;
-        match by_name.get(intent.name.as_str()) {
-            None => risk.gone.push(intent.name.clone()),
-            Some(record) if record.labels.get(CRI_PIN).map(String::as_str) != Some(PINNED) => {
-                risk.unpinned.push(intent.name.clone())
-            }
-            Some(_) => {}
+        let record = by_name.get(intent.name.as_str());
+        let pinned_now = record.is_some_and(|r| cri_pinned(&r.labels));
+        match engine::risk(intent.state, pinned_now, record.is_some()) {
+            Some(Risk::Gone) => risk.gone.push(intent.name.clone()),
+            Some(Risk::Unpinned) => risk.unpinned.push(intent.name.clone()),
+            None => {}
         }
     }
     risk.unpinned.sort();

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::engine::{EventKind, ImageEvent, PINNED};
+use crate::engine::{self, EventKind, ImageEvent, Pins};
 
 /// Most events held at once (after coalescing). Past it, the queue overflows.
 pub const MAX_QUEUED_EVENTS: usize = 16_384;
@@ -38,9 +38,8 @@ impl EventQueue {
         }
     }
 
-    fn pins(&self, event: &ImageEvent) -> (bool, bool) {
-        let has = |k: &str| event.labels.get(k).map(String::as_str) == Some(PINNED);
-        (has(&self.program_label), has(crate::engine::CRI_PIN))
+    fn pins(&self, event: &ImageEvent) -> Pins {
+        engine::pins(&event.labels, &self.program_label)
     }
 
     /// Adds an event. Returns false when the queue overflowed (it is then empty, and stays
@@ -53,9 +52,7 @@ impl EventQueue {
         let program_label = &self.program_label;
         if let Some(list) = self.pending.get_mut(&event.name) {
             if let Some(last) = list.last_mut() {
-                let has =
-                    |e: &ImageEvent, k: &str| e.labels.get(k).map(String::as_str) == Some(PINNED);
-                let last_pins = (has(last, program_label), has(last, crate::engine::CRI_PIN));
+                let last_pins = engine::pins(&last.labels, program_label);
                 if last.kind != EventKind::Delete
                     && event.kind == EventKind::Update
                     && last_pins == pins
@@ -116,7 +113,7 @@ impl EventQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CRI_PIN, K3S_PIN};
+    use crate::engine::{CRI_PIN, K3S_PIN, PINNED};
 
     fn ev(kind: EventKind, name: &str, labels: &[&str]) -> ImageEvent {
         ImageEvent {

@@ -19,8 +19,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::engine::{
-    ApplyError, Engine, HistoryEntry, ImageEvent, ImageRecord, Input, ListCause, Now, Output,
-    RestoreReason, SweepSummary,
+    Action, ApplyError, Engine, HistoryEntry, ImageEvent, ImageRecord, Input, ListCause, Now,
+    Output, RestoreReason, SweepSummary,
 };
 use crate::ledger::{Journal, OwnedChange};
 use crate::store::{ImageStore, StoreError};
@@ -357,10 +357,10 @@ impl<J: Journal, C: Clock> Executor<J, C> {
 
 /// One log line per decision an operator needs to see; the rest at debug.
 fn log_history(h: &HistoryEntry) {
-    match h.action.as_str() {
-        "released" => info!(image = %h.name, "intent released: {}", h.detail),
-        "restore-failed" => warn!(image = %h.name, "restore failed: {}", h.detail),
-        "archive-gone" => info!(image = %h.name, "{}", h.detail),
+    match h.action {
+        Action::Released => info!(image = %h.name, "intent released: {}", h.detail),
+        Action::RestoreFailed => warn!(image = %h.name, "restore failed: {}", h.detail),
+        Action::ArchiveGone => info!(image = %h.name, "{}", h.detail),
         _ => debug!(image = %h.name, action = %h.action, "{}", h.detail),
     }
 }

@@ -24,7 +24,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tracing::{debug, warn};
 
-use crate::engine::{RestoreReason, Tally};
+use crate::engine::{IntentState, RestoreReason, Tally};
 
 /// The textfile is rewritten at most this often (node-exporter reads it at each scrape, 15 s or
 /// more apart; a burst of a K3s restart is one or two rewrites).
@@ -179,11 +179,11 @@ impl Metrics {
         build_info
             .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
             .set(1);
-        for state in ["held", "swept", "released"] {
-            let _ = intents.get_or_create(&[("state", state)]);
+        for state in [IntentState::Held, IntentState::Swept, IntentState::Released] {
+            let _ = intents.get_or_create(&[("state", state.as_str())]);
         }
-        for reason in ["archive-gone", "not-repinned"] {
-            let _ = pins_restored.get_or_create(&[("reason", reason)]);
+        for reason in [RestoreReason::ArchiveGone, RestoreReason::NotRepinned] {
+            let _ = pins_restored.get_or_create(&[("reason", reason.as_str())]);
         }
         for seen in ["live", "after-reconnect"] {
             let _ = sweeps_seen.get_or_create(&[("seen", seen)]);
@@ -217,14 +217,9 @@ impl Metrics {
     /// A pin was set (`Input::Pinned` with `Ok`).
     pub fn pinned(&self, reason: RestoreReason) {
         match reason {
-            RestoreReason::ArchiveGone => {
+            RestoreReason::ArchiveGone | RestoreReason::NotRepinned => {
                 self.pins_restored
-                    .get_or_create(&[("reason", "archive-gone")])
-                    .inc();
-            }
-            RestoreReason::NotRepinned => {
-                self.pins_restored
-                    .get_or_create(&[("reason", "not-repinned")])
+                    .get_or_create(&[("reason", reason.as_str())])
                     .inc();
             }
             RestoreReason::Operator => {
@@ -294,12 +289,12 @@ impl Metrics {
     pub fn count(&self, tally: Tally) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         for (state, n) in [
-            ("held", tally.held),
-            ("swept", tally.swept),
-            ("released", tally.released),
+            (IntentState::Held, tally.held),
+            (IntentState::Swept, tally.swept),
+            (IntentState::Released, tally.released),
         ] {
             self.intents
-                .get_or_create(&[("state", state)])
+                .get_or_create(&[("state", state.as_str())])
                 .set(gauge(n));
         }
         self.images_at_risk.set(gauge(tally.at_risk));

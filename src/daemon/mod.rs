@@ -29,7 +29,7 @@ use crate::containerd::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RET
 use crate::containerd::{Containerd, ContainerdError};
 use crate::control::{self, Request};
 use crate::daemon::metrics::{Exporter, Metrics};
-use crate::engine::{self, Engine, HistoryEntry, Input, ListCause, Millis, SweepSummary};
+use crate::engine::{self, Action, Engine, HistoryEntry, Input, ListCause, Millis, SweepSummary};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
@@ -249,7 +249,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         let entry = HistoryEntry {
             at: now_ms(),
             name: "(ledger)".into(),
-            action: "ledger-recovered".into(),
+            action: Action::LedgerRecovered,
             detail: recovered.clone(),
         };
         daemon.exec.journal.set_recovered(Some(recovered));

@@ -142,7 +142,7 @@ impl Daemon {
                 .map(|h| pb::HistoryEntry {
                     at_ms: h.at,
                     name: h.name,
-                    action: h.action,
+                    action: h.action.into(),
                     detail: h.detail,
                 })
                 .collect(),
@@ -173,7 +173,7 @@ impl Daemon {
             captured
                 .into_iter()
                 .map(|h| pb::Decision {
-                    action: h.action,
+                    action: h.action.into(),
                     name: h.name,
                     detail: h.detail,
                 })
@@ -346,7 +346,7 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
         .history
         .into_iter()
         .map(|h| pb::Decision {
-            action: h.action,
+            action: h.action.into(),
             name: h.name,
             detail: h.detail,
         })
@@ -366,11 +366,7 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
 /// The API's view of an intent.
 fn intent_info(view: &IntentView) -> pb::IntentInfo {
     let i = &view.intent;
-    let state = match i.state {
-        IntentState::Held => "held",
-        IntentState::Swept => "swept",
-        IntentState::Released => "released",
-    };
+    let state = i.state.as_str();
     let source = i
         .source
         .as_ref()
@@ -401,7 +397,7 @@ fn intent_info(view: &IntentView) -> pb::IntentInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{self, Labels, CRI_PIN, PINNED};
+    use crate::engine::{self, Action, Labels, CRI_PIN, PINNED};
 
     fn pinned(both: bool) -> Labels {
         let mut labels = Labels::new();
@@ -432,13 +428,13 @@ mod tests {
         let before: Vec<_> = engine.intents().cloned().collect();
         // K3s swept both while pinkeeper was away; b's record is gone.
         let decisions = dry_run_decisions(&engine, 1_000.into(), vec![record("a", Labels::new())]);
-        let said: Vec<(&str, &str)> = decisions
+        let said: Vec<(Action, &str)> = decisions
             .iter()
-            .map(|d| (d.action.as_str(), d.name.as_str()))
+            .map(|d| (Action::from(d.action.as_str()), d.name.as_str()))
             .collect();
-        assert!(said.contains(&("swept", "a")), "{said:?}");
-        assert!(said.contains(&("restored", "a")), "{said:?}");
-        assert!(said.contains(&("released", "b")), "{said:?}");
+        assert!(said.contains(&(Action::Swept, "a")), "{said:?}");
+        assert!(said.contains(&(Action::Restored, "a")), "{said:?}");
+        assert!(said.contains(&(Action::Released, "b")), "{said:?}");
         let after: Vec<_> = engine.intents().cloned().collect();
         assert_eq!(before, after);
     }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use super::{Engine, IntentState, Now, Output};
+use super::{Action, Engine, IntentState, Now, Output};
 
 impl Engine {
     /// Whether a file of the images directory provides `name`. True while no inventory is
@@ -104,7 +104,7 @@ impl Engine {
                 let detail = format!(
                     "archive of {name} is gone ({file}); its pin stays, and is restored when K3s's start-up sweep removes it"
                 );
-                self.history(now, &name, "archive-gone", &detail, out);
+                self.history(now, &name, Action::ArchiveGone, &detail, out);
             }
         }
     }

@@ -149,7 +149,7 @@ fn a_step_back_of_a_year_postpones_nothing() {
     let released: Vec<&str> = out
         .iter()
         .filter_map(|o| match o {
-            Output::History(h) if h.action == "released" => Some(h.name.as_str()),
+            Output::History(h) if h.action == Action::Released => Some(h.name.as_str()),
             _ => None,
         })
         .collect();

@@ -27,19 +27,6 @@ const OPERATOR_UNPIN: &str = "an operator ran `pinkeeper unpin`";
 const K3S_LABEL_ONLY: &str =
     "seen with K3s's pin label but without the CRI pin: someone had unpinned it (K3s always sets both)";
 
-/// Which pins a label map carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pins {
-    program: bool,
-    cri: bool,
-}
-
-impl Pins {
-    fn any(self) -> bool {
-        self.program || self.cri
-    }
-}
-
 /// A sweep in progress.
 #[derive(Debug, Default, Clone)]
 struct Episode {
@@ -224,11 +211,9 @@ impl Engine {
         out
     }
 
+    /// [`pins`] with this engine's program label.
     fn pins(&self, labels: &Labels) -> Pins {
-        Pins {
-            program: labels.get(&self.config.program_label).map(String::as_str) == Some(PINNED),
-            cri: cri_pinned(labels),
-        }
+        pins(labels, &self.config.program_label)
     }
 
     /// Decides what a swept (or otherwise unpinned) intent needs now: a restore at once when
@@ -322,13 +307,13 @@ impl Engine {
         self.tie_aliases(name, out);
         let detail = if origin == Origin::Operator {
             "an operator ran `pinkeeper pin`"
-        } else if intent.labels.contains_key(CRI_PIN) {
+        } else if self.pins(&intent.labels).cri {
             "seen carrying io.cri-containerd.pinned=pinned"
         } else {
             "seen carrying K3s's pin label"
         };
         out.push(Output::Save { intent, new: true });
-        self.history(now, name, "recorded", detail, out);
+        self.history(now, name, Action::Recorded, detail, out);
         // Contract rule 7: a recorded intent survives `kill -9`, and is on disk before
         // pinkeeper acts on it (its pin, in this batch or the next).
         out.push(Output::Commit);
@@ -367,7 +352,7 @@ impl Engine {
                 i.labels = labels;
             }
         });
-        self.history(now, name, "released", why, out);
+        self.history(now, name, Action::Released, why, out);
         // A release is on disk before anything else is done: lost to a crash, it would be
         // undone by the next start if K3s's sweep came meanwhile (the listing would read the
         // pins gone as the sweep's, not as the operator's unpin). Found by the simulation.
@@ -446,11 +431,11 @@ impl Engine {
         }
     }
 
-    fn history(&self, now: Now, name: &str, action: &str, detail: &str, out: &mut Vec<Output>) {
+    fn history(&self, now: Now, name: &str, action: Action, detail: &str, out: &mut Vec<Output>) {
         out.push(Output::History(HistoryEntry {
             at: now.wall,
             name: name.to_string(),
-            action: action.to_string(),
+            action,
             detail: detail.to_string(),
         }));
     }
@@ -471,7 +456,7 @@ impl Engine {
                     i.state = IntentState::Held;
                     i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
                 });
-                self.history(now, &name, "pinned", reason.explain(), out);
+                self.history(now, &name, Action::Pinned, reason.explain(), out);
             }
             Ok(()) => {
                 self.update_intent(&name, out, |i| {
@@ -480,7 +465,7 @@ impl Engine {
                     i.restores += 1;
                     i.last_restored = Some(now.wall);
                 });
-                self.history(now, &name, "restored", reason.explain(), out);
+                self.history(now, &name, Action::Restored, reason.explain(), out);
             }
             Err(ApplyError::NotFound) => {
                 // The record went away meanwhile: its delete event settles the intent.
@@ -492,7 +477,7 @@ impl Engine {
                 // next K3s restart. Found by the simulation (seed 102).
                 self.awaiting_k3s.insert(name.clone());
                 self.schedule_verify(now.mono);
-                self.history(now, &name, "restore-failed", &why, out);
+                self.history(now, &name, Action::RestoreFailed, &why, out);
             }
         }
     }
@@ -596,8 +581,8 @@ mod retention;
 mod views;
 
 pub use model::*;
-pub use operator::{cri_pinned, UnpinPlan};
-pub use views::{ArchiveState, IntentView, Summary, Tally};
+pub use operator::UnpinPlan;
+pub use views::{risk, ArchiveState, IntentView, Risk, Summary, Tally};
 
 #[cfg(test)]
 mod clock_tests;

@@ -49,6 +49,44 @@ pub const PINNED: &str = "pinned";
 /// carrying it is enrolled in K3s's next sweep (FACTS.md section 2).
 pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 
+/// Which pins a label map carries ([`pins`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins {
+    /// K3s's (or RKE2's) own pin label, [`Config::program_label`].
+    pub program: bool,
+    /// CRI's pin, [`CRI_PIN`]: the one kubelet's image GC respects, and the only one
+    /// pinkeeper writes.
+    pub cri: bool,
+}
+
+impl Pins {
+    /// Either pin.
+    pub fn any(self) -> bool {
+        self.program || self.cri
+    }
+}
+
+/// The one rule for "is it pinned": which pins `labels` carries, K3s's read from
+/// `program_label` ([`Config::program_label`]). A pin label counts only with the value
+/// [`PINNED`]; look-alike keys (`io.cri.containerd.pinned`) and other values do nothing
+/// (FACTS.md section 1).
+pub fn pins(labels: &Labels, program_label: &str) -> Pins {
+    Pins {
+        program: carries(labels, program_label),
+        cri: cri_pinned(labels),
+    }
+}
+
+/// [`pins`]`(labels, _).cri`, for callers that need no program label: whether the label map
+/// carries CRI's pin (`io.cri-containerd.pinned=pinned`).
+pub fn cri_pinned(labels: &Labels) -> bool {
+    carries(labels, CRI_PIN)
+}
+
+fn carries(labels: &Labels, key: &str) -> bool {
+    labels.get(key).map(String::as_str) == Some(PINNED)
+}
+
 /// Tunables of the engine. Times are in milliseconds, counted on the monotonic clock.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -214,6 +252,16 @@ pub enum RestoreReason {
 }
 
 impl RestoreReason {
+    /// Its wire form (the same as serde's): `archive-gone`, `not-repinned`, `operator`; the
+    /// metrics' `reason` label and `pinkeeper replay`'s output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreReason::ArchiveGone => "archive-gone",
+            RestoreReason::NotRepinned => "not-repinned",
+            RestoreReason::Operator => "operator",
+        }
+    }
+
     /// A short human explanation.
     pub fn explain(self) -> &'static str {
         match self {
@@ -293,6 +341,23 @@ pub enum IntentState {
     Released,
 }
 
+impl IntentState {
+    /// Its wire form (the same as serde's): `held`, `swept`, `released`; the control API's
+    /// and the metrics' word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntentState::Held => "held",
+            IntentState::Swept => "swept",
+            IntentState::Released => "released",
+        }
+    }
+
+    /// Held or swept: pinkeeper means to keep the image pinned (an intent not released).
+    pub fn keeps_pinned(self) -> bool {
+        self != IntentState::Released
+    }
+}
+
 /// How an intent came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -349,10 +414,121 @@ pub struct HistoryEntry {
     pub at: Millis,
     /// The image.
     pub name: String,
-    /// What happened: `recorded`, `swept`, `restored`, `restore-failed`, `released`, ...
-    pub action: String,
+    /// What happened.
+    pub action: Action,
     /// Why, in words an operator understands.
     pub detail: String,
+}
+
+/// What a [`HistoryEntry`] says happened.
+///
+/// Its wire form, [`Action::as_str`] (`recorded`, `restore-failed`, ...), is what the ledger
+/// stores, the control API sends, `pinkeeper history` and `replay` show, and the log's
+/// `action=` field carries; serde reads and writes it as that string. A word this version does
+/// not know (a ledger written by another version) reads as [`Action::Other`], kept as it was,
+/// so an old or newer ledger stays readable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// An intent was recorded: the record was seen pinned, or an operator pinned it.
+    Recorded,
+    /// K3s's startup sweep removed the pins of an intent's image.
+    Swept,
+    /// pinkeeper restored the CRI pin of a swept image.
+    Restored,
+    /// Writing a pin failed; it is tried again.
+    RestoreFailed,
+    /// The intent was released (an operator's unpin, the record's deletion).
+    Released,
+    /// K3s's import pinned a swept image again.
+    Repinned,
+    /// pinkeeper set the CRI pin for an operator's `pinkeeper pin`.
+    Pinned,
+    /// No file of the images directory provides the image any more.
+    ArchiveGone,
+    /// An operator ran `pinkeeper pin` on an image already held.
+    OperatorPin,
+    /// The daemon repaired its ledger at start (written by the daemon, not the engine).
+    LedgerRecovered,
+    /// A word this version does not know, as stored.
+    Other(String),
+}
+
+impl Action {
+    const KNOWN: [Action; 10] = [
+        Action::Recorded,
+        Action::Swept,
+        Action::Restored,
+        Action::RestoreFailed,
+        Action::Released,
+        Action::Repinned,
+        Action::Pinned,
+        Action::ArchiveGone,
+        Action::OperatorPin,
+        Action::LedgerRecovered,
+    ];
+
+    /// The wire and display form.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Action::Recorded => "recorded",
+            Action::Swept => "swept",
+            Action::Restored => "restored",
+            Action::RestoreFailed => "restore-failed",
+            Action::Released => "released",
+            Action::Repinned => "repinned",
+            Action::Pinned => "pinned",
+            Action::ArchiveGone => "archive-gone",
+            Action::OperatorPin => "operator-pin",
+            Action::LedgerRecovered => "ledger-recovered",
+            Action::Other(word) => word,
+        }
+    }
+}
+
+impl From<&str> for Action {
+    /// Never fails: a word not known is [`Action::Other`].
+    fn from(word: &str) -> Self {
+        Action::KNOWN
+            .into_iter()
+            .find(|a| a.as_str() == word)
+            .unwrap_or_else(|| Action::Other(word.to_string()))
+    }
+}
+
+impl std::str::FromStr for Action {
+    type Err = std::convert::Infallible;
+
+    fn from_str(word: &str) -> Result<Self, Self::Err> {
+        Ok(Action::from(word))
+    }
+}
+
+impl From<Action> for String {
+    fn from(action: Action) -> Self {
+        match action {
+            Action::Other(word) => word,
+            known => known.as_str().to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let word = String::deserialize(deserializer)?;
+        Ok(Action::from(word.as_str()))
+    }
 }
 
 /// The outcome of one sweep episode, logged once when it ends.

@@ -4,15 +4,9 @@
 //! [`Input::OperatorUnpin`](super::Input::OperatorUnpin) per target.
 
 use super::{
-    Engine, ImageRecord, Intent, IntentState, Labels, Now, Origin, Output, RestoreReason, CRI_PIN,
-    OPERATOR_UNPIN, PINNED,
+    cri_pinned, Action, Engine, ImageRecord, Intent, IntentState, Now, Origin, Output,
+    RestoreReason, CRI_PIN, OPERATOR_UNPIN,
 };
-
-/// Whether a label map carries CRI's pin (`io.cri-containerd.pinned=pinned`): the pin kubelet's
-/// image GC respects, and the only one pinkeeper writes.
-pub fn cri_pinned(labels: &Labels) -> bool {
-    labels.get(CRI_PIN).map(String::as_str) == Some(PINNED)
-}
 
 /// What `pinkeeper unpin` does ([`Engine::unpin_plan`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,7 +133,7 @@ impl Engine {
             self.history(
                 now,
                 &name,
-                "operator-pin",
+                Action::OperatorPin,
                 RestoreReason::Operator.explain(),
                 out,
             );
@@ -202,7 +196,7 @@ impl Engine {
             self.reindex(name, before);
             self.provided_digests = None;
             out.push(Output::Save { intent, new: false });
-            self.history(now, name, "released", OPERATOR_UNPIN, out);
+            self.history(now, name, Action::Released, OPERATOR_UNPIN, out);
         }
         // The release is on disk before the operator hears of it and before the pin goes: a
         // crash in between would otherwise read, at the next start, as K3s's sweep of a held
@@ -221,7 +215,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::PathBuf;
 
-    use super::super::{Config, Input, Intent, Origin, K3S_PIN};
+    use super::super::{Config, Input, Intent, Labels, Origin, K3S_PIN, PINNED};
     use super::*;
 
     const APP: &str = "docker.io/library/app:1";

@@ -173,7 +173,13 @@ impl Engine {
                         ep.summary.repinned_by_k3s += 1;
                     }
                 }
-                self.history(now, name, "repinned", "pinned again by K3s's import", out);
+                self.history(
+                    now,
+                    name,
+                    Action::Repinned,
+                    "pinned again by K3s's import",
+                    out,
+                );
             }
             self.update_intent(name, out, |i| {
                 i.labels = labels;
@@ -215,7 +221,7 @@ impl Engine {
             } else {
                 "both pins were removed while pinkeeper was not watching (a missed K3s sweep)"
             };
-            self.history(now, name, "swept", how, out);
+            self.history(now, name, Action::Swept, how, out);
             let ep = self.episode.get_or_insert_with(|| Episode {
                 summary: SweepSummary {
                     started: now.wall,

@@ -53,8 +53,33 @@ impl IntentView {
     }
 }
 
+/// Why an intent is at risk ([`risk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Risk {
+    /// Its image record exists without CRI's pin: kubelet's image GC may delete it.
+    Unpinned,
+    /// Its image record is gone.
+    Gone,
+}
+
+/// The at-risk rule, for the engine's views and for whoever reads a ledger and a listing
+/// (`pinkeeper doctor`): an intent not released ([`IntentState::keeps_pinned`]) whose image
+/// record is gone (`exists` false), or exists without CRI's pin (`pinned_now` false,
+/// [`cri_pinned`](super::cri_pinned)).
+pub fn risk(state: IntentState, pinned_now: bool, exists: bool) -> Option<Risk> {
+    if !state.keeps_pinned() {
+        None
+    } else if !exists {
+        Some(Risk::Gone)
+    } else if !pinned_now {
+        Some(Risk::Unpinned)
+    } else {
+        None
+    }
+}
+
 fn at_risk(state: IntentState, pinned_now: bool, exists: bool) -> bool {
-    state != IntentState::Released && !(pinned_now && exists)
+    risk(state, pinned_now, exists).is_some()
 }
 
 /// The intents counted by state, and those at risk ([`IntentView::at_risk`]).

@@ -751,7 +751,7 @@ fn commit_error(path: &Path, e: redb::CommitError) -> LedgerError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{IntentState, Origin};
+    use crate::engine::{Action, IntentState, Origin};
 
     /// A held intent for `name`, as the ledger's tests (here and in `writer.rs`) store it.
     pub(super) fn intent(name: &str) -> Intent {
@@ -779,7 +779,7 @@ mod tests {
             let h = HistoryEntry {
                 at: 5,
                 name: "a".into(),
-                action: "recorded".into(),
+                action: Action::Recorded,
                 detail: "x".into(),
             };
             ledger
@@ -903,7 +903,7 @@ mod tests {
         let h = HistoryEntry {
             at: 5,
             name: "a".into(),
-            action: "recorded".into(),
+            action: Action::Recorded,
             detail: "x".repeat(200),
         };
         let mut changes: Vec<Change<'_>> = all.iter().map(Change::Save).collect();

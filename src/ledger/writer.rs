@@ -469,6 +469,7 @@ impl Drop for Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Action;
     use crate::ledger::tests::intent;
 
     #[tokio::test]
@@ -535,7 +536,7 @@ mod tests {
         let h = HistoryEntry {
             at: 1,
             name: "a".into(),
-            action: "recorded".into(),
+            action: Action::Recorded,
             detail: String::new(),
         };
         for _ in 0..MAX_PENDING_HISTORY + 7 {

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+pub use pinkeeper::engine::Action;
 use pinkeeper_testkit::archive::{write_archive, Layout, OciNames, TestImage};
 use pinkeeper_testkit::{
     Client, Containerd, ImageInfo, K3s, K3sConfig, Version, CRI_PIN_LABEL, K3S_PIN_LABEL,
@@ -300,7 +301,7 @@ impl Node {
     /// Waits until pinkeeper has recorded `count` intents (its history's `recorded` entries).
     pub async fn wait_recorded(&self, count: usize) -> Result<Vec<serde_json::Value>> {
         self.wait_history(&format!("{count} intent(s) recorded"), None, |h| {
-            actions(h, "recorded") >= count
+            actions(h, Action::Recorded) >= count
         })
         .await
     }
@@ -425,16 +426,21 @@ pub fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The action of an entry of `pinkeeper history --json`, read as the engine's enum.
+pub fn action(entry: &serde_json::Value) -> Action {
+    Action::from(entry["action"].as_str().unwrap_or_default())
+}
+
 /// How many history entries have `action`.
-pub fn actions(history: &[serde_json::Value], action: &str) -> usize {
-    history.iter().filter(|e| e["action"] == action).count()
+pub fn actions(history: &[serde_json::Value], want: Action) -> usize {
+    history.iter().filter(|e| action(e) == want).count()
 }
 
 /// Whether the history has an entry of `name` with `action`.
-pub fn has_entry(history: &[serde_json::Value], name: &str, action: &str) -> bool {
+pub fn has_entry(history: &[serde_json::Value], name: &str, want: Action) -> bool {
     history
         .iter()
-        .any(|e| e["name"] == name && e["action"] == action)
+        .any(|e| e["name"] == name && action(e) == want)
 }
 
 /// Names of the images of `wanted` plus their `repo@digest` aliases.

@@ -186,7 +186,7 @@ fn images_nobody_pinned_get_no_intent() {
     assert!(e.intent("docker.io/library/free:1").is_none());
 }
 
-fn history(out: &[Output], action: &str) -> Vec<String> {
+fn history(out: &[Output], action: Action) -> Vec<String> {
     out.iter()
         .filter_map(|o| match o {
             Output::History(h) if h.action == action => Some(h.name.clone()),
@@ -202,7 +202,7 @@ fn an_archive_deleted_at_runtime_unpins_nothing_and_is_noted_once() {
     let out = e.handle(10, inventory(&[(APP, "app.tar")]));
     assert!(pins(&out).is_empty());
     assert!(!out.iter().any(|o| matches!(o, Output::Save { .. })));
-    assert_eq!(history(&out, "archive-gone"), vec![WEB.to_string()]);
+    assert_eq!(history(&out, Action::ArchiveGone), vec![WEB.to_string()]);
     let Some(Output::History(h)) = out.iter().find(|o| matches!(o, Output::History(_))) else {
         unreachable!()
     };
@@ -235,7 +235,7 @@ fn an_archive_deleted_at_runtime_takes_its_aliases_along() {
     let mut e = engine_with_two();
     let out = e.handle(10, inventory(&[(WEB, "web.tar")]));
     assert_eq!(
-        history(&out, "archive-gone"),
+        history(&out, Action::ArchiveGone),
         vec![APP.to_string(), ALIAS.to_string()]
     );
     assert!(pins(&out).is_empty());
@@ -250,7 +250,7 @@ fn an_archive_added_at_runtime_becomes_the_source() {
         20,
         inventory(&[(APP, "app.tar"), (WEB, "more/web.tar.zst")]),
     );
-    assert!(history(&out, "archive-gone").is_empty());
+    assert!(history(&out, Action::ArchiveGone).is_empty());
     assert!(out.iter().any(|o| matches!(
         o,
         Output::Save { intent, new: false }
@@ -272,7 +272,7 @@ fn the_first_inventory_and_released_intents_note_nothing() {
         },
     );
     let out = e.handle(1, inventory(&[]));
-    assert!(history(&out, "archive-gone").is_empty());
+    assert!(history(&out, Action::ArchiveGone).is_empty());
     // Released, then its archive goes: nothing to restore, nothing to say.
     let mut e = engine_with_two();
     e.handle(1, update(WEB, labels(&[K3S_PIN])));
@@ -285,7 +285,7 @@ fn the_first_inventory_and_released_intents_note_nothing() {
     );
     assert_eq!(e.intent(WEB).unwrap().state, IntentState::Released);
     let out = e.handle(3, inventory(&[(APP, "app.tar")]));
-    assert!(history(&out, "archive-gone").is_empty());
+    assert!(history(&out, Action::ArchiveGone).is_empty());
 }
 
 #[test]
@@ -318,7 +318,7 @@ fn operator_pin_records_an_intent_durably_and_pins_cri_only() {
     );
     assert!(out
         .iter()
-        .any(|o| matches!(o, Output::History(h) if h.action == "pinned")));
+        .any(|o| matches!(o, Output::History(h) if h.action == Action::Pinned)));
     let view = e.view("docker.io/library/extra:1").unwrap();
     assert!(view.pinned_now && !view.at_risk());
     assert_eq!(
@@ -768,3 +768,4 @@ fn a_verification_waits_for_the_connection() {
 }
 
 mod deliveries;
+mod vocabulary;
