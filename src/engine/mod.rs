@@ -33,6 +33,25 @@ struct Episode {
     summary: SweepSummary,
     /// Images swept in this episode and not yet settled one way or another.
     open: BTreeSet<String>,
+    /// Images swept in this episode, and those settled: the summary counts each image once,
+    /// however often its sweep is seen (events from before a listing are applied after it,
+    /// `daemon::Daemon::resync`, so a sweep and K3s's re-pin can be read twice).
+    swept: BTreeSet<String>,
+    settled: BTreeSet<String>,
+}
+
+impl Episode {
+    fn sweep(&mut self, name: &str) {
+        self.open.insert(name.to_string());
+        if self.swept.insert(name.to_string()) {
+            self.summary.swept += 1;
+        }
+    }
+
+    /// Settles `name`: true when it was waiting and is settled for the first time.
+    fn settle(&mut self, name: &str) -> bool {
+        self.open.remove(name) && self.settled.insert(name.to_string())
+    }
 }
 
 /// The engine. See the module documentation. A clone answers "what if" (`pinkeeper reconcile
@@ -238,7 +257,7 @@ impl Engine {
         if !self.pins_in_flight.contains_key(name) {
             self.pins_in_flight.insert(name.to_string(), reason);
             if let Some(ep) = self.episode.as_mut() {
-                if ep.open.remove(name) {
+                if ep.settle(name) {
                     match reason {
                         RestoreReason::ArchiveGone => ep.summary.restored_archive_gone += 1,
                         RestoreReason::NotRepinned => ep.summary.restored_not_repinned += 1,

@@ -169,7 +169,7 @@ impl Engine {
             if was_swept && !self.pins_in_flight.contains_key(name) {
                 self.awaiting_k3s.remove(name);
                 if let Some(ep) = self.episode.as_mut() {
-                    if ep.open.remove(name) {
+                    if ep.settle(name) {
                         ep.summary.repinned_by_k3s += 1;
                     }
                 }
@@ -230,8 +230,7 @@ impl Engine {
                 },
                 ..Episode::default()
             });
-            ep.summary.swept += 1;
-            ep.open.insert(name.to_string());
+            ep.sweep(name);
             // The episode ends with a verification, whatever the archives.
             self.schedule_verify(now.mono);
             self.settle(name, now, out);

@@ -226,3 +226,40 @@ fn a_failed_restore_is_retried_at_the_next_listing() {
         vec![(WEB.to_string(), RestoreReason::ArchiveGone)]
     );
 }
+
+/// Events from before a listing are applied after it (the daemon clears its queue before it
+/// lists, and what comes during the List is both in it and queued): a sweep and K3s's re-pin
+/// can be read twice. The sweep's summary counts each image once. Seen as `swept: 9` for 8
+/// images in `tests/containerd.rs` under load.
+#[test]
+fn a_sweep_read_twice_is_summarised_once() {
+    let mut e = engine_with_two();
+    e.handle(1, inventory(&[(APP, "app.tar"), (WEB, "web.tar")]));
+    e.handle(2, update(APP, Labels::new()));
+    e.handle(3, update(APP, both()));
+    // The same two events again, after the listing that already showed them.
+    e.handle(4, update(APP, Labels::new()));
+    e.handle(5, update(APP, both()));
+    let mut summaries = Vec::new();
+    let mut now = 5;
+    while let Some(at) = e.next_wakeup() {
+        now = at.max(now + 1);
+        for output in e.handle(now, Input::Tick) {
+            if output == Output::Verify {
+                let images = vec![
+                    record(APP, both(), "sha256:aaaa"),
+                    record(ALIAS, both(), "sha256:aaaa"),
+                    record(WEB, both(), "sha256:bbbb"),
+                ];
+                let cause = ListCause::Verify;
+                for out in e.handle(now, Input::Listing { images, cause }) {
+                    if let Output::SweepSummary(s) = out {
+                        summaries.push(s);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    assert_eq!((summaries[0].swept, summaries[0].repinned_by_k3s), (1, 1));
+}
