@@ -324,7 +324,7 @@ impl Recorder<'_> {
             }
         });
         let _abort = AbortOnDrop(reader);
-        // The daemon's order (src/daemon.rs `resync`): directory, drop what the listing
+        // The daemon's order (src/daemon/mod.rs `resync`): directory, drop what the listing
         // covers, list.
         self.rescan().await?;
         while rx.try_recv().is_ok() {}

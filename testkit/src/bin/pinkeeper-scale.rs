@@ -50,7 +50,7 @@ struct Cli {
     keep: bool,
 }
 
-/// Pins written at once by pinkeeper (`PIN_CONCURRENCY` in src/daemon.rs).
+/// Pins written at once by pinkeeper (`RPC_CONCURRENCY` in src/daemon/executor.rs).
 const PINKEEPER_CONCURRENCY: usize = 32;
 const PREFIX: &str = "docker.io/scale/img";
 const BARRIER: &str = "docker.io/scale/barrier:1";
