@@ -16,10 +16,15 @@ use pinkeeper_sim::{run, Options};
 ///   simulation now models that limitation; README, "What it cannot protect against").
 /// - 1766, 2753, 7607: an unpin event delivered after an operator re-pinned was confirmed.
 /// - 5776: the late echo of a restore re-recorded an intent an operator had just released.
-/// - 15446, 148119: an unpin event delivered late, then K3s's sweep: the Get (or the
-///   listing) that found both pins gone released the intent instead of reading the sweep.
+/// - 15446, 148119, 546224: an unpin event delivered late, then K3s's sweep: the Get (or the
+///   listing) that found the pins gone released the intent instead of reading the sweep.
+/// - 202280: an operator's pin of a name K3s then imported and swept, unseen, read as a `ctr`
+///   unpin although another name of the image showed K3s's pin.
+/// - 213520, 700118: a record deleted, imported again by K3s (its create delivered late) and
+///   swept: released at the churn window's end without asking whether it was gone.
 const REGRESSIONS: &[u64] = &[
     4, 19, 29, 32, 102, 280, 842, 883, 1548, 1737, 1766, 2753, 5776, 7607, 15446, 98762, 148119,
+    202280, 213520, 546224, 700118,
 ];
 
 #[test]

@@ -274,9 +274,13 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         }
         let Some(store) = store else {
             for call in calls {
-                if let Output::Pin { name, .. } = call {
-                    let result = Err(ApplyError::Failed("containerd is not connected".into()));
-                    inputs.push_back(Input::Pinned { name, result });
+                match call {
+                    Output::Pin { name, .. } => {
+                        let result = Err(ApplyError::Failed("containerd is not connected".into()));
+                        inputs.push_back(Input::Pinned { name, result });
+                    }
+                    Output::Fetch { name } => inputs.push_back(Input::FetchFailed { name }),
+                    _ => {}
                 }
             }
             return;

@@ -145,7 +145,7 @@ fn a_step_back_of_a_year_postpones_nothing() {
     let mut e = engine_at(at(0, WALL));
     burst(&mut e, |ms| at(ms, WALL + ms));
     let back = WALL - YEAR;
-    let out = e.handle(at(4_001, back + 4_001), Input::Tick);
+    let out = super::tests::tick_gone(&mut e, at(4_001, back + 4_001));
     let released: Vec<&str> = out
         .iter()
         .filter_map(|o| match o {
@@ -168,7 +168,7 @@ fn retention_runs_on_the_monotonic_clock() {
     let mut e = engine_at(at(0, WALL));
     e.handle(at(10, WALL + 10), delete(ALIAS));
     let gone = 10 + Config::default().churn_window;
-    e.handle(at(gone, WALL + gone), Input::Tick);
+    super::tests::tick_gone(&mut e, at(gone, WALL + gone));
     assert_eq!(e.intent(ALIAS).unwrap().state, IntentState::Released);
     assert_eq!(e.intent(ALIAS).unwrap().since, WALL + gone);
     // Ten years forward: still kept for its full retention.

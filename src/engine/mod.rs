@@ -74,8 +74,9 @@ pub struct Engine {
     /// learns its digest ([`Engine::tie_aliases`]); stale entries are checked then.
     untied_aliases: HashMap<String, BTreeSet<String>>,
     /// Names whose record was deleted, with the time their intent is released unless a create
-    /// comes first (alias churn).
-    deleted: BTreeMap<String, Millis>,
+    /// comes first (alias churn). `None` once that time has come and a Get is asked whether
+    /// the record is really gone: its create may be delivered late (seeds 213520, 700118).
+    deleted: BTreeMap<String, Option<Millis>>,
     /// Pins written and not yet answered, with why: never write the same pin twice at once.
     pins_in_flight: BTreeMap<String, RestoreReason>,
     /// Intents whose CRI pin an event says was removed (not by the sweep): released once a Get
@@ -177,7 +178,7 @@ impl Engine {
         if self.anchor_pending {
             return Some(0);
         }
-        let churn = self.deleted.values().min().copied();
+        let churn = self.deleted.values().flatten().min().copied();
         let forget = self.forget.first().map(|(at, _)| *at);
         // A verification already asked for cannot be asked again until its listing comes:
         // waking for it would only spin.
@@ -203,7 +204,10 @@ impl Engine {
                 let record = record.filter(|r| r.name == name);
                 self.on_fetched(now, &name, record, &mut out)
             }
-            Input::FetchFailed { .. } => {
+            Input::FetchFailed { name } => {
+                if let Some(at @ None) = self.deleted.get_mut(&name) {
+                    *at = Some(now.mono + self.config.churn_window);
+                }
                 // A verification of its own lists every image; the next connection's listing
                 // does as well. A confirmation left waiting for a Get that never answers would
                 // hold an operator's unpin (or a relabelled record) undecided for good. Found
@@ -213,6 +217,9 @@ impl Engine {
             Input::Pinned { name, result } => self.on_pinned(now, name, result, &mut out),
             Input::Disconnected => {
                 self.pins_in_flight.clear();
+                for at in self.deleted.values_mut().filter(|at| at.is_none()) {
+                    *at = Some(now.mono + self.config.churn_window);
+                }
                 self.labels_to_confirm.clear();
                 // A verification whose listing never came is asked again once connected.
                 if std::mem::take(&mut self.verify_in_flight) {
@@ -506,13 +513,14 @@ impl Engine {
         let due: Vec<String> = self
             .deleted
             .iter()
-            .filter(|(_, at)| **at <= now.mono)
+            .filter(|(_, at)| at.is_some_and(|at| at <= now.mono))
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            // The record is gone: whatever pin it shows next is a pin put on again.
-            let gone = Some(Labels::new());
-            self.release(now, &name, DELETED, gone, out);
+            // Released once a Get says the record is gone: a create delivered late (slow
+            // delivery) would otherwise leave a re-imported image unprotected.
+            self.deleted.insert(name.clone(), None);
+            out.push(Output::Fetch { name });
         }
         if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight && !self.away
         {
@@ -540,16 +548,9 @@ impl Engine {
             // A listing is as good as a Get.
             self.labels_to_confirm.remove(&image.name);
             seen.insert(image.name.clone());
-            if self.deleted.remove(&image.name).is_some() && !self.pins(&image.labels).any() {
-                self.release(
-                    now,
-                    &image.name,
-                    "its record was deleted and created again without a pin",
-                    Some(image.labels),
-                    out,
-                );
-                continue;
-            }
+            // A record deleted and there again is read as any listed record: K3s may have
+            // imported it again and swept it since, unseen (seed 700118).
+            self.deleted.remove(&image.name);
             self.observe(now, &image.name, image.labels, Some(image.digest), out);
         }
         // Records that are gone were deleted while pinkeeper was not watching. Released after
@@ -560,9 +561,8 @@ impl Engine {
                 continue;
             }
             if intent.state != IntentState::Released {
-                self.deleted
-                    .entry(intent.name.clone())
-                    .or_insert(now.mono + self.config.churn_window);
+                let at = self.deleted.entry(intent.name.clone()).or_default();
+                at.get_or_insert(now.mono + self.config.churn_window);
             } else if !intent.labels.is_empty() {
                 gone.push(intent.name.clone());
             }

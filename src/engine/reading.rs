@@ -16,7 +16,7 @@ impl Engine {
                     // Released at `churn_window` unless K3s creates it again (forceCreateTag).
                     self.deleted
                         .entry(event.name.clone())
-                        .or_insert(now.mono + self.config.churn_window);
+                        .or_insert(Some(now.mono + self.config.churn_window));
                     // A delete may be delivered after the create that followed it (FACTS.md
                     // section 3): a Get tells.
                     out.push(Output::Fetch { name: event.name });
@@ -132,20 +132,15 @@ impl Engine {
                 // Decided by the Get under way; later events must not read as a sweep.
                 return true;
             }
-            // A listing is as good as the Get: the unpin came first. Unless both pins are
-            // gone now from a record held with K3s's label: the sweep ran since, and the
-            // reading below says so (as for the Get, in `on_fetched`; seed 148119).
+            // A listing is as good as the Get: it is read below as any listing is (an unpin,
+            // or the sweep that ran since: seeds 148119, 546224).
             self.unpins_to_confirm.remove(name);
-            let swept_since = !new.program && self.pins(&intent.labels).program;
-            if !new.cri && !swept_since {
-                self.release(now, name, UNPIN, Some(labels), out);
-                return false;
-            }
         }
         let old = self.pins(&intent.labels);
         let was_swept = intent.state == IntentState::Swept;
         let operator_pin = intent.origin == Origin::Operator;
         let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
+        let digest = intent.digest.clone();
         let labels_changed = intent.labels != labels;
         if new.program && !intent.k3s_pinned {
             // Once per name, and on disk at once: lost to a crash, a later sweep missed while
@@ -195,8 +190,15 @@ impl Engine {
         // it since, unseen (an image K3s has pinned, or one a file provided). Keeping the image is the side that loses nothing; an unpin made
         // with `ctr` while pinkeeper was not watching is taken for that (README: use
         // `pinkeeper unpin`). Found by the simulation (seed 32).
-        let missed_sweep =
-            !live && !new.program && old.cri && !old.program && !was_swept && k3s_pinned;
+        // K3s's pinning of a name can itself be missed (events lost across a reconnect, the
+        // archive half-copied at the listing): another name of the same image that K3s pinned
+        // says it too, since K3s imports and pins every name of an archive (seed 202280).
+        let missed_sweep = !live
+            && !new.program
+            && old.cri
+            && !old.program
+            && !was_swept
+            && (k3s_pinned || self.digest_pinned_by_k3s(digest.as_deref()));
         if new.program || (old.cri && !old.program && !missed_sweep) {
             // An event may be a late or duplicate delivery (FACTS.md section 3): a live one is
             // confirmed with a Get before the intent is released.
@@ -247,6 +249,15 @@ impl Engine {
         }
         true
     }
+    /// Whether K3s has pinned another name of the image with this digest.
+    fn digest_pinned_by_k3s(&self, digest: Option<&str>) -> bool {
+        digest.is_some_and(|d| {
+            self.intents
+                .values()
+                .filter(|i| i.digest.as_deref() == Some(d))
+                .any(|i| i.k3s_pinned || self.pins(&i.labels).program)
+        })
+    }
 
     pub(super) fn on_fetched(
         &mut self,
@@ -257,6 +268,18 @@ impl Engine {
     ) {
         let confirming = self.unpins_to_confirm.remove(name);
         let recheck = self.labels_to_confirm.remove(name) && !confirming;
+        if self.deleted.get(name) == Some(&None) {
+            // The churn window of a deletion is over: the record says whether it is gone.
+            self.deleted.remove(name);
+            match record {
+                // The record is gone: whatever pin it shows next is a pin put on again.
+                None => self.release(now, name, DELETED, Some(Labels::new()), out),
+                Some(record) => {
+                    self.observe(now, name, record.labels, Some(record.digest), out);
+                }
+            }
+            return;
+        }
         let Some(record) = record else {
             // Gone: its delete event (or the next listing) settles the intent.
             return;

@@ -93,8 +93,47 @@ fn alias_churn_keeps_the_intent_and_a_plain_delete_releases_it() {
     e.handle(2, event(EventKind::Create, ALIAS, both()));
     assert_eq!(e.next_wakeup(), None);
     e.handle(10, event(EventKind::Delete, ALIAS, Labels::new()));
-    e.handle(10 + Config::default().churn_window, Input::Tick);
+    let out = e.handle(10 + Config::default().churn_window, Input::Tick);
+    // The churn window is over: a Get says whether the record is really gone.
+    assert_eq!(out, vec![Output::Fetch { name: ALIAS.into() }]);
+    assert_eq!(e.intent(ALIAS).unwrap().state, IntentState::Held);
+    let record = None;
+    let name = ALIAS.into();
+    e.handle(
+        11 + Config::default().churn_window,
+        Input::Fetched { name, record },
+    );
     assert_eq!(e.intent(ALIAS).unwrap().state, IntentState::Released);
+}
+
+/// The create that followed a delete can be delivered after the churn window (slow delivery):
+/// the Get at the window's end finds the record, and the intent stays held; a Get that fails
+/// is asked again a window later. Found by the simulation (seeds 213520, 700118).
+#[test]
+fn a_deleted_record_created_again_unseen_keeps_its_intent() {
+    let mut e = engine_with_two();
+    let window = Config::default().churn_window;
+    e.handle(1, event(EventKind::Delete, ALIAS, Labels::new()));
+    let out = e.handle(1 + window, Input::Tick);
+    assert_eq!(out, vec![Output::Fetch { name: ALIAS.into() }]);
+    assert_eq!(
+        e.next_wakeup(),
+        None,
+        "nothing to wait for while the Get is out"
+    );
+    e.handle(2 + window, Input::FetchFailed { name: ALIAS.into() });
+    assert_eq!(e.next_wakeup().map(|at| at >= 2 + window), Some(true));
+    let again = e.next_wakeup().unwrap();
+    let out = e.handle(again, Input::Tick);
+    assert!(
+        out.contains(&Output::Fetch { name: ALIAS.into() }),
+        "{out:?}"
+    );
+    let record = Some(record(ALIAS, both(), "sha256:aaaa"));
+    let name = ALIAS.into();
+    e.handle(again + 1, Input::Fetched { name, record });
+    assert_eq!(e.intent(ALIAS).unwrap().state, IntentState::Held);
+    assert_eq!(e.next_wakeup().filter(|at| *at <= again + window), None);
 }
 
 /// Found by the simulation (seed 5776): pinkeeper's own restore, delivered after an operator's
@@ -262,4 +301,40 @@ fn a_sweep_read_twice_is_summarised_once() {
     }
     assert_eq!(summaries.len(), 1, "{summaries:?}");
     assert_eq!((summaries[0].swept, summaries[0].repinned_by_k3s), (1, 1));
+}
+
+/// An operator's pin (CRI only) of a name K3s then imported and swept, both unseen (events lost
+/// across a reconnect): the next listing finds no pin at all. Another name of the same image
+/// that K3s pinned says K3s owns it, so it reads as a missed sweep, not as a `ctr` unpin.
+/// Found by the simulation (seed 202280).
+#[test]
+fn a_name_of_an_image_k3s_pinned_reads_its_unseen_unpin_as_a_sweep() {
+    const OTHER: &str = "docker.io/library/other:1";
+    let mut e = engine_with_two();
+    let out = e.handle(
+        10,
+        Input::OperatorPin {
+            record: record(OTHER, Labels::new(), "sha256:aaaa"),
+        },
+    );
+    assert_eq!(pins(&out).len(), 1);
+    let name = OTHER.into();
+    e.handle(
+        11,
+        Input::Pinned {
+            name,
+            result: Ok(()),
+        },
+    );
+    assert!(!e.intent(OTHER).unwrap().k3s_pinned);
+    e.handle(12, Input::Disconnected);
+    let images = vec![
+        record(APP, Labels::new(), "sha256:aaaa"),
+        record(ALIAS, Labels::new(), "sha256:aaaa"),
+        record(WEB, both(), "sha256:bbbb"),
+        record(OTHER, Labels::new(), "sha256:aaaa"),
+    ];
+    let cause = ListCause::Connected;
+    e.handle(13, Input::Listing { images, cause });
+    assert_eq!(e.intent(OTHER).unwrap().state, IntentState::Swept);
 }
