@@ -30,7 +30,7 @@ use crate::containerd::{Containerd, ContainerdError, EnvelopedEvent};
 use crate::engine::{EventKind, ImageRecord};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
-use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff};
+use crate::reconnect::{images_dir_changed, Backoff};
 use crate::replay::format_timestamp;
 
 /// Events queued between the stream reader and the writer (which waits for a `Get` per
@@ -293,7 +293,7 @@ impl Recorder<'_> {
                 }
             }
         });
-        let _abort = AbortOnDrop(reader);
+        let _abort = tokio_util::task::AbortOnDropHandle::new(reader);
         // The daemon's order (src/daemon.rs `resync`): directory, drop what the listing
         // covers, list.
         self.rescan().await?;

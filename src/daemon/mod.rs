@@ -30,7 +30,7 @@ use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
 use crate::metrics::{Exporter, Metrics};
-use crate::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RETRY_MAX_FAST};
+use crate::reconnect::{images_dir_changed, Backoff, RETRY_MAX_FAST};
 use executor::{Clock, Executor, Report};
 use scan::{scan_finished, ScanOutcome, SCAN_WAIT};
 
@@ -198,7 +198,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         settings.metrics_textfile.clone(),
         http.is_some(),
     );
-    let _http = http.map(AbortOnDrop);
+    let _http = http.map(tokio_util::task::AbortOnDropHandle::new);
     // Files read by an earlier run and unchanged since are not read again.
     let scanner = Scanner::new(&settings.images_dir).with_cache(started.contents.cached);
     info!(
@@ -378,7 +378,7 @@ impl Daemon {
             wake: Notify::new(),
         });
         let reader = tokio::spawn(read_events(subscription, shared.clone()));
-        let _abort = AbortOnDrop(reader);
+        let _abort = tokio_util::task::AbortOnDropHandle::new(reader);
         self.client = Some(client);
         self.status.connected_since = Some(now_ms());
         self.metrics.metrics().subscribed();
