@@ -789,34 +789,7 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     if !pattern.contains(['*', '?']) {
         return name.contains(pattern);
     }
-    glob(pattern.as_bytes(), name.as_bytes())
-}
-
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    // Iterative wildcard matching with one backtrack point: linear in practice.
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match pattern.get(p) {
-            Some(b'*') => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(&c) if c == b'?' || c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
+    wildmatch::WildMatch::new(pattern).matches(name)
 }
 
 #[cfg(test)]
