@@ -262,11 +262,12 @@ pub async fn serve(
         .set_nonblocking(true)
         .map_err(|e| io(e.to_string()))?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| io(e.to_string()))?;
-    let (accepted, incoming) = mpsc::channel(1);
+    let (accepted, mut incoming) = mpsc::channel(1);
     let accept = tokio::spawn(accept_loop(listener, accepted));
-    let incoming = ttrpc::asynchronous::transport::Listener::new(
-        tokio_stream::wrappers::ReceiverStream::new(incoming),
-    );
+    let incoming =
+        ttrpc::asynchronous::transport::Listener::new(futures::stream::poll_fn(move |cx| {
+            incoming.poll_recv(cx)
+        }));
     let service: Arc<dyn pb::Control + Send + Sync> = Arc::new(Service { requests });
     let mut server = Server::new()
         .add_listener(incoming)
