@@ -675,10 +675,12 @@ impl<'a> ListPage<'a> {
     }
 }
 
-/// The pid of the process at the other end of `stream` (`SO_PEERCRED`).
+/// The pid of the process at the other end of `stream` (`SO_PEERCRED`; 0 when it is in a pid
+/// namespace this one cannot see). Through nix, not rustix: rustix 1.1's `UCred` holds the pid
+/// as a non-zero type, which a pid of 0 would break.
 fn peer_pid(stream: &UnixStream) -> std::io::Result<i32> {
-    let cred = rustix::net::sockopt::socket_peercred(stream)?;
-    Ok(cred.pid.as_raw_nonzero().get())
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    Ok(getsockopt(stream, PeerCredentials)?.pid())
 }
 
 /// Forwards each call to the daemon's loop and waits for its answer.
