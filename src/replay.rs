@@ -414,73 +414,28 @@ pub struct Expect {
     pub pins_written: Option<usize>,
 }
 
-/// Parses an RFC 3339 UTC timestamp (`2026-11-26T06:33:56.573199093Z`) to milliseconds.
+/// Parses an RFC 3339 timestamp (`2026-11-26T06:33:56.573199093Z`) to milliseconds.
 pub fn parse_timestamp(text: &str) -> Result<Millis, String> {
     let bad =
         || format!("bad timestamp {text:?}: want RFC 3339 in UTC, like 2026-11-26T06:33:56.573Z");
-    let text = text.strip_suffix('Z').ok_or_else(bad)?;
-    let (date, time) = text.split_once('T').ok_or_else(bad)?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = match (d.next(), d.next(), d.next()) {
-        (Some(Ok(y)), Some(Ok(m)), Some(Ok(day))) => (y, m, day),
-        _ => return Err(bad()),
-    };
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>());
-    let (hh, mm, ss) = match (t.next(), t.next(), t.next()) {
-        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => (a, b, c),
-        _ => return Err(bad()),
-    };
-    let millis: i64 = format!("{:0<3}", &frac[..frac.len().min(3)])
-        .parse()
-        .map_err(|_| bad())?;
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    u64::try_from(secs * 1000 + millis).map_err(|_| bad())
+    let at: jiff::Timestamp = text.parse().map_err(|_| bad())?;
+    u64::try_from(at.as_millisecond()).map_err(|_| bad())
 }
 
 /// Formats a time as RFC 3339 in UTC with nanoseconds (`2026-11-26T06:33:56.573199093Z`), as
 /// containerd's envelopes carry it; [`parse_timestamp`] reads it back.
 pub fn format_timestamp(at: SystemTime) -> String {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    format!(
-        "{}.{:09}Z",
-        civil_seconds(since.as_secs()),
-        since.subsec_nanos()
-    )
+    let at = jiff::Timestamp::try_from(at.max(UNIX_EPOCH)).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    format!("{at:.9}")
 }
 
-/// Formats the engine's milliseconds as RFC 3339 in UTC (`2026-11-26T06:33:56.573Z`).
+/// Formats the engine's milliseconds as RFC 3339 in UTC (`2026-11-26T06:33:56.573Z`); a time
+/// past the year 9999 as the milliseconds themselves.
 pub fn format_millis(at: Millis) -> String {
-    format!("{}.{:03}Z", civil_seconds(at / 1000), at % 1000)
-}
-
-/// `YYYY-MM-DDTHH:MM:SS` of seconds since the epoch (days to civil, Howard Hinnant's algorithm).
-fn civil_seconds(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    match i64::try_from(at).map(jiff::Timestamp::from_millisecond) {
+        Ok(Ok(at)) => format!("{at:.3}"),
+        _ => format!("{at} ms since the epoch"),
+    }
 }
 
 /// One decision of the engine as a line for an operator (`pinkeeper replay`), starting with

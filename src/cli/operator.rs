@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use crate::control::client::{Client, ClientError};
 use crate::control::pb;
+use crate::inventory::report::plain_table;
 use crate::replay::format_millis;
 
 /// Flags every subcommand has.
@@ -335,7 +336,7 @@ fn show_list(intents: &[pb::IntentInfo]) -> String {
             ]
         })
         .collect();
-    table(
+    plain_table(
         &[
             "IMAGE",
             "STATE",
@@ -344,7 +345,7 @@ fn show_list(intents: &[pb::IntentInfo]) -> String {
             "LAST RESTORED",
             "WHY",
         ],
-        &rows,
+        rows,
     )
 }
 
@@ -386,7 +387,7 @@ fn show_history(r: &pb::HistoryResponse) -> String {
             ]
         })
         .collect();
-    table(&["TIME", "ACTION", "IMAGE", "DETAIL"], &rows)
+    plain_table(&["TIME", "ACTION", "IMAGE", "DETAIL"], rows)
 }
 
 fn show_reconcile(r: &pb::ReconcileResponse) -> String {
@@ -407,36 +408,8 @@ fn show_reconcile(r: &pb::ReconcileResponse) -> String {
         .iter()
         .map(|d| [d.action.clone(), d.name.clone(), d.detail.clone()])
         .collect();
-    format!("{head}{}", table(&["ACTION", "IMAGE", "DETAIL"], &rows))
-}
-
-/// Left-aligned columns; the last one is not padded.
-fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut width = [0usize; N];
-    for (i, h) in header.iter().enumerate() {
-        width[i] = h.chars().count();
-    }
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
-            width[i] = width[i].max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut push = |cells: Vec<&str>| {
-        let mut line = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == N {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}  ", w = width[i]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    };
-    push(header.to_vec());
-    for row in rows {
-        push(row.iter().map(String::as_str).collect());
-    }
-    out
+    format!(
+        "{head}{}",
+        plain_table(&["ACTION", "IMAGE", "DETAIL"], rows)
+    )
 }

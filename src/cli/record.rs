@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::cli::node::NodeArgs;
 use crate::config::{ConfigError, Overrides, DEFAULT_CONTAINERD_SOCKET};
-use crate::containerd::reconnect::{images_dir_changed, AbortOnDrop, Backoff};
+use crate::containerd::reconnect::{images_dir_changed, Backoff};
 use crate::containerd::{Containerd, ContainerdError, EnvelopedEvent};
 use crate::engine::{EventKind, ImageRecord};
 use crate::inventory::watch::Watcher;
@@ -323,7 +323,7 @@ impl Recorder<'_> {
                 }
             }
         });
-        let _abort = AbortOnDrop(reader);
+        let _abort = tokio_util::task::AbortOnDropHandle::new(reader);
         // The daemon's order (src/daemon/mod.rs `resync`): directory, drop what the listing
         // covers, list.
         self.rescan().await?;

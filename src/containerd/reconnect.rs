@@ -1,5 +1,6 @@
 //! What the daemon and `pinkeeper record` share while they follow containerd: the backoff of
-//! reconnection attempts, the images directory's change notice, a task that dies with its owner.
+//! reconnection attempts and the images directory's change notice. (A task that dies with its
+//! owner is tokio-util's `AbortOnDropHandle`.)
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -63,15 +64,6 @@ pub async fn images_dir_changed(watch: &mut Option<Watcher>) {
             tracing::debug!("the images directory changed: reading it again");
         }
         None => std::future::pending().await,
-    }
-}
-
-/// A task aborted when this is dropped (the event reader of a subscription).
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

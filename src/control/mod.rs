@@ -9,7 +9,6 @@
 pub mod client;
 
 use std::cell::Cell;
-use std::os::fd::RawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -202,8 +201,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(stream) => {
-                let peer = peer_of(&stream)
-                    .map(|(_, pid)| format!(" (pid {pid})"))
+                let peer = peer_pid(&stream)
+                    .map(|pid| format!(" (pid {pid})"))
                     .unwrap_or_default();
                 return Err(ControlError::InUse {
                     path: path.to_path_buf(),
@@ -227,11 +226,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     }
     // The socket file is created by bind() with the process umask: no window in which it is
     // reachable by others. umask is process-wide, so this runs before any thread is started.
-    // SAFETY: umask only swaps the process's file mode creation mask.
-    let previous = unsafe { libc::umask(0o177) };
+    let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
-    // SAFETY: as above.
-    unsafe { libc::umask(previous) };
+    rustix::process::umask(previous);
     let listener = bound.map_err(|e| {
         io(format!(
             "{e}; pinkeeper must run as root (or pass a --control-socket it can create)"
@@ -264,11 +261,12 @@ pub async fn serve(
         .set_nonblocking(true)
         .map_err(|e| io(e.to_string()))?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| io(e.to_string()))?;
-    let (accepted, incoming) = mpsc::channel(1);
+    let (accepted, mut incoming) = mpsc::channel(1);
     let accept = tokio::spawn(accept_loop(listener, accepted));
-    let incoming = ttrpc::asynchronous::transport::Listener::new(
-        tokio_stream::wrappers::ReceiverStream::new(incoming),
-    );
+    let incoming =
+        ttrpc::asynchronous::transport::Listener::new(futures::stream::poll_fn(move |cx| {
+            incoming.poll_recv(cx)
+        }));
     let service: Arc<dyn pb::Control + Send + Sync> = Arc::new(Service { requests });
     let mut server = Server::new()
         .add_listener(incoming)
@@ -316,37 +314,28 @@ pub fn channel() -> (mpsc::Sender<Request>, mpsc::Receiver<Request>) {
 /// packaged unit, `LimitNOFILE=` sets both to the same value, so there is nothing to raise. A
 /// failure is logged and harmless (the control socket's accept loop backs off at the limit).
 pub fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is valid for writes of its size.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        warn!(
-            "cannot read the open-file limit: {}",
-            std::io::Error::last_os_error()
-        );
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    // `None` is unlimited (RLIM_INFINITY).
+    let mut limit = getrlimit(Resource::Nofile);
+    let (soft, hard) = (limit.current, limit.maximum);
+    if soft.unwrap_or(u64::MAX) >= hard.unwrap_or(u64::MAX) {
         return;
     }
-    if limit.rlim_cur >= limit.rlim_max {
-        return;
-    }
-    let soft = limit.rlim_cur;
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: `limit` is a valid rlimit; raising the soft limit up to the hard one needs no
-    // privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+    let (soft, hard) = (soft.unwrap_or(u64::MAX), hard.unwrap_or(u64::MAX));
+    limit.current = limit.maximum;
+    // Raising the soft limit up to the hard one needs no privilege.
+    if let Err(e) = setrlimit(Resource::Nofile, limit) {
         warn!(
             soft,
-            hard = limit.rlim_max,
+            hard,
             "cannot raise the open-file limit to the hard limit: {}; set LimitNOFILE= in the unit",
-            std::io::Error::last_os_error()
+            std::io::Error::from(e)
         );
         return;
     }
     info!(
         from = soft,
-        to = limit.rlim_max,
+        to = hard,
         "raised the open-file limit (soft) to the hard limit"
     );
 }
@@ -386,8 +375,7 @@ async fn accept_loop(
     listener: tokio::net::UnixListener,
     accepted: mpsc::Sender<std::io::Result<Bounded>>,
 ) {
-    // SAFETY: geteuid cannot fail.
-    let own_uid = unsafe { libc::geteuid() };
+    let own_uid = rustix::process::geteuid().as_raw();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let throttles = Arc::new(Throttles::default());
     let (mut errors, mut over, mut refused) = (
@@ -686,34 +674,12 @@ impl<'a> ListPage<'a> {
     }
 }
 
-/// The peer's uid and pid (`SO_PEERCRED`).
-fn peer_uid(fd: RawFd) -> std::io::Result<(u32, i32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid for writes of the sizes given; `fd` is a socket the
-    // server owns for the duration of this call.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((cred.uid, cred.pid))
-}
-
-fn peer_of(stream: &UnixStream) -> std::io::Result<(u32, i32)> {
-    use std::os::fd::AsRawFd;
-    peer_uid(stream.as_raw_fd())
+/// The pid of the process at the other end of `stream` (`SO_PEERCRED`; 0 when it is in a pid
+/// namespace this one cannot see). Through nix, not rustix: rustix 1.1's `UCred` holds the pid
+/// as a non-zero type, which a pid of 0 would break.
+fn peer_pid(stream: &UnixStream) -> std::io::Result<i32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    Ok(getsockopt(stream, PeerCredentials)?.pid())
 }
 
 /// Forwards each call to the daemon's loop and waits for its answer.
@@ -825,34 +791,7 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     if !pattern.contains(['*', '?']) {
         return name.contains(pattern);
     }
-    glob(pattern.as_bytes(), name.as_bytes())
-}
-
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    // Iterative wildcard matching with one backtrack point: linear in practice.
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match pattern.get(p) {
-            Some(b'*') => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(&c) if c == b'?' || c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
+    wildmatch::WildMatch::new(pattern).matches(name)
 }
 
 #[cfg(test)]

@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::encoding::{prometheus_text, text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use crate::engine::{IntentState, RestoreReason, Tally};
@@ -510,9 +512,9 @@ impl Default for HttpLimits {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped: one request per connection
-/// (`Connection: close`), OpenMetrics when the client accepts it (Prometheus does), else the
-/// text format 0.0.4; 404 for any other path.
+/// Serves `GET /metrics` on `listener` until the task is dropped, one connection per request
+/// (see [`respond`]), at most [`HttpLimits::connections`] at once, each within
+/// [`HttpLimits::timeout`].
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
@@ -544,115 +546,61 @@ pub async fn serve_http(
     }
 }
 
-/// Reads one request head and answers it.
-pub async fn respond<S>(mut stream: S, metrics: &Metrics, limits: HttpLimits) -> std::io::Result<()>
+/// Answers one request on `stream` with hyper's HTTP/1.1 server (`Connection: close`):
+/// OpenMetrics when the client accepts it (Prometheus does), else the text format 0.0.4; 404
+/// for any other path, 405 for another method. hyper itself answers a malformed request (400)
+/// and a head longer than [`HttpLimits::max_request`] (431); those count as answered.
+pub async fn respond<S>(stream: S, metrics: &Metrics, limits: HttpLimits) -> hyper::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    let complete = loop {
-        if let Some(end) = find(&head, b"\r\n\r\n") {
-            head.truncate(end);
-            break true;
+    let service =
+        hyper::service::service_fn(|request| std::future::ready(answer(&request, metrics)));
+    let served = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .title_case_headers(true)
+        .auto_date_header(false)
+        .max_header_size(limits.max_request)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+    match served {
+        Err(e) if e.is_parse() => {
+            debug!("metrics request refused: {e}");
+            Ok(())
         }
-        if head.len() > limits.max_request {
-            break false;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            // Closed before a whole head: nothing to answer.
-            return Ok(());
-        }
-        head.extend_from_slice(&chunk[..n]);
-    };
-    let (status, content_type, body, with_body) = if complete {
-        route(&head, metrics)
-    } else {
-        (
-            "431 Request Header Fields Too Large",
-            "text/plain; charset=utf-8",
-            "request head too large\n".to_string(),
-            true,
-        )
-    };
-    let mut answer = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    if status.starts_with("405") {
-        answer.push_str("Allow: GET, HEAD\r\n");
+        other => other,
     }
-    answer.push_str("\r\n");
-    if with_body {
-        answer.push_str(&body);
-    }
-    stream.write_all(answer.as_bytes()).await?;
-    stream.shutdown().await
 }
 
-/// Status, content type, body, and whether the body is sent (not for HEAD).
-fn route(head: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String, bool) {
-    let plain = "text/plain; charset=utf-8";
-    let text = String::from_utf8_lossy(head);
-    let mut lines = text.split("\r\n");
-    let mut request = lines.next().unwrap_or("").split(' ');
-    let (Some(method), Some(target), Some(version), None) = (
-        request.next(),
-        request.next(),
-        request.next(),
-        request.next(),
-    ) else {
-        return ("400 Bad Request", plain, "bad request\n".into(), true);
-    };
-    if !version.starts_with("HTTP/1.") {
-        return ("400 Bad Request", plain, "bad request\n".into(), true);
+/// The answer to `request` (building it fails only on a bad header value, and these are ours).
+fn answer<B>(request: &Request<B>, metrics: &Metrics) -> hyper::http::Result<Response<String>> {
+    let plain = Response::builder().header(CONTENT_TYPE, "text/plain; charset=utf-8");
+    if request.uri().path() != "/metrics" {
+        let body = "not found: pinkeeper serves /metrics\n";
+        return plain.status(StatusCode::NOT_FOUND).body(body.into());
     }
-    let path = target.split('?').next().unwrap_or("");
-    if path != "/metrics" {
-        return (
-            "404 Not Found",
-            plain,
-            "not found: pinkeeper serves /metrics\n".into(),
-            true,
-        );
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let plain = plain.status(StatusCode::METHOD_NOT_ALLOWED);
+        return plain.header(ALLOW, "GET, HEAD").body("use GET\n".into());
     }
-    let with_body = match method {
-        "GET" => true,
-        "HEAD" => false,
-        _ => return ("405 Method Not Allowed", plain, "use GET\n".into(), true),
-    };
-    let openmetrics = lines.any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.trim().eq_ignore_ascii_case("accept")
-                && value.contains("application/openmetrics-text")
-        })
+    let openmetrics = request.headers().get_all(ACCEPT).iter().any(|value| {
+        String::from_utf8_lossy(value.as_bytes()).contains("application/openmetrics-text")
     });
-    if openmetrics {
-        (
-            "200 OK",
-            OPENMETRICS_CONTENT_TYPE,
-            metrics.openmetrics(),
-            with_body,
-        )
+    let (content_type, body) = if openmetrics {
+        (OPENMETRICS_CONTENT_TYPE, metrics.openmetrics())
     } else {
-        (
-            "200 OK",
-            TEXT_CONTENT_TYPE,
-            metrics.prometheus_text(),
-            with_body,
-        )
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+        (TEXT_CONTENT_TYPE, metrics.prometheus_text())
+    };
+    Response::builder()
+        .header(CONTENT_TYPE, content_type)
+        .body(body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     async fn ask(request: &[u8], metrics: &Metrics) -> String {
         let (mut client, server) = tokio::io::duplex(1 << 16);

@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Settings;
 use crate::containerd::queue::EventQueue;
-use crate::containerd::reconnect::{images_dir_changed, AbortOnDrop, Backoff, RETRY_MAX_FAST};
+use crate::containerd::reconnect::{images_dir_changed, Backoff, RETRY_MAX_FAST};
 use crate::containerd::{Containerd, ContainerdError};
 use crate::control::{self, Request};
 use crate::daemon::metrics::{Exporter, Metrics};
@@ -200,7 +200,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         settings.metrics_textfile.clone(),
         http.is_some(),
     );
-    let _http = http.map(AbortOnDrop);
+    let _http = http.map(tokio_util::task::AbortOnDropHandle::new);
     // Files read by an earlier run and unchanged since are not read again.
     let scanner = Scanner::new(&settings.images_dir).with_cache(started.contents.cached);
     info!(
@@ -380,7 +380,7 @@ impl Daemon {
             wake: Notify::new(),
         });
         let reader = tokio::spawn(read_events(subscription, shared.clone()));
-        let _abort = AbortOnDrop(reader);
+        let _abort = tokio_util::task::AbortOnDropHandle::new(reader);
         self.client = Some(client);
         self.status.connected_since = Some(now_ms());
         self.metrics.metrics().subscribed();

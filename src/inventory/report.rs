@@ -111,43 +111,25 @@ impl Report {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    /// [`Report::to_table`], written line by line.
+    /// [`Report::to_table`], written to `out`.
     pub fn write_table(&self, out: &mut impl Write) -> io::Result<()> {
-        const HEADER: [&str; 4] = ["FILE", "FORMAT", "COMPRESSION", "IMAGES"];
-        fn row(f: &FileReport) -> [&str; 3] {
-            let cell = |s: Option<&'static str>| s.unwrap_or("-");
-            [f.path.as_str(), cell(f.format), cell(f.compression)]
-        }
-        let mut width = [HEADER[0].len(), HEADER[1].len(), HEADER[2].len()];
-        for file in &self.files {
-            for (w, c) in width.iter_mut().zip(row(file)) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let indent = width.iter().map(|w| w + 2).sum::<usize>();
-        let line = |out: &mut dyn Write, cols: [&str; 3], last: &str| -> io::Result<()> {
-            let mut text = String::new();
-            for (c, w) in cols.iter().zip(width) {
-                text.push_str(c);
-                text.push_str(&" ".repeat(w + 2 - c.chars().count()));
-            }
-            text.push_str(last);
-            writeln!(out, "{}", text.trim_end())
-        };
         if self.files.is_empty() {
             writeln!(out, "no file K3s would import in {}", self.images_dir)?;
         } else {
-            line(out, [HEADER[0], HEADER[1], HEADER[2]], HEADER[3])?;
-        }
-        for file in &self.files {
-            let names = file.names.iter().map(|n| escape::text(n).to_string());
-            let error = file.error.iter().map(|e| format!("error: {e}"));
-            let mut cells = names.chain(error);
-            let first = cells.next().unwrap_or_default();
-            line(out, row(file), &first)?;
-            for more in cells {
-                writeln!(out, "{}{more}", " ".repeat(indent))?;
-            }
+            let rows = self.files.iter().map(|file| {
+                let cell = |s: Option<&'static str>| s.unwrap_or("-");
+                let names = file.names.iter().map(|n| escape::text(n).to_string());
+                let error = file.error.iter().map(|e| format!("error: {e}"));
+                let images = names.chain(error).collect::<Vec<_>>().join("\n");
+                [
+                    file.path.clone(),
+                    cell(file.format).into(),
+                    cell(file.compression).into(),
+                    images,
+                ]
+            });
+            let header = ["FILE", "FORMAT", "COMPRESSION", "IMAGES"];
+            out.write_all(plain_table(&header, rows).as_bytes())?;
         }
         if !self.skipped.is_empty() {
             writeln!(out, "\nnot read:")?;
@@ -164,6 +146,30 @@ impl Report {
             self.skipped.len()
         )
     }
+}
+
+/// pinkeeper's one style of human-readable table (here and in `control/cli.rs`): a line of
+/// column names, then left-aligned columns two spaces apart, no borders, no trailing spaces; a
+/// cell of several lines (`\n`) continues on lines of its own, in its column.
+pub fn plain_table<const N: usize>(
+    header: &[&str; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> String {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(header.iter().copied());
+    for row in rows {
+        table.add_row(row);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let mut out = String::new();
+    for line in table.lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// `text` escaped ([`crate::escape::text`]), the same string when nothing needed escaping.

@@ -283,22 +283,8 @@ fn resubscribed_after(log: &std::path::Path, since: std::time::SystemTime) -> Re
     Ok(None)
 }
 
-/// `2026-11-26T07:04:38.372881Z` -> seconds since the epoch (UTC only).
+/// `2026-11-26T07:04:38.372881Z` -> seconds since the epoch.
 fn rfc3339_seconds(text: &str) -> Option<f64> {
-    let text = text.strip_suffix('Z')?;
-    let (date, time) = text.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let mut t = time.split(':');
-    let (hh, mm) = (
-        t.next()?.parse::<i64>().ok()?,
-        t.next()?.parse::<i64>().ok()?,
-    );
-    let ss: f64 = t.next()?.parse().ok()?;
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    Some((days * 86_400 + hh * 3600 + mm * 60) as f64 + ss)
+    let at: jiff::Timestamp = text.parse().ok()?;
+    Some(at.as_duration().as_secs_f64())
 }
