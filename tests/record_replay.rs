@@ -191,13 +191,20 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
         .map(|i| (i.name, i.state))
         .collect();
     drop(ledger);
-    // The scenario did what it is meant to: web and its alias restored, helm released.
+    // The scenario did what it is meant to: web and its alias restored, helm released. On a
+    // loaded machine K3s may import an archive later than the test's short settle time after
+    // its last event: the verification then restores that image too ("not re-pinned"), which
+    // is right, and the replay must decide the same.
     let expected: BTreeSet<_> = web
         .iter()
         .map(|n| pin(n, RestoreReason::ArchiveGone))
         .collect();
+    let not_repinned = format!("{:?}", RestoreReason::NotRepinned);
     ensure!(
-        live_pins == expected,
+        expected.is_subset(&live_pins)
+            && live_pins
+                .difference(&expected)
+                .all(|(_, why)| *why == not_repinned),
         "the daemon restored {live_pins:?}, expected {expected:?}\n{}",
         node.log()
     );
