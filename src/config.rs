@@ -12,24 +12,24 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// The config file read when `--config` is not given, if it exists.
-pub const DEFAULT_CONFIG: &str = "/etc/pinkeeper/config.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/pinkeeper/config.toml";
 /// K3s's containerd socket, which is RKE2's too (FACTS.md section 1; rancher/rke2
 /// `pkg/executor/staticpod/spw.go` `ContainerdSock`).
-pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/k3s/containerd/containerd.sock";
+pub(crate) const DEFAULT_CONTAINERD_SOCKET: &str = "/run/k3s/containerd/containerd.sock";
 /// CRI's namespace, where K3s imports.
-pub const DEFAULT_NAMESPACE: &str = "k8s.io";
+pub(crate) const DEFAULT_NAMESPACE: &str = "k8s.io";
 /// K3s's images directory (`<data-dir>/agent/images`).
-pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/rancher/k3s/agent/images";
+pub(crate) const DEFAULT_IMAGES_DIR: &str = "/var/lib/rancher/k3s/agent/images";
 /// RKE2's images directory (`<data-dir>/agent/images`, data dir `/var/lib/rancher/rke2`).
-pub const RKE2_IMAGES_DIR: &str = "/var/lib/rancher/rke2/agent/images";
+pub(crate) const RKE2_IMAGES_DIR: &str = "/var/lib/rancher/rke2/agent/images";
 /// RKE2's pin label (`io.cattle.<program>.pinned`, FACTS.md section 1).
-pub const RKE2_PIN: &str = "io.cattle.rke2.pinned";
+pub(crate) const RKE2_PIN: &str = "io.cattle.rke2.pinned";
 /// Where the ledger lives.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/pinkeeper";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/pinkeeper";
 /// The operator API's socket.
-pub const DEFAULT_CONTROL_SOCKET: &str = "/run/pinkeeper/pinkeeper.sock";
+pub(crate) const DEFAULT_CONTROL_SOCKET: &str = "/run/pinkeeper/pinkeeper.sock";
 /// Default quiet time before the check of K3s's re-pins, in ms.
-pub const DEFAULT_SETTLE_MS: u64 = 3_000;
+pub(crate) const DEFAULT_SETTLE_MS: u64 = 3_000;
 /// Longest accepted quiet time: kubelet's image GC starts after the start-up.
 const MAX_SETTLE_MS: u64 = 120_000;
 /// The longest path a unix socket address holds (`sun_path`, less the NUL).
@@ -66,7 +66,7 @@ pub struct FileConfig {
 }
 
 /// Values given on the command line: the same keys as the file, each overriding it.
-pub type Overrides = FileConfig;
+pub(crate) type Overrides = FileConfig;
 
 /// The settings `pinkeeper run` uses.
 #[derive(Debug, Clone, PartialEq, Eq)]

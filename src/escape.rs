@@ -15,23 +15,23 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// A path shown escaped: `format!("{}", escape::path(p))`.
-pub fn path(path: &Path) -> Escaped<'_> {
+pub(crate) fn path(path: &Path) -> Escaped<'_> {
     Escaped(path.as_os_str().as_bytes())
 }
 
 /// Any bytes shown escaped.
-pub fn bytes(bytes: &[u8]) -> Escaped<'_> {
+pub(crate) fn bytes(bytes: &[u8]) -> Escaped<'_> {
     Escaped(bytes)
 }
 
 /// A string shown escaped (control characters only: it is valid UTF-8 already).
-pub fn text(text: &str) -> Escaped<'_> {
+pub(crate) fn text(text: &str) -> Escaped<'_> {
     Escaped(text.as_bytes())
 }
 
 /// Bytes that display escaped (see the module's comment).
 #[derive(Clone, Copy)]
-pub struct Escaped<'a>(&'a [u8]);
+pub(crate) struct Escaped<'a>(&'a [u8]);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -66,7 +66,7 @@ impl fmt::Debug for Escaped<'_> {
 /// The lossless serde form of a path for the ledger's JSON records: a string when the path is
 /// valid UTF-8 (as every earlier ledger has it), else `{"bytes": [..]}`. Use with
 /// `#[serde(with = "crate::escape::path_bytes")]` on a `PathBuf`.
-pub mod path_bytes {
+pub(crate) mod path_bytes {
     use std::ffi::OsString;
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     use std::path::{Path, PathBuf};
@@ -81,7 +81,7 @@ pub mod path_bytes {
     }
 
     /// Serializes `path` losslessly.
-    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
         match path.to_str() {
             Some(text) => Form::Text(text.into()).serialize(s),
             None => Form::Bytes {
@@ -92,7 +92,7 @@ pub mod path_bytes {
     }
 
     /// Reads either form back.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
         Ok(match Form::deserialize(d)? {
             Form::Text(text) => PathBuf::from(text.into_owned()),
             Form::Bytes { bytes } => PathBuf::from(OsString::from_vec(bytes)),
@@ -100,13 +100,16 @@ pub mod path_bytes {
     }
 
     /// The same for an `Option<PathBuf>`: `#[serde(with = "crate::escape::path_bytes::option")]`.
-    pub mod option {
+    pub(crate) mod option {
         use std::path::PathBuf;
 
         use serde::{Deserialize, Deserializer, Serializer};
 
         /// Serializes `path` losslessly, `None` as `null`.
-        pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        pub(crate) fn serialize<S: Serializer>(
+            path: &Option<PathBuf>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             match path {
                 Some(p) => super::serialize(p, s),
                 None => s.serialize_none(),
@@ -114,7 +117,9 @@ pub mod path_bytes {
         }
 
         /// Reads either form, or `null`, back.
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<PathBuf>, D::Error> {
             #[derive(Deserialize)]
             struct Wrapped(#[serde(with = "super")] PathBuf);
             Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))

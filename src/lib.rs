@@ -10,15 +10,15 @@
 #![warn(unreachable_pub)]
 
 pub mod cli;
-pub mod config;
+pub(crate) mod config;
 pub mod containerd;
 pub mod control;
 pub mod daemon;
 pub mod engine;
-pub mod escape;
+pub(crate) mod escape;
 pub mod inventory;
 pub mod ledger;
-pub mod logging;
+pub(crate) mod logging;
 pub mod memory;
 pub mod replay;
 pub mod store;

@@ -24,7 +24,7 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// A [`MakeWriter`] whose writers escape control characters (see the module's comment).
 #[derive(Debug, Clone)]
-pub struct Escaping<M> {
+pub(crate) struct Escaping<M> {
     inner: M,
     ansi: bool,
 }
@@ -32,7 +32,7 @@ pub struct Escaping<M> {
 impl<M> Escaping<M> {
     /// Escapes what `inner`'s writers would write. `ansi`: the formatter writes ANSI colours,
     /// which are kept.
-    pub fn new(inner: M, ansi: bool) -> Self {
+    pub(crate) fn new(inner: M, ansi: bool) -> Self {
         Escaping { inner, ansi }
     }
 }
@@ -51,7 +51,7 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Escaping<M> {
 
 /// Collects one event and writes it escaped, in one `write_all`, when flushed or dropped.
 #[derive(Debug)]
-pub struct EventWriter<W: Write> {
+pub(crate) struct EventWriter<W: Write> {
     inner: W,
     ansi: bool,
     event: Vec<u8>,
@@ -97,7 +97,7 @@ impl<W: Write> Drop for EventWriter<W> {
 
 /// One event's bytes as one line: every control character escaped except a final `\n` (and,
 /// when `ansi`, SGR colour sequences).
-pub fn escape_event(event: &[u8], ansi: bool) -> String {
+pub(crate) fn escape_event(event: &[u8], ansi: bool) -> String {
     let (body, newline) = match event.strip_suffix(b"\n") {
         Some(body) => (body, true),
         None => (event, false),

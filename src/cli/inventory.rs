@@ -9,7 +9,7 @@ use crate::config::Overrides;
 
 /// Arguments of `pinkeeper inventory`.
 #[derive(clap::Args)]
-pub struct InventoryArgs {
+pub(crate) struct InventoryArgs {
     /// The node's settings.
     #[command(flatten)]
     node: NodeArgs,
@@ -20,7 +20,7 @@ pub struct InventoryArgs {
 
 /// Exit 0 once the directory was read (broken files are part of the output), 1 if it
 /// cannot be read, 2 on bad usage (a flag, or the config file).
-pub fn inventory(args: &InventoryArgs) -> ExitCode {
+pub(crate) fn inventory(args: &InventoryArgs) -> ExitCode {
     let settings = match args.node.resolve(Overrides::default()) {
         Ok(s) => s,
         Err(e) => return usage_error(&e),

@@ -8,13 +8,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub mod doctor;
-pub mod inventory;
-pub mod node;
-pub mod operator;
-pub mod record;
-pub mod replay;
-pub mod run;
+pub(crate) mod doctor;
+pub(crate) mod inventory;
+pub(crate) mod node;
+pub(crate) mod operator;
+pub(crate) mod record;
+pub(crate) mod replay;
+pub(crate) mod run;
 
 /// Keeps K3s air-gap images pinned in containerd across K3s restarts.
 #[derive(Parser)]

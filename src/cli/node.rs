@@ -11,7 +11,7 @@ use crate::config::{ConfigError, FileConfig, Overrides, Settings};
 
 /// Where containerd, K3s's images and the ledger are, and whose pins to follow.
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct NodeArgs {
+pub(crate) struct NodeArgs {
     /// TOML config file of `pinkeeper run`; flags override its values. Must exist when given
     /// [default: /etc/pinkeeper/config.toml, read only if it exists]
     #[arg(long, value_name = "PATH")]
@@ -39,7 +39,7 @@ impl NodeArgs {
     /// The settings: defaults, the config file (`--config`, or the default file if it
     /// exists), these flags, and `more` (a command's own flags, such as `run`'s), which win
     /// over the file too.
-    pub fn resolve(&self, more: Overrides) -> Result<Settings, ConfigError> {
+    pub(crate) fn resolve(&self, more: Overrides) -> Result<Settings, ConfigError> {
         let file = FileConfig::find(self.config.as_deref())?;
         let flags = Overrides {
             containerd_socket: self.containerd_socket.clone(),

@@ -13,7 +13,7 @@ use crate::replay::format_millis;
 
 /// Flags every subcommand has.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Common {
+pub(crate) struct Common {
     /// The daemon's control socket
     #[arg(long, value_name = "PATH", default_value = crate::config::DEFAULT_CONTROL_SOCKET)]
     pub control_socket: PathBuf,
@@ -24,14 +24,14 @@ pub struct Common {
 
 /// `pinkeeper status`.
 #[derive(clap::Args, Debug)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     #[command(flatten)]
     common: Common,
 }
 
 /// `pinkeeper list`.
 #[derive(clap::Args, Debug)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// Only images whose name matches: `*` and `?` wildcards, else a substring
     #[arg(value_name = "NAME-PATTERN")]
     pattern: Option<String>,
@@ -44,7 +44,7 @@ pub struct ListArgs {
 
 /// `pinkeeper pin`.
 #[derive(clap::Args, Debug)]
-pub struct PinArgs {
+pub(crate) struct PinArgs {
     /// The image name (as `pinkeeper list` or `ctr -n k8s.io images ls` shows it)
     name: String,
     #[command(flatten)]
@@ -53,7 +53,7 @@ pub struct PinArgs {
 
 /// `pinkeeper unpin`.
 #[derive(clap::Args, Debug)]
-pub struct UnpinArgs {
+pub(crate) struct UnpinArgs {
     /// The image name
     name: String,
     /// Every name of the same image (aliases included): CRI keeps an image pinned while any
@@ -66,7 +66,7 @@ pub struct UnpinArgs {
 
 /// `pinkeeper history`.
 #[derive(clap::Args, Debug)]
-pub struct HistoryArgs {
+pub(crate) struct HistoryArgs {
     /// Only this image
     name: Option<String>,
     /// At most this many entries, newest first
@@ -78,7 +78,7 @@ pub struct HistoryArgs {
 
 /// `pinkeeper reconcile`.
 #[derive(clap::Args, Debug)]
-pub struct ReconcileArgs {
+pub(crate) struct ReconcileArgs {
     /// Print what would change, change nothing
     #[arg(long)]
     dry_run: bool,
@@ -126,7 +126,7 @@ where
 }
 
 /// `pinkeeper status`.
-pub fn status(args: StatusArgs) -> ExitCode {
+pub(crate) fn status(args: StatusArgs) -> ExitCode {
     call(
         &args.common,
         |c| async move { c.status().await },
@@ -135,7 +135,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 }
 
 /// `pinkeeper list`.
-pub fn list(args: ListArgs) -> ExitCode {
+pub(crate) fn list(args: ListArgs) -> ExitCode {
     let req = pb::ListRequest {
         pattern: args.pattern.unwrap_or_default(),
         all: args.all,
@@ -149,7 +149,7 @@ pub fn list(args: ListArgs) -> ExitCode {
 }
 
 /// `pinkeeper pin`.
-pub fn pin(args: PinArgs) -> ExitCode {
+pub(crate) fn pin(args: PinArgs) -> ExitCode {
     let name = args.name;
     call(
         &args.common,
@@ -159,7 +159,7 @@ pub fn pin(args: PinArgs) -> ExitCode {
 }
 
 /// `pinkeeper unpin`.
-pub fn unpin(args: UnpinArgs) -> ExitCode {
+pub(crate) fn unpin(args: UnpinArgs) -> ExitCode {
     let (name, all) = (args.name, args.all_names);
     call(
         &args.common,
@@ -169,7 +169,7 @@ pub fn unpin(args: UnpinArgs) -> ExitCode {
 }
 
 /// `pinkeeper history`.
-pub fn history(args: HistoryArgs) -> ExitCode {
+pub(crate) fn history(args: HistoryArgs) -> ExitCode {
     let req = pb::HistoryRequest {
         name: args.name.unwrap_or_default(),
         limit: args.limit,
@@ -182,7 +182,7 @@ pub fn history(args: HistoryArgs) -> ExitCode {
 }
 
 /// `pinkeeper reconcile`.
-pub fn reconcile(args: ReconcileArgs) -> ExitCode {
+pub(crate) fn reconcile(args: ReconcileArgs) -> ExitCode {
     let dry_run = args.dry_run;
     call(
         &args.common,

@@ -41,7 +41,7 @@ const QUEUE: usize = 65_536;
 
 /// Arguments of `pinkeeper record`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct RecordArgs {
+pub(crate) struct RecordArgs {
     /// The file to write (JSON lines, replaced if it exists); replay it with
     /// `pinkeeper replay FILE`
     #[arg(long, value_name = "FILE")]
@@ -57,7 +57,7 @@ pub struct RecordArgs {
 /// What a recording reads and writes, resolved from [`RecordArgs`] as `pinkeeper run`
 /// resolves its settings (the config file and `--program` included).
 #[derive(Debug, Clone)]
-pub struct RecordSettings {
+pub(crate) struct RecordSettings {
     /// The file to write.
     pub out: PathBuf,
     /// containerd's gRPC socket.
@@ -72,7 +72,7 @@ pub struct RecordSettings {
 
 impl RecordArgs {
     /// The recording these arguments ask for.
-    pub fn resolve(&self) -> Result<RecordSettings, ConfigError> {
+    pub(crate) fn resolve(&self) -> Result<RecordSettings, ConfigError> {
         let settings = self.node.resolve(Overrides::default())?;
         Ok(RecordSettings {
             out: self.out.clone(),
@@ -86,7 +86,7 @@ impl RecordArgs {
 
 /// Why a recording stopped short.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordError {
+pub(crate) enum RecordError {
     /// The output file cannot be created or written.
     #[error(
         "cannot write the recording {path}: {source}; check that its directory exists and is \
@@ -114,7 +114,7 @@ pub enum RecordError {
 
 /// Runs `pinkeeper record`: exit 0 once stopped by a signal or `--duration-secs`, 1 on a
 /// failure (clap exits 2 on bad usage).
-pub fn run(args: RecordArgs) -> ExitCode {
+pub(crate) fn run(args: RecordArgs) -> ExitCode {
     let args = match args.resolve() {
         Ok(args) => args,
         Err(e) => {
@@ -143,7 +143,7 @@ pub fn run(args: RecordArgs) -> ExitCode {
 }
 
 /// Records until a signal or the duration; returns what stopped it.
-pub async fn record(args: &RecordSettings) -> Result<&'static str, RecordError> {
+pub(crate) async fn record(args: &RecordSettings) -> Result<&'static str, RecordError> {
     use tokio::signal::unix::{signal, SignalKind};
     // Both handlers are in place before anything is written: a signal at any moment ends the
     // file with its closing lines instead of killing the process between two lines.
@@ -435,7 +435,7 @@ impl Recorder<'_> {
 
 /// The images directory as a replay's `files` line holds it: file (relative to the directory)
 /// -> the names it provides, each name under the file the inventory says provides it.
-pub fn files_by_file(
+pub(crate) fn files_by_file(
     images_dir: &Path,
     provided: &BTreeMap<String, PathBuf>,
 ) -> BTreeMap<String, Vec<String>> {
@@ -451,7 +451,7 @@ pub fn files_by_file(
 }
 
 /// A listing taken at `at` as a replay's `images` line.
-pub fn images_line(images: &[ImageRecord], at: SystemTime) -> Value {
+pub(crate) fn images_line(images: &[ImageRecord], at: SystemTime) -> Value {
     let records: serde_json::Map<String, Value> = images
         .iter()
         .map(|image| {
@@ -466,7 +466,7 @@ pub fn images_line(images: &[ImageRecord], at: SystemTime) -> Value {
 }
 
 /// An image event as containerd's envelope, in the shape of `shared/fixtures/containerd-events/`.
-pub fn envelope_line(event: &EnvelopedEvent) -> Value {
+pub(crate) fn envelope_line(event: &EnvelopedEvent) -> Value {
     let mut payload = json!({ "name": event.event.name });
     if event.event.kind != EventKind::Delete {
         // Create and update carry the full label map; delete carries none (FACTS.md 3).

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 /// Exit 0 when the story ran and its expectations held, 1 when not, 2 when unreadable.
-pub fn replay(file: &std::path::Path, json: bool, settle_ms: u64) -> ExitCode {
+pub(crate) fn replay(file: &std::path::Path, json: bool, settle_ms: u64) -> ExitCode {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {

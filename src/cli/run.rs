@@ -10,7 +10,7 @@ use crate::config::Overrides;
 
 /// Arguments of `pinkeeper run`.
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// The node's settings.
     #[command(flatten)]
     node: NodeArgs,
@@ -66,7 +66,7 @@ fn init_logging(format: crate::config::LogFormat) {
 }
 
 /// Runs the daemon until SIGTERM; exit 2 on a bad flag or config file, 1 on a failure.
-pub fn run(args: RunArgs) -> ExitCode {
+pub(crate) fn run(args: RunArgs) -> ExitCode {
     let flags = Overrides {
         control_socket: args.control_socket,
         settle_ms: args.settle_ms,

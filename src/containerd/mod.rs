@@ -5,7 +5,7 @@
 //! Behaviour of containerd this code relies on is in FACTS.md section 3.
 
 pub mod queue;
-pub mod reconnect;
+pub(crate) mod reconnect;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -12,7 +12,7 @@ use crate::inventory::watch::Watcher;
 const RETRY_MIN: Duration = Duration::from_millis(20);
 /// Retry delay cap during the first minute of an outage: K3s sweeps about a second after it
 /// starts containerd, and pinkeeper wants to be subscribed by then.
-pub const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
+pub(crate) const RETRY_MAX_FAST: Duration = Duration::from_millis(100);
 /// Retry delay cap once containerd has been away for a while (K3s stopped).
 const RETRY_MAX_SLOW: Duration = Duration::from_millis(1000);
 /// How long an outage counts as "just restarting".
@@ -20,7 +20,7 @@ const FAST_RETRY_WINDOW: Duration = Duration::from_secs(60);
 
 /// Capped, jittered, doubling delays between attempts to reach containerd.
 #[derive(Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     started: Instant,
     delay: Duration,
 }
@@ -36,7 +36,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The wait before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let wait = jitter(self.delay);
         let cap = if self.started.elapsed() < FAST_RETRY_WINDOW {
             RETRY_MAX_FAST
@@ -57,7 +57,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// Resolves when the images directory changed and settled; never without a watch.
-pub async fn images_dir_changed(watch: &mut Option<Watcher>) {
+pub(crate) async fn images_dir_changed(watch: &mut Option<Watcher>) {
     match watch {
         Some(watch) => {
             watch.changed().await;

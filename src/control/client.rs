@@ -12,7 +12,7 @@ const RECONCILE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Why the CLI could not get an answer. Exit code 1.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// No daemon listens.
     #[error(
         "pinkeeper is not running: nothing listens on {path} ({reason}); start it \
@@ -60,14 +60,14 @@ pub enum ClientError {
 }
 
 /// A connection to the daemon.
-pub struct Client {
+pub(crate) struct Client {
     inner: pb::ControlClient,
     path: PathBuf,
 }
 
 impl Client {
     /// Connects to the control socket.
-    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+    pub(crate) fn connect(path: &Path) -> Result<Client, ClientError> {
         let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
                 path: path.to_path_buf(),
@@ -130,7 +130,7 @@ impl Client {
     }
 
     /// `Status`.
-    pub async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
+    pub(crate) async fn status(&self) -> Result<pb::StatusResponse, ClientError> {
         self.inner
             .status(Self::ctx(CALL_TIMEOUT), &pb::StatusRequest {})
             .await
@@ -139,7 +139,10 @@ impl Client {
 
     /// `List`, every page of it: asks for [`super::LIST_PAGE`] intents at a time and follows
     /// `next_page_token` (a daemon from before paging answers everything at once).
-    pub async fn list(&self, mut req: pb::ListRequest) -> Result<pb::ListResponse, ClientError> {
+    pub(crate) async fn list(
+        &self,
+        mut req: pb::ListRequest,
+    ) -> Result<pb::ListResponse, ClientError> {
         req.page_size = super::LIST_PAGE;
         req.page_token.clear();
         let mut intents = Vec::new();
@@ -172,7 +175,7 @@ impl Client {
     }
 
     /// `Pin`.
-    pub async fn pin(&self, name: &str) -> Result<pb::PinResponse, ClientError> {
+    pub(crate) async fn pin(&self, name: &str) -> Result<pb::PinResponse, ClientError> {
         let req = pb::PinRequest {
             name: name.to_string(),
         };
@@ -183,7 +186,7 @@ impl Client {
     }
 
     /// `Unpin`.
-    pub async fn unpin(
+    pub(crate) async fn unpin(
         &self,
         name: &str,
         all_names: bool,
@@ -199,7 +202,7 @@ impl Client {
     }
 
     /// `History`.
-    pub async fn history(
+    pub(crate) async fn history(
         &self,
         req: pb::HistoryRequest,
     ) -> Result<pb::HistoryResponse, ClientError> {
@@ -210,7 +213,10 @@ impl Client {
     }
 
     /// `Reconcile`.
-    pub async fn reconcile(&self, dry_run: bool) -> Result<pb::ReconcileResponse, ClientError> {
+    pub(crate) async fn reconcile(
+        &self,
+        dry_run: bool,
+    ) -> Result<pb::ReconcileResponse, ClientError> {
         self.inner
             .reconcile(
                 Self::ctx(RECONCILE_TIMEOUT),

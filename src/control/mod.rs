@@ -6,7 +6,7 @@
 //! answers from the engine and the ledger. It decides nothing itself and never touches
 //! containerd or the ledger. [`client`] is the CLI's side.
 
-pub mod client;
+pub(crate) mod client;
 
 use std::cell::Cell;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

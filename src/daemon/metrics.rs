@@ -30,12 +30,12 @@ use crate::engine::{IntentState, RestoreReason, Tally};
 
 /// The textfile is rewritten at most this often (node-exporter reads it at each scrape, 15 s or
 /// more apart; a burst of a K3s restart is one or two rewrites).
-pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// `Content-Type` of the OpenMetrics text that [`text::encode`] writes.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
+pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// `Content-Type` of the Prometheus text format 0.0.4 that [`prometheus_text::encode`] writes.
-pub const TEXT_CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+pub(crate) const TEXT_CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// One label, as a family's label set.
 type Label = [(&'static str, &'static str); 1];
@@ -66,7 +66,7 @@ impl Changed {
 
 /// pinkeeper's metrics. Updates are atomic and cheap; every one marks the metrics changed.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     intents: Family<Label, Gauge>,
     pins_restored: Family<Label, Counter>,
@@ -95,7 +95,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric registered, at zero (the labelled ones with each label value, so a query
     /// finds a 0 rather than nothing).
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("pinkeeper");
         let intents = Family::<Label, Gauge>::default();
         registry.register(
@@ -212,12 +212,12 @@ impl Metrics {
 
     /// Marks the metrics changed: the gauges counted from the engine are counted again at the
     /// next publication. The daemon calls it after every batch it processed.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.changed.mark();
     }
 
     /// A pin was set (`Input::Pinned` with `Ok`).
-    pub fn pinned(&self, reason: RestoreReason) {
+    pub(crate) fn pinned(&self, reason: RestoreReason) {
         match reason {
             RestoreReason::ArchiveGone | RestoreReason::NotRepinned => {
                 self.pins_restored
@@ -232,14 +232,14 @@ impl Metrics {
     }
 
     /// A sweep episode ended.
-    pub fn sweep_seen(&self, live: bool) {
+    pub(crate) fn sweep_seen(&self, live: bool) {
         let seen = if live { "live" } else { "after-reconnect" };
         self.sweeps_seen.get_or_create(&[("seen", seen)]).inc();
         self.touch();
     }
 
     /// Subscribed to containerd's events; every subscription after the first is a reconnect.
-    pub fn subscribed(&self) {
+    pub(crate) fn subscribed(&self) {
         if self.subscribed_before.swap(true, Ordering::Relaxed) {
             self.reconnects.inc();
         }
@@ -248,13 +248,13 @@ impl Metrics {
     }
 
     /// The event stream is gone (or pinkeeper stops).
-    pub fn disconnected(&self) {
+    pub(crate) fn disconnected(&self) {
         self.containerd_connected.set(0);
         self.touch();
     }
 
     /// A listing of every image was reconciled just now.
-    pub fn reconciled(&self) {
+    pub(crate) fn reconciled(&self) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -264,7 +264,7 @@ impl Metrics {
 
     /// What the ledger's writer thread calls after each commit (it knows nothing of
     /// Prometheus): observes the time and marks the metrics changed.
-    pub fn ledger_observer(&self) -> Box<dyn Fn(Duration) + Send> {
+    pub(crate) fn ledger_observer(&self) -> Box<dyn Fn(Duration) + Send> {
         let histogram = self.ledger_write.clone();
         let changed = self.changed.clone();
         Box::new(move |took| {
@@ -274,7 +274,7 @@ impl Metrics {
     }
 
     /// How the ledger is doing (the writer's [`crate::ledger::Health`]).
-    pub fn ledger(&self, health: &crate::ledger::Health) {
+    pub(crate) fn ledger(&self, health: &crate::ledger::Health) {
         self.ledger_degraded
             .set(i64::from(health.problem.is_some()));
         self.ledger_pending
@@ -288,7 +288,7 @@ impl Metrics {
     }
 
     /// Sets the gauges of the intents by state and of those at risk.
-    pub fn count(&self, tally: Tally) {
+    pub(crate) fn count(&self, tally: Tally) {
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         for (state, n) in [
             (IntentState::Held, tally.held),
@@ -303,7 +303,7 @@ impl Metrics {
     }
 
     /// OpenMetrics text (ends with `# EOF`), what Prometheus asks for when it scrapes.
-    pub fn openmetrics(&self) -> String {
+    pub(crate) fn openmetrics(&self) -> String {
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = text::encode(&mut out, &self.registry);
@@ -312,7 +312,7 @@ impl Metrics {
 
     /// The Prometheus text format 0.0.4: what node-exporter's textfile collector parses
     /// (Go's `expfmt.TextParser`, which reads an OpenMetrics counter as an untyped metric).
-    pub fn prometheus_text(&self) -> String {
+    pub(crate) fn prometheus_text(&self) -> String {
         let mut out = String::with_capacity(4096);
         let _ = prometheus_text::encode(&mut out, &self.registry);
         out
@@ -321,7 +321,7 @@ impl Metrics {
 
 /// Publishes the metrics: counts the gauges and rewrites the textfile, throttled.
 #[derive(Debug)]
-pub struct Exporter {
+pub(crate) struct Exporter {
     metrics: Arc<Metrics>,
     textfile: Option<PathBuf>,
     /// Whether anything reads the metrics (a textfile or the HTTP endpoint).
@@ -335,7 +335,7 @@ pub struct Exporter {
 
 impl Exporter {
     /// An exporter of `metrics`; `textfile` if set, and `served` when the HTTP endpoint is up.
-    pub fn new(metrics: Arc<Metrics>, textfile: Option<PathBuf>, served: bool) -> Exporter {
+    pub(crate) fn new(metrics: Arc<Metrics>, textfile: Option<PathBuf>, served: bool) -> Exporter {
         Exporter {
             metrics,
             enabled: served || textfile.is_some(),
@@ -347,18 +347,13 @@ impl Exporter {
     }
 
     /// The metrics.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
-    }
-
-    /// Whether anything reads the metrics.
-    pub fn enabled(&self) -> bool {
-        self.enabled
     }
 
     /// Resolves when something changed and the last publication is at least
     /// [`MIN_INTERVAL`] old; never when nothing reads the metrics. No timer runs while idle.
-    pub async fn due(&self) {
+    pub(crate) async fn due(&self) {
         if !self.enabled {
             return std::future::pending().await;
         }
@@ -369,7 +364,7 @@ impl Exporter {
     }
 
     /// [`Exporter::due`], without waiting.
-    pub fn is_due(&self) -> bool {
+    pub(crate) fn is_due(&self) -> bool {
         self.enabled
             && self.metrics.changed.flag.load(Ordering::Acquire)
             && self
@@ -381,7 +376,7 @@ impl Exporter {
     /// so once per publication, not per event) and rewrites the textfile if its text changed.
     /// A write that fails is logged (once per distinct error) and tried again at the next
     /// change.
-    pub fn publish(&mut self, tally: impl FnOnce() -> Tally) {
+    pub(crate) fn publish(&mut self, tally: impl FnOnce() -> Tally) {
         if !self.enabled {
             return;
         }
@@ -417,7 +412,7 @@ impl Exporter {
 /// A textfile that cannot be written, naming it and what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write the metrics textfile {path}: {source}; check that its directory exists and is writable (with ProtectSystem=strict, list it in ReadWritePaths=), or change --metrics-textfile")]
-pub struct TextfileError {
+pub(crate) struct TextfileError {
     /// The file.
     pub path: PathBuf,
     /// Why.
@@ -428,7 +423,7 @@ pub struct TextfileError {
 /// part: a temp file beside it (`.NAME.tmp`, not `*.prom`, so node-exporter skips it),
 /// mode 0644 whatever the umask (node-exporter does not run as root), then a rename. No fsync:
 /// after a power loss the next change rewrites it.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), TextfileError> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), TextfileError> {
     let err = |source| TextfileError {
         path: path.to_path_buf(),
         source,
@@ -466,7 +461,7 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<(), TextfileErro
 /// Serves the metrics on `address` (see [`serve_http`]) in a task of its own. A listener
 /// that cannot be set up is reported and pinkeeper runs on without it: keeping images pinned
 /// matters more than telling about it.
-pub async fn listen(
+pub(crate) async fn listen(
     address: std::net::SocketAddr,
     metrics: Arc<Metrics>,
 ) -> Option<tokio::task::JoinHandle<()>> {
@@ -493,7 +488,7 @@ pub async fn listen(
 
 /// Limits of the HTTP responder.
 #[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
+pub(crate) struct HttpLimits {
     /// Longest request head (request line and headers) read.
     pub max_request: usize,
     /// A connection is closed if its request and the answer take longer.
@@ -515,7 +510,7 @@ impl Default for HttpLimits {
 /// Serves `GET /metrics` on `listener` until the task is dropped, one connection per request
 /// (see [`respond`]), at most [`HttpLimits::connections`] at once, each within
 /// [`HttpLimits::timeout`].
-pub async fn serve_http(
+pub(crate) async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     limits: HttpLimits,
@@ -550,7 +545,11 @@ pub async fn serve_http(
 /// OpenMetrics when the client accepts it (Prometheus does), else the text format 0.0.4; 404
 /// for any other path, 405 for another method. hyper itself answers a malformed request (400)
 /// and a head longer than [`HttpLimits::max_request`] (431); those count as answered.
-pub async fn respond<S>(stream: S, metrics: &Metrics, limits: HttpLimits) -> hyper::Result<()>
+pub(crate) async fn respond<S>(
+    stream: S,
+    metrics: &Metrics,
+    limits: HttpLimits,
+) -> hyper::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

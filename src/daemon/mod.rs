@@ -10,8 +10,8 @@
 //! call to containerd's images itself.
 
 pub mod executor;
-pub mod metrics;
-pub mod notify;
+pub(crate) mod metrics;
+pub(crate) mod notify;
 pub mod operator;
 mod scan;
 

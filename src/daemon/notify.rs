@@ -17,28 +17,28 @@ fn send(state: &[NotifyState]) {
 }
 
 /// pinkeeper can be asked now.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 /// A new status line for `systemctl status`.
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
 /// pinkeeper is stopping.
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
 /// The main loop is alive.
-pub fn watchdog() {
+pub(crate) fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
 /// How often to send WATCHDOG=1: half of systemd's `WatchdogSec=`, if it is set for this
 /// process.
-pub fn watchdog_period() -> Option<Duration> {
+pub(crate) fn watchdog_period() -> Option<Duration> {
     sd_notify::watchdog_enabled()
         .map(|d| d / 2)
         .filter(|d| !d.is_zero())

@@ -29,7 +29,7 @@ mod archive;
 pub mod problems;
 pub mod reference;
 pub mod report;
-pub mod watch;
+pub(crate) mod watch;
 
 #[cfg(test)]
 mod tests;

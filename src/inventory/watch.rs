@@ -30,9 +30,9 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tracing::{debug, warn};
 
 /// Quiet time after the last change before the directory is read again (K3s waits 2 s).
-pub const DEFAULT_QUIET: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_QUIET: Duration = Duration::from_secs(2);
 /// A directory that never stops changing is read again at least this often.
-pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// Raw notifications queued between notify's thread and ours; past that, only "something
 /// changed" is kept (a flag), which is all the debounce needs.
@@ -43,7 +43,7 @@ const REARM_ATTEMPTS: usize = 16;
 /// Trailing-edge debounce with a cap: fires `quiet` after the last change, and at the latest
 /// `max_delay` after the first change of a burst. Pure: the caller passes the time.
 #[derive(Debug, Clone)]
-pub struct Debounce {
+pub(crate) struct Debounce {
     quiet: Duration,
     max_delay: Duration,
     /// First and last change of the burst under way.
@@ -52,7 +52,7 @@ pub struct Debounce {
 
 impl Debounce {
     /// A debounce that fires after `quiet` without changes, or `max_delay` into a burst.
-    pub fn new(quiet: Duration, max_delay: Duration) -> Self {
+    pub(crate) fn new(quiet: Duration, max_delay: Duration) -> Self {
         Debounce {
             quiet,
             max_delay: max_delay.max(quiet),
@@ -61,7 +61,7 @@ impl Debounce {
     }
 
     /// Notes a change seen at `now`.
-    pub fn change(&mut self, now: Instant) {
+    pub(crate) fn change(&mut self, now: Instant) {
         self.burst = Some(match self.burst {
             Some((first, last)) => (first, last.max(now)),
             None => (now, now),
@@ -69,13 +69,13 @@ impl Debounce {
     }
 
     /// When the burst under way settles, if there is one.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.burst
             .map(|(first, last)| (last + self.quiet).min(first + self.max_delay))
     }
 
     /// True (once) when the burst has settled at `now`; the next change starts a new burst.
-    pub fn fire(&mut self, now: Instant) -> bool {
+    pub(crate) fn fire(&mut self, now: Instant) -> bool {
         if self.deadline().is_some_and(|at| at <= now) {
             self.burst = None;
             true
@@ -105,7 +105,7 @@ struct Flags {
 }
 
 /// A watch of the images directory. Dropping it stops the watch and its threads.
-pub struct Watcher {
+pub(crate) struct Watcher {
     to_thread: SyncSender<Msg>,
     flags: Arc<Flags>,
     changed: tokio::sync::mpsc::Receiver<()>,
@@ -115,7 +115,7 @@ pub struct Watcher {
 
 impl Watcher {
     /// Watches `dir` with K3s's timing ([`DEFAULT_QUIET`], [`DEFAULT_MAX_DELAY`]).
-    pub fn start(dir: &Path) -> io::Result<Watcher> {
+    pub(crate) fn start(dir: &Path) -> io::Result<Watcher> {
         Watcher::with_timing(dir, Debounce::new(DEFAULT_QUIET, DEFAULT_MAX_DELAY))
     }
 
@@ -123,7 +123,7 @@ impl Watcher {
     /// `dir` exists yet. Fails only when inotify itself cannot be set up (no inotify instance
     /// left for the user); a watch that cannot be added is retried at each change and at each
     /// [`Watcher::rearm`].
-    pub fn with_timing(dir: &Path, debounce: Debounce) -> io::Result<Watcher> {
+    pub(crate) fn with_timing(dir: &Path, debounce: Debounce) -> io::Result<Watcher> {
         let dir = std::path::absolute(dir)?;
         let flags = Arc::new(Flags::default());
         let (to_thread, from_notify) = mpsc::sync_channel(RAW_QUEUE);
@@ -166,7 +166,7 @@ impl Watcher {
     /// Resolves when the directory has changed and the change has settled; the caller then
     /// reads it again. Changes during the read are signalled again afterwards. Never resolves
     /// once the watch has stopped. Cancel-safe.
-    pub async fn changed(&mut self) {
+    pub(crate) async fn changed(&mut self) {
         if self.alive && self.changed.recv().await.is_some() {
             return;
         }
@@ -176,12 +176,12 @@ impl Watcher {
 
     /// Checks the watch again (cheap: one `stat`), re-adding it if it was lost or could not be
     /// added. The daemon calls this at each connection to containerd.
-    pub fn rearm(&self) {
+    pub(crate) fn rearm(&self) {
         let _ = self.to_thread.try_send(Msg::Rearm);
     }
 
     /// False once the watch thread has ended (it does on a bug only): make a new one.
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         self.alive && !self.changed.is_closed()
     }
 }

@@ -42,14 +42,14 @@ const MAX_NAMED: usize = 20;
 /// Width of the text output.
 const TEXT_WIDTH: usize = 96;
 /// The `version` field of the JSON output.
-pub const JSON_VERSION: u32 = 1;
+pub(crate) const JSON_VERSION: u32 = 1;
 
 /// The containerd socket of both K3s and RKE2 (FACTS.md section 1).
 const K3S_SOCKET: &str = crate::config::DEFAULT_CONTAINERD_SOCKET;
 
 /// What the running daemon says about itself, via its control socket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DaemonView {
+pub(crate) struct DaemonView {
     /// The daemon is subscribed to containerd.
     pub connected: bool,
     /// containerd's version as the daemon saw it; empty if unknown.
@@ -68,7 +68,7 @@ pub struct DaemonView {
 
 /// Where the doctor looks: the same settings as `pinkeeper run`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DoctorSettings {
+pub(crate) struct DoctorSettings {
     /// containerd's gRPC socket.
     pub containerd_socket: PathBuf,
     /// containerd namespace K3s imports into.
@@ -116,7 +116,10 @@ impl Host {
 
 /// Checks the node. `daemon` is the running pinkeeper's answer, or why its control socket
 /// could not be used; every check that can be made without it still is.
-pub async fn examine(settings: &DoctorSettings, daemon: Result<DaemonView, String>) -> Report {
+pub(crate) async fn examine(
+    settings: &DoctorSettings,
+    daemon: Result<DaemonView, String>,
+) -> Report {
     examine_on(settings, daemon, &Host::this_node()).await
 }
 
@@ -166,7 +169,7 @@ async fn examine_on(
 /// `pinkeeper doctor`: checks the node and says what to fix. Exit code 0 when nothing failed,
 /// 1 when something did, 2 for bad usage.
 #[derive(Debug, Clone, clap::Args)]
-pub struct DoctorArgs {
+pub(crate) struct DoctorArgs {
     /// The node's settings, as `pinkeeper run` takes them.
     #[command(flatten)]
     pub node: NodeArgs,
@@ -181,7 +184,7 @@ pub struct DoctorArgs {
 impl DoctorArgs {
     /// The settings, resolved as `pinkeeper run` resolves them (defaults, the config file,
     /// the flags).
-    pub fn settings(&self) -> Result<DoctorSettings, ConfigError> {
+    pub(crate) fn settings(&self) -> Result<DoctorSettings, ConfigError> {
         let flags = Overrides {
             control_socket: self.control_socket.clone(),
             ..Overrides::default()
@@ -191,7 +194,7 @@ impl DoctorArgs {
 }
 
 /// The running daemon's view of itself, through its control socket.
-pub async fn ask_daemon(socket: &Path) -> Result<DaemonView, String> {
+pub(crate) async fn ask_daemon(socket: &Path) -> Result<DaemonView, String> {
     let client = crate::control::client::Client::connect(socket).map_err(|e| e.to_string())?;
     let status = client.status().await.map_err(|e| e.to_string())?;
     Ok(DaemonView {
@@ -206,7 +209,7 @@ pub async fn ask_daemon(socket: &Path) -> Result<DaemonView, String> {
 }
 
 /// Runs `pinkeeper doctor` and prints the report on stdout.
-pub fn main(args: DoctorArgs) -> ExitCode {
+pub(crate) fn main(args: DoctorArgs) -> ExitCode {
     let settings = match args.settings() {
         Ok(settings) => settings,
         Err(e) => {
@@ -242,9 +245,8 @@ mod versions;
 use checks::*;
 use ledger::*;
 use program::*;
-pub use report::{Check, Report, Status};
+pub(crate) use report::{Check, Report, Status};
 use versions::*;
-pub use versions::{parse_version, pin_support, ContainerdVersion, PinSupport};
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use super::*;
 /// The outcome of one check. Ordered from good to bad.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Status {
+pub(crate) enum Status {
     /// Nothing to do.
     Ok,
     /// Works, with a caveat, or could not be checked.
@@ -27,7 +27,7 @@ impl Status {
 
 /// One check: what was looked at, how it stands, and what the operator should do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     /// Stable identifier: `control-socket`, `containerd`, `images-dir`, `ledger`, `program`,
     /// `at-risk`.
     pub name: &'static str,
@@ -57,7 +57,7 @@ impl Check {
 
 /// The doctor's findings, in a fixed order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Report {
+pub(crate) struct Report {
     /// Every check made.
     pub checks: Vec<Check>,
 }
@@ -72,7 +72,7 @@ pub(super) struct ReportJson<'a> {
 
 impl Report {
     /// The worst status of any check (ok for no checks).
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         self.checks
             .iter()
             .map(|c| c.status)
@@ -81,13 +81,13 @@ impl Report {
     }
 
     /// 0 when no check failed, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         u8::from(self.status() == Status::Fail)
     }
 
     /// Pretty-printed JSON: `{"version": 1, "status": "fail", "checks": [{"name", "status",
     /// "detail", "fix"}]}`.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let json = ReportJson {
             version: JSON_VERSION,
             status: self.status(),
@@ -98,7 +98,7 @@ impl Report {
     }
 
     /// Human text: one block per check (status, name, the detail, the fix), then a summary.
-    pub fn to_table(&self) -> String {
+    pub(crate) fn to_table(&self) -> String {
         let mut out = String::new();
         let indent = "       ";
         for check in &self.checks {

@@ -7,7 +7,7 @@ use super::*;
 
 /// A containerd release number, as far as the pin's gates need it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ContainerdVersion {
+pub(crate) struct ContainerdVersion {
     /// Major.
     pub major: u64,
     /// Minor (0 if absent).
@@ -20,7 +20,7 @@ pub struct ContainerdVersion {
 
 impl ContainerdVersion {
     /// Whether this is `major.minor.patch` or later (a prerelease of it is earlier).
-    pub fn at_least(&self, major: u64, minor: u64, patch: u64) -> bool {
+    pub(crate) fn at_least(&self, major: u64, minor: u64, patch: u64) -> bool {
         (self.major, self.minor, self.patch, !self.prerelease) >= (major, minor, patch, true)
     }
 }
@@ -29,7 +29,7 @@ impl ContainerdVersion {
 /// `1.6.20~ds1` (Debian), `2.1.9+unknown`, `v2.0.0-rc.1`, `v1.7.23-k3s2` (K3s's build).
 /// A whole line such as `containerd github.com/containerd/containerd v1.7.24 abc` works too: its
 /// first token that reads as a version is taken. `None` if nothing does.
-pub fn parse_version(text: &str) -> Option<ContainerdVersion> {
+pub(crate) fn parse_version(text: &str) -> Option<ContainerdVersion> {
     let text = text.trim();
     parse_one(text).or_else(|| text.split_whitespace().find_map(parse_one))
 }
@@ -72,7 +72,7 @@ pub(super) fn parse_one(token: &str) -> Option<ContainerdVersion> {
 
 /// How much of the pin a containerd honours (FACTS.md section 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinSupport {
+pub(crate) enum PinSupport {
     /// Below 1.6.22 / 1.7.3: CRI ignores `io.cri-containerd.pinned` altogether.
     Ignored,
     /// 1.6.22 to 1.6.24, 1.7.3 to 1.7.9: CRI reads the label when it loads an image, but a
@@ -83,7 +83,7 @@ pub enum PinSupport {
 }
 
 /// The gate a version falls under.
-pub fn pin_support(v: &ContainerdVersion) -> PinSupport {
+pub(crate) fn pin_support(v: &ContainerdVersion) -> PinSupport {
     let gate = |honoured: (u64, u64, u64), live: (u64, u64, u64)| {
         if v.at_least(live.0, live.1, live.2) {
             PinSupport::Full
