@@ -113,14 +113,11 @@ pub(crate) enum RecordError {
 }
 
 /// Runs `pinkeeper record`: exit 0 once stopped by a signal or `--duration-secs`, 1 on a
-/// failure (clap exits 2 on bad usage).
+/// failure, 2 on bad usage (a flag, or the config file).
 pub(crate) fn run(args: RecordArgs) -> ExitCode {
     let args = match args.resolve() {
         Ok(args) => args,
-        Err(e) => {
-            eprintln!("pinkeeper: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return crate::cli::usage_error(&e),
     };
     let runtime = match crate::runtime() {
         Ok(rt) => rt,

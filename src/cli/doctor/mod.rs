@@ -212,10 +212,7 @@ pub(crate) async fn ask_daemon(socket: &Path) -> Result<DaemonView, String> {
 pub(crate) fn main(args: DoctorArgs) -> ExitCode {
     let settings = match args.settings() {
         Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("pinkeeper: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return crate::cli::usage_error(&e),
     };
     let runtime = match crate::runtime() {
         Ok(rt) => rt,
