@@ -20,11 +20,12 @@ use pinkeeper_sim::{run, Options};
 ///   listing) that found the pins gone released the intent instead of reading the sweep.
 /// - 202280: an operator's pin of a name K3s then imported and swept, unseen, read as a `ctr`
 ///   unpin although another name of the image showed K3s's pin.
-/// - 213520, 700118: a record deleted, imported again by K3s (its create delivered late) and
-///   swept: released at the churn window's end without asking whether it was gone.
+/// - 213520, 700118, 909386, 998246: a record deleted, imported again by K3s (its create
+///   delivered late) and swept: released at the churn window's end without asking whether it
+///   was gone, or by a listing as "created again without a pin".
 const REGRESSIONS: &[u64] = &[
     4, 19, 29, 32, 102, 280, 842, 883, 1548, 1737, 1766, 2753, 5776, 7607, 15446, 98762, 148119,
-    202280, 213520, 546224, 700118,
+    202280, 213520, 546224, 700118, 909386, 998246,
 ];
 
 #[test]
