@@ -185,14 +185,12 @@ impl Engine {
         // The CRI pin is absent now. K3s writes both pins at once and its sweep removes both,
         // so a record left with K3s's label alone, or a pin pinkeeper restored (CRI pin only)
         // now gone, was unpinned by someone else: contract rule 6. Except when a listing,
-        // after events were missed, finds a restored pin of an image K3s imported from a file
-        // gone with no pin left at all: K3s may have imported it again (both pins) and swept
-        // it since, unseen (an image K3s has pinned, or one a file provided). Keeping the image is the side that loses nothing; an unpin made
-        // with `ctr` while pinkeeper was not watching is taken for that (README: use
-        // `pinkeeper unpin`). Found by the simulation (seed 32).
-        // K3s's pinning of a name can itself be missed (events lost across a reconnect, the
-        // archive half-copied at the listing): another name of the same image that K3s pinned
-        // says it too, since K3s imports and pins every name of an archive (seed 202280).
+        // after events were missed, finds no pin left at all on a CRI-only pin of an image K3s
+        // owns (it pinned the name, a file provides it, or K3s pinned another name of the
+        // same image, since it pins every name of an archive): K3s may have imported it again
+        // and swept it since, unseen. Keeping the image is the side that loses nothing; an
+        // unpin made with `ctr` while pinkeeper was not watching is taken for that (README:
+        // use `pinkeeper unpin`). Found by the simulation (seeds 32, 202280).
         let missed_sweep = !live
             && !new.program
             && old.cri
