@@ -23,9 +23,11 @@ use pinkeeper_sim::{run, Options};
 /// - 213520, 700118, 909386, 998246: a record deleted, imported again by K3s (its create
 ///   delivered late) and swept: released at the churn window's end without asking whether it
 ///   was gone, or by a listing as "created again without a pin".
+/// - 27270: a swept image deleted before the verification stopped waiting, so when K3s
+///   imported it again and swept it unseen nothing restored it.
 const REGRESSIONS: &[u64] = &[
-    4, 19, 29, 32, 102, 280, 842, 883, 1548, 1737, 1766, 2753, 5776, 7607, 15446, 98762, 148119,
-    202280, 213520, 546224, 700118, 909386, 998246,
+    4, 19, 29, 32, 102, 280, 842, 883, 1548, 1737, 1766, 2753, 5776, 7607, 15446, 27270, 98762,
+    148119, 202280, 213520, 546224, 700118, 909386, 998246,
 ];
 
 #[test]

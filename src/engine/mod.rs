@@ -579,7 +579,9 @@ impl Engine {
                 .is_some_and(|i| i.state != IntentState::Released && !self.pins(&i.labels).cri);
             if unpinned && seen.contains(&name) {
                 self.settle(&name, now, out);
-            } else {
+            } else if !(unpinned && self.deleted.contains_key(&name)) {
+                // A record deleted meanwhile keeps waiting: released if it stays gone, settled
+                // if K3s imports it again (and sweeps it, unseen). Seed 27270.
                 self.awaiting_k3s.remove(&name);
             }
         }

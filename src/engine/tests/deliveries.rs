@@ -338,3 +338,61 @@ fn a_name_of_an_image_k3s_pinned_reads_its_unseen_unpin_as_a_sweep() {
     e.handle(13, Input::Listing { images, cause });
     assert_eq!(e.intent(OTHER).unwrap().state, IntentState::Swept);
 }
+
+/// A swept image deleted before the verification, then imported again by K3s and swept again
+/// unseen: it keeps waiting while its record is away, and the next listing that finds it
+/// unpinned settles it. Found by the simulation (seed 27270).
+#[test]
+fn a_swept_image_deleted_and_back_is_still_settled() {
+    let mut e = engine_with_two();
+    e.handle(1, inventory(&[(APP, "app.tar"), (WEB, "web.tar")]));
+    e.handle(2, update(APP, Labels::new()));
+    e.handle(3, event(EventKind::Delete, APP, Labels::new()));
+    let without_app = vec![
+        record(ALIAS, both(), "sha256:aaaa"),
+        record(WEB, both(), "sha256:bbbb"),
+    ];
+    let cause = ListCause::Verify;
+    e.handle(
+        4,
+        Input::Listing {
+            images: without_app,
+            cause,
+        },
+    );
+    // K3s imports it again and sweeps it while pinkeeper is away.
+    e.handle(5, Input::Disconnected);
+    let mut images = vec![
+        record(APP, Labels::new(), "sha256:aaaa"),
+        record(ALIAS, both(), "sha256:aaaa"),
+        record(WEB, both(), "sha256:bbbb"),
+    ];
+    let cause = ListCause::Connected;
+    e.handle(
+        6,
+        Input::Listing {
+            images: images.clone(),
+            cause,
+        },
+    );
+    let mut restored = Vec::new();
+    let mut now = 6;
+    while let Some(at) = e.next_wakeup().filter(|at| *at < 100_000) {
+        now = at.max(now + 1);
+        for output in e.handle(now, Input::Tick) {
+            if output == Output::Verify {
+                images[0].labels = Labels::new();
+                let cause = ListCause::Verify;
+                let listing = Input::Listing {
+                    images: images.clone(),
+                    cause,
+                };
+                restored.extend(pins(&e.handle(now, listing)));
+            }
+        }
+    }
+    assert_eq!(
+        restored,
+        vec![(APP.to_string(), RestoreReason::NotRepinned)]
+    );
+}
