@@ -30,27 +30,53 @@ const K3S_LABEL_ONLY: &str =
 /// A sweep in progress.
 #[derive(Debug, Default, Clone)]
 struct Episode {
-    summary: SweepSummary,
+    /// When it started and how it was seen; the counts are made from `swept` and `outcomes`
+    /// when it ends ([`Episode::summary`]).
+    started: Millis,
+    seen_live: bool,
     /// Images swept in this episode and not yet settled one way or another.
     open: BTreeSet<String>,
-    /// Images swept in this episode, and those settled: the summary counts each image once,
-    /// however often its sweep is seen (events from before a listing are applied after it,
-    /// `daemon::Daemon::resync`, so a sweep and K3s's re-pin can be read twice).
+    /// Images swept in this episode, and how each was settled, last reading first: the
+    /// summary counts each image once, by its last outcome. Events from before a listing can
+    /// be applied after it (`daemon::Daemon::resync` drops those published before it, but an
+    /// event is published a little after its change), so a sweep and K3s's re-pin can be read
+    /// twice, or an older pin read after the sweep that removed it.
     swept: BTreeSet<String>,
-    settled: BTreeSet<String>,
+    outcomes: BTreeMap<String, Outcome>,
+}
+
+/// How a swept image was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Restored(RestoreReason),
+    RepinnedByK3s,
 }
 
 impl Episode {
     fn sweep(&mut self, name: &str) {
         self.open.insert(name.to_string());
-        if self.swept.insert(name.to_string()) {
-            self.summary.swept += 1;
-        }
+        self.swept.insert(name.to_string());
     }
 
-    /// Settles `name`: true when it was waiting and is settled for the first time.
-    fn settle(&mut self, name: &str) -> bool {
-        self.open.remove(name) && self.settled.insert(name.to_string())
+    /// Settles `name` if it was waiting: true then.
+    fn settle(&mut self, name: &str, outcome: Outcome) -> bool {
+        let waiting = self.open.remove(name);
+        if waiting {
+            self.outcomes.insert(name.to_string(), outcome);
+        }
+        waiting
+    }
+
+    fn summary(&self) -> SweepSummary {
+        let count = |o: Outcome| self.outcomes.values().filter(|v| **v == o).count();
+        SweepSummary {
+            started: self.started,
+            seen_live: self.seen_live,
+            swept: self.swept.len(),
+            restored_archive_gone: count(Outcome::Restored(RestoreReason::ArchiveGone)),
+            restored_not_repinned: count(Outcome::Restored(RestoreReason::NotRepinned)),
+            repinned_by_k3s: count(Outcome::RepinnedByK3s),
+        }
     }
 }
 
@@ -264,12 +290,8 @@ impl Engine {
         if !self.pins_in_flight.contains_key(name) {
             self.pins_in_flight.insert(name.to_string(), reason);
             if let Some(ep) = self.episode.as_mut() {
-                if ep.settle(name) {
-                    match reason {
-                        RestoreReason::ArchiveGone => ep.summary.restored_archive_gone += 1,
-                        RestoreReason::NotRepinned => ep.summary.restored_not_repinned += 1,
-                        RestoreReason::Operator => {}
-                    }
+                if reason != RestoreReason::Operator {
+                    ep.settle(name, Outcome::Restored(reason));
                 }
             }
             out.push(Output::Pin {
@@ -587,7 +609,7 @@ impl Engine {
         }
         if self.verifying && self.verify_due.is_none() {
             if let Some(ep) = self.episode.take() {
-                out.push(Output::SweepSummary(ep.summary));
+                out.push(Output::SweepSummary(ep.summary()));
             }
         }
         self.verifying = false;

@@ -164,9 +164,7 @@ impl Engine {
             if was_swept && !self.pins_in_flight.contains_key(name) {
                 self.awaiting_k3s.remove(name);
                 if let Some(ep) = self.episode.as_mut() {
-                    if ep.settle(name) {
-                        ep.summary.repinned_by_k3s += 1;
-                    }
+                    ep.settle(name, Outcome::RepinnedByK3s);
                 }
                 self.history(
                     now,
@@ -223,11 +221,8 @@ impl Engine {
             };
             self.history(now, name, Action::Swept, how, out);
             let ep = self.episode.get_or_insert_with(|| Episode {
-                summary: SweepSummary {
-                    started: now.wall,
-                    seen_live: live,
-                    ..SweepSummary::default()
-                },
+                started: now.wall,
+                seen_live: live,
                 ..Episode::default()
             });
             ep.sweep(name);
