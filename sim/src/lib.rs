@@ -857,7 +857,7 @@ impl Sim {
             while let Some(next) = events.try_next() {
                 match next {
                     Ok(event) => {
-                        node.queue.push(event);
+                        node.queue.push(event, None);
                     }
                     Err(_) => {
                         broken = true;

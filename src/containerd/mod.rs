@@ -294,6 +294,15 @@ impl Subscription {
         Ok(decode(&envelope))
     }
 
+    /// Like [`Subscription::next`], with when containerd published the event: a listing
+    /// begun after that already shows it (`daemon`'s queue forgets such events).
+    pub async fn next_published(
+        &mut self,
+    ) -> Result<Option<(ImageEvent, Option<SystemTime>)>, ContainerdError> {
+        let envelope = self.next_envelope().await?;
+        Ok(decode(&envelope).map(|event| (event, published(&envelope))))
+    }
+
     /// Like [`Subscription::next`], with what the envelope says around the event (when
     /// containerd published it, the topic, the payload's type): `pinkeeper record` writes them
     /// out so that a replay sees the stream as containerd sent it.
@@ -302,13 +311,8 @@ impl Subscription {
         let Some(event) = decode(&envelope) else {
             return Ok(None);
         };
-        let timestamp = envelope.timestamp.as_ref().and_then(|t| {
-            let secs = u64::try_from(t.seconds).ok()?;
-            let nanos = u32::try_from(t.nanos).ok()?;
-            UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
-        });
         Ok(Some(EnvelopedEvent {
-            timestamp,
+            timestamp: published(&envelope),
             namespace: envelope.namespace,
             topic: envelope.topic,
             type_url: envelope.event.map(|any| any.type_url).unwrap_or_default(),
@@ -331,6 +335,14 @@ impl Subscription {
                 status: Status::unavailable("stream ended"),
             })
     }
+}
+
+/// When containerd published an envelope (`None` without a valid timestamp).
+fn published(envelope: &Envelope) -> Option<SystemTime> {
+    let t = envelope.timestamp.as_ref()?;
+    let secs = u64::try_from(t.seconds).ok()?;
+    let nanos = u32::try_from(t.nanos).ok()?;
+    UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
 }
 
 /// An image event with its envelope's metadata.

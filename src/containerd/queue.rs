@@ -5,9 +5,12 @@
 //! per image name and is bounded; when it overflows it is emptied and the caller resyncs by
 //! listing. Coalescing keeps every change of an image's pins (the engine tells K3s's sweep
 //! from an operator's unpin by those transitions) and folds everything else into the latest
-//! label map.
+//! label map. Each event keeps when containerd published it: a listing begun after that
+//! already shows it, and applied after the listing it would be an older state read as news
+//! ([`EventQueue::forget_published_before`]).
 
 use std::collections::{HashMap, VecDeque};
+use std::time::SystemTime;
 
 use crate::engine::{self, EventKind, ImageEvent, Pins};
 
@@ -20,8 +23,9 @@ pub struct EventQueue {
     program_label: String,
     /// Names in the order their first pending event arrived.
     order: VecDeque<String>,
-    /// Pending events per name, oldest first.
-    pending: HashMap<String, Vec<ImageEvent>>,
+    /// Pending events per name, oldest first, with when containerd published them (a folded
+    /// event: the last one folded into it).
+    pending: HashMap<String, Vec<(ImageEvent, Option<SystemTime>)>>,
     len: usize,
     overflowed: bool,
 }
@@ -42,29 +46,32 @@ impl EventQueue {
         engine::pins(&event.labels, &self.program_label)
     }
 
-    /// Adds an event. Returns false when the queue overflowed (it is then empty, and stays
-    /// refusing until [`EventQueue::take_overflow`]).
-    pub fn push(&mut self, event: ImageEvent) -> bool {
+    /// Adds an event, with when containerd published it if known. Returns false when the
+    /// queue overflowed (it is then empty, and stays refusing until
+    /// [`EventQueue::take_overflow`]).
+    pub fn push(&mut self, event: ImageEvent, published: Option<SystemTime>) -> bool {
         if self.overflowed {
             return false;
         }
         let pins = self.pins(&event);
         let program_label = &self.program_label;
         if let Some(list) = self.pending.get_mut(&event.name) {
-            if let Some(last) = list.last_mut() {
+            if let Some((last, last_published)) = list.last_mut() {
                 let last_pins = engine::pins(&last.labels, program_label);
                 if last.kind != EventKind::Delete
                     && event.kind == EventKind::Update
                     && last_pins == pins
                 {
                     last.labels = event.labels;
+                    *last_published = published;
                     return true;
                 }
             }
-            list.push(event);
+            list.push((event, published));
         } else {
             self.order.push_back(event.name.clone());
-            self.pending.insert(event.name.clone(), vec![event]);
+            self.pending
+                .insert(event.name.clone(), vec![(event, published)]);
         }
         self.len += 1;
         if self.len > MAX_QUEUED_EVENTS {
@@ -80,11 +87,26 @@ impl EventQueue {
         let mut out = Vec::with_capacity(self.len);
         while let Some(name) = self.order.pop_front() {
             if let Some(list) = self.pending.remove(&name) {
-                out.extend(list);
+                out.extend(list.into_iter().map(|(event, _)| event));
             }
         }
         self.len = 0;
         out
+    }
+
+    /// Forgets the events containerd published before `start`, the moment a listing began:
+    /// the listing shows their state or a later one. Events without a timestamp are kept.
+    /// How many were forgotten.
+    pub fn forget_published_before(&mut self, start: SystemTime) -> usize {
+        let before = self.len;
+        self.pending.retain(|_, list| {
+            list.retain(|(_, published)| published.is_none_or(|p| p >= start));
+            !list.is_empty()
+        });
+        let pending = &self.pending;
+        self.order.retain(|name| pending.contains_key(name));
+        self.len = self.pending.values().map(Vec::len).sum();
+        before - self.len
     }
 
     /// Forgets everything pending (a listing is about to show the same state).
@@ -129,12 +151,15 @@ mod tests {
     #[test]
     fn folds_updates_but_keeps_pin_transitions() {
         let mut q = EventQueue::new(K3S_PIN);
-        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]));
-        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN, "other"]));
-        q.push(ev(EventKind::Update, "b", &[]));
-        q.push(ev(EventKind::Update, "a", &[K3S_PIN]));
-        q.push(ev(EventKind::Update, "a", &[]));
-        q.push(ev(EventKind::Update, "a", &["x"]));
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]), None);
+        q.push(
+            ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN, "other"]),
+            None,
+        );
+        q.push(ev(EventKind::Update, "b", &[]), None);
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN]), None);
+        q.push(ev(EventKind::Update, "a", &[]), None);
+        q.push(ev(EventKind::Update, "a", &["x"]), None);
         let out = q.drain();
         let names: Vec<_> = out
             .iter()
@@ -147,11 +172,39 @@ mod tests {
     #[test]
     fn keeps_delete_then_create() {
         let mut q = EventQueue::new(K3S_PIN);
-        q.push(ev(EventKind::Delete, "a", &[]));
-        q.push(ev(EventKind::Create, "a", &[K3S_PIN, CRI_PIN]));
-        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]));
+        q.push(ev(EventKind::Delete, "a", &[]), None);
+        q.push(ev(EventKind::Create, "a", &[K3S_PIN, CRI_PIN]), None);
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]), None);
         let kinds: Vec<_> = q.drain().iter().map(|e| e.kind).collect();
         assert_eq!(kinds, vec![EventKind::Delete, EventKind::Create]);
+    }
+
+    #[test]
+    fn forgets_what_was_published_before_a_listing_began() {
+        let start = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(100);
+        let at = |s: u64| Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        let mut q = EventQueue::new(K3S_PIN);
+        // a: its pins before the listing (stale), then the sweep after it.
+        q.push(ev(EventKind::Update, "a", &[K3S_PIN, CRI_PIN]), at(99));
+        q.push(ev(EventKind::Update, "a", &[]), at(101));
+        // b: folded into an event published after the start: kept.
+        q.push(ev(EventKind::Update, "b", &[K3S_PIN, CRI_PIN]), at(98));
+        q.push(
+            ev(EventKind::Update, "b", &[K3S_PIN, CRI_PIN, "x"]),
+            at(100),
+        );
+        // c: all before; d: no timestamp.
+        q.push(ev(EventKind::Delete, "c", &[]), at(50));
+        q.push(ev(EventKind::Create, "d", &[]), None);
+        assert_eq!(q.len(), 5);
+        assert_eq!(q.forget_published_before(start), 2);
+        assert_eq!(q.len(), 3);
+        let out: Vec<_> = q
+            .drain()
+            .into_iter()
+            .map(|e| (e.name, e.labels.len()))
+            .collect();
+        assert_eq!(out, vec![("a".into(), 0), ("b".into(), 3), ("d".into(), 0)]);
     }
 
     #[test]
@@ -159,13 +212,13 @@ mod tests {
         let mut q = EventQueue::new(K3S_PIN);
         let mut refused = false;
         for i in 0..=MAX_QUEUED_EVENTS {
-            refused |= !q.push(ev(EventKind::Create, &format!("n{i}"), &[]));
+            refused |= !q.push(ev(EventKind::Create, &format!("n{i}"), &[]), None);
         }
         assert!(refused);
         assert!(q.is_empty());
-        assert!(!q.push(ev(EventKind::Create, "late", &[])));
+        assert!(!q.push(ev(EventKind::Create, "late", &[]), None));
         assert!(q.take_overflow());
         assert!(!q.take_overflow());
-        assert!(q.push(ev(EventKind::Create, "again", &[])));
+        assert!(q.push(ev(EventKind::Create, "again", &[]), None));
     }
 }

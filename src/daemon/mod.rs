@@ -73,6 +73,10 @@ impl Clock for SystemClock {
     }
 }
 
+/// A gap between the wall clock's and the monotonic clock's time over a listing past which
+/// the wall clock is taken to have been stepped.
+const CLOCK_STEP: Duration = Duration::from_secs(1);
+
 /// Events shared between the stream reader task and the main loop.
 struct Shared {
     queue: Mutex<EventQueue>,
@@ -103,6 +107,8 @@ struct Daemon {
     /// The last error of a whole scan (the directory unreadable), said once until it changes.
     scan_error: Option<String>,
     client: Option<Containerd>,
+    /// The connection's event queue, while connected: a listing forgets the events it shows.
+    events: Option<Arc<Shared>>,
     /// Broken files of the images directory, as of the last scan: a summary per scan, and a
     /// line only for a file whose state changed (src/inventory/problems.rs).
     problems: crate::inventory::Problems,
@@ -240,6 +246,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             SystemClock::new(),
         ),
         client: None,
+        events: None,
         problems: crate::inventory::Problems::default(),
         watch: None,
         settings,
@@ -301,6 +308,7 @@ impl Daemon {
             let client = self.wait_for_containerd().await;
             self.follow(client).await;
             self.client = None;
+            self.events = None;
             self.status.connected_since = None;
             self.metrics.metrics().disconnected();
             crate::daemon::notify::status(&format!(
@@ -382,6 +390,7 @@ impl Daemon {
         let reader = tokio::spawn(read_events(subscription, shared.clone()));
         let _abort = tokio_util::task::AbortOnDropHandle::new(reader);
         self.client = Some(client);
+        self.events = Some(shared.clone());
         self.status.connected_since = Some(now_ms());
         self.metrics.metrics().subscribed();
 
@@ -470,12 +479,30 @@ impl Daemon {
         self.list(cause).await
     }
 
-    /// Lists every image and reconciles ([`Executor::resync`]).
+    /// Lists every image and reconciles ([`Executor::resync`]). The events queued meanwhile
+    /// that containerd published before the listing began are forgotten: the listing shows
+    /// their state or a later one, and applied after it they would read as news (an image's
+    /// pins from before K3s's sweep, read after the listing that showed the sweep).
     async fn list(&mut self, cause: ListCause) {
         let Some(client) = self.client.clone() else {
             return;
         };
-        match self.exec.resync(&client, cause).await {
+        let (wall, mono) = (SystemTime::now(), tokio::time::Instant::now());
+        let listed = self.exec.resync(&client, cause).await;
+        if let Some(shared) = &self.events {
+            // Only if the wall clock kept pace with the monotonic one meanwhile: after a
+            // step, publication times say nothing about the listing.
+            let stepped = SystemTime::now()
+                .duration_since(wall)
+                .map_or(true, |w| w.abs_diff(mono.elapsed()) > CLOCK_STEP);
+            if !stepped {
+                let forgotten = lock(&shared.queue).forget_published_before(wall);
+                if forgotten > 0 {
+                    debug!(forgotten, "events the listing already showed");
+                }
+            }
+        }
+        match listed {
             Ok(report) => {
                 self.after(report);
                 if cause == ListCause::Connected {
@@ -527,9 +554,9 @@ impl Daemon {
 
 async fn read_events(mut subscription: crate::containerd::Subscription, shared: Arc<Shared>) {
     loop {
-        match subscription.next().await {
-            Ok(Some(event)) => {
-                lock(&shared.queue).push(event);
+        match subscription.next_published().await {
+            Ok(Some((event, published))) => {
+                lock(&shared.queue).push(event, published);
                 shared.wake.notify_one();
             }
             Ok(None) => {}
