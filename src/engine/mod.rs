@@ -308,7 +308,8 @@ impl Engine {
         self.verify_due = Some((now + self.config.settle).min(deadline));
     }
 
-    /// Any image event pushes a pending verification back: the burst is not over.
+    /// An event of the start-up burst pushes a pending verification back: the burst is not
+    /// over ([`Engine::on_event`] says which events count).
     fn note_activity(&mut self, now: Millis) {
         if self.verify_due.is_some() {
             self.schedule_verify(now);

@@ -9,7 +9,12 @@ use super::*;
 
 impl Engine {
     pub(super) fn on_event(&mut self, now: Now, event: ImageEvent, out: &mut Vec<Output>) {
-        self.note_activity(now.mono);
+        // The start-up burst goes on while K3s imports (its records carry the pins) or while
+        // images pinkeeper holds change. CRI's own bookkeeping on other images (it labels
+        // every image it manages) must not put the verification off, by up to `settle_max`.
+        if self.holds(&event.name) || self.pins(&event.labels).any() {
+            self.note_activity(now.mono);
+        }
         match event.kind {
             EventKind::Delete => {
                 if self.holds(&event.name) {
