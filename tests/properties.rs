@@ -786,7 +786,7 @@ impl Model {
         let retention = engine.config().retention;
         let now = self.replay.now;
         for intent in engine.intents() {
-            let pinned = pinned(&intent.labels, K3S_PIN) || pinned(&intent.labels, CRI_PIN);
+            let pinned = intent.pins.any();
             if intent.state == IntentState::Released
                 && !pinned
                 && intent.since.saturating_add(retention) <= now

@@ -139,8 +139,15 @@ pub struct Engine {
 impl Engine {
     /// Starts from the intents in the ledger.
     pub fn new(config: Config, intents: impl IntoIterator<Item = Intent>) -> Self {
-        let intents: BTreeMap<String, Intent> =
-            intents.into_iter().map(|i| (i.name.clone(), i)).collect();
+        let intents: BTreeMap<String, Intent> = intents
+            .into_iter()
+            .map(|mut i| {
+                if let Some(labels) = i.legacy_labels.take() {
+                    i.pins = pins(&labels, &config.program_label);
+                }
+                (i.name.clone(), i)
+            })
+            .collect();
         // Intents swept before a crash wait for the next listing to be settled again.
         let awaiting_k3s = intents
             .values()
@@ -326,21 +333,22 @@ impl Engine {
         out: &mut Vec<Output>,
     ) {
         let previous = self.intents.get(name);
-        let k3s_pinned = self.pins(&labels).program;
+        let pins = self.pins(&labels);
         let mut intent = Intent {
             name: name.to_string(),
             digest: digest
                 .clone()
                 .or_else(|| previous.and_then(|p| p.digest.clone())),
             source: previous.and_then(|p| p.source.clone()),
-            labels,
+            pins,
+            legacy_labels: None,
             state: IntentState::Held,
             origin,
             since: now.wall,
             restores: previous.map_or(0, |p| p.restores),
             last_restored: previous.and_then(|p| p.last_restored),
             released_because: None,
-            k3s_pinned: k3s_pinned || previous.is_some_and(|p| p.k3s_pinned),
+            k3s_pinned: pins.program || previous.is_some_and(|p| p.k3s_pinned),
         };
         let before = self.forget_key(name);
         self.intents.insert(name.to_string(), intent.clone());
@@ -356,7 +364,7 @@ impl Engine {
         self.tie_aliases(name, out);
         let detail = if origin == Origin::Operator {
             "an operator ran `pinkeeper pin`"
-        } else if self.pins(&intent.labels).cri {
+        } else if intent.pins.cri {
             "seen carrying io.cri-containerd.pinned=pinned"
         } else {
             "seen carrying K3s's pin label"
@@ -393,12 +401,13 @@ impl Engine {
             return;
         }
         self.retain(name, now);
+        let seen = seen.map(|labels| self.pins(&labels));
         self.update_intent(name, out, |i| {
             i.state = IntentState::Released;
             i.since = now.wall;
             i.released_because = Some(why.to_string());
-            if let Some(labels) = seen {
-                i.labels = labels;
+            if let Some(pins) = seen {
+                i.pins = pins;
             }
         });
         self.history(now, name, Action::Released, why, out);
@@ -503,14 +512,14 @@ impl Engine {
             Ok(()) if reason == RestoreReason::Operator => {
                 self.update_intent(&name, out, |i| {
                     i.state = IntentState::Held;
-                    i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
+                    i.pins.cri = true;
                 });
                 self.history(now, &name, Action::Pinned, reason.explain(), out);
             }
             Ok(()) => {
                 self.update_intent(&name, out, |i| {
                     i.state = IntentState::Held;
-                    i.labels.insert(CRI_PIN.to_string(), PINNED.to_string());
+                    i.pins.cri = true;
                     i.restores += 1;
                     i.last_restored = Some(now.wall);
                 });
@@ -586,7 +595,7 @@ impl Engine {
             if intent.state != IntentState::Released {
                 let at = self.deleted.entry(intent.name.clone()).or_default();
                 at.get_or_insert(now.mono + self.config.churn_window);
-            } else if !intent.labels.is_empty() {
+            } else if intent.pins.any() {
                 gone.push(intent.name.clone());
             }
         }
@@ -599,7 +608,7 @@ impl Engine {
             let unpinned = self
                 .intents
                 .get(&name)
-                .is_some_and(|i| i.state != IntentState::Released && !self.pins(&i.labels).cri);
+                .is_some_and(|i| i.state != IntentState::Released && !i.pins.cri);
             if unpinned && seen.contains(&name) {
                 self.settle(&name, now, out);
             } else if !(unpinned && self.deleted.contains_key(&name)) {

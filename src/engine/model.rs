@@ -50,7 +50,7 @@ pub const PINNED: &str = "pinned";
 pub const K3S_PIN: &str = "io.cattle.k3s.pinned";
 
 /// Which pins a label map carries ([`pins`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pins {
     /// K3s's (or RKE2's) own pin label, [`Config::program_label`].
     pub program: bool,
@@ -380,9 +380,14 @@ pub struct Intent {
     /// bytes, stored losslessly (a string when UTF-8).
     #[serde(default, with = "crate::escape::path_bytes::option")]
     pub source: Option<PathBuf>,
-    /// The labels last seen on the record.
+    /// The pins last seen on the record (the rest of its labels decides nothing, so it is not
+    /// kept: an intent costs a few hundred bytes, not a label map).
     #[serde(default)]
-    pub labels: Labels,
+    pub pins: Pins,
+    /// Ledgers before 0.x kept the record's whole label map instead of `pins`:
+    /// [`Engine::new`] reads it into `pins` (it knows the program's label) and drops it.
+    #[serde(default, rename = "labels", skip_serializing)]
+    pub legacy_labels: Option<Labels>,
     /// Where the intent stands.
     pub state: IntentState,
     /// How it came to be.

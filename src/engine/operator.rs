@@ -119,13 +119,14 @@ impl Engine {
 impl Engine {
     pub(super) fn on_operator_pin(&mut self, now: Now, record: ImageRecord, out: &mut Vec<Output>) {
         let name = record.name.clone();
-        let pinned = self.pins(&record.labels).cri;
+        let pins = self.pins(&record.labels);
+        let pinned = pins.cri;
         self.deleted.remove(&name);
         self.unpins_to_confirm.remove(&name);
         if self.holds(&name) {
             self.update_intent(&name, out, |i| {
                 i.origin = Origin::Operator;
-                i.labels = record.labels;
+                i.pins = pins;
                 if record.digest.is_some() {
                     i.digest = record.digest;
                 }
@@ -167,6 +168,7 @@ impl Engine {
             labels.remove(CRI_PIN);
             labels
         });
+        let after_pins = after.as_ref().map(|l| self.pins(l)).unwrap_or_default();
         self.unpins_to_confirm.remove(name);
         if self.holds(name) {
             self.release(now, name, OPERATOR_UNPIN, after, out);
@@ -181,7 +183,8 @@ impl Engine {
                     .digest
                     .or_else(|| previous.and_then(|p| p.digest.clone())),
                 source: source.or_else(|| previous.and_then(|p| p.source.clone())),
-                labels: after.unwrap_or_default(),
+                pins: after_pins,
+                legacy_labels: None,
                 state: IntentState::Released,
                 origin: previous.map_or(Origin::Operator, |p| p.origin),
                 since: now.wall,
@@ -326,7 +329,11 @@ mod tests {
                 name: "gone:1".into(),
                 digest: Some("sha256:aaaa".into()),
                 source: None,
-                labels: labels(&[CRI_PIN]),
+                pins: crate::engine::Pins {
+                    program: false,
+                    cri: true,
+                },
+                legacy_labels: None,
                 state: IntentState::Held,
                 origin: Origin::Operator,
                 since: 0,

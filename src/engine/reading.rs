@@ -87,7 +87,7 @@ impl Engine {
             // A released intent comes back only when the CRI pin is put on again (K3s
             // re-importing the archive, someone pinning it): K3s's label alone, as an operator
             // leaves it when removing the CRI pin, is no reason to undo the unpin.
-            let before = self.intents.get(name).map(|i| self.pins(&i.labels));
+            let before = self.intents.get(name).map(|i| i.pins);
             match before {
                 None if new.cri => {
                     self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
@@ -114,7 +114,7 @@ impl Engine {
                 Some(old) if new.cri && !old.cri => {
                     self.record(now, name, labels, listed.flatten(), Origin::SeenPinned, out)
                 }
-                Some(old) if old != new => self.update_intent(name, out, |i| i.labels = labels),
+                Some(old) if old != new => self.update_intent(name, out, |i| i.pins = new),
                 _ => {}
             }
             return false;
@@ -128,7 +128,7 @@ impl Engine {
                 self.unpins_to_confirm.remove(name);
                 self.labels_to_confirm.insert(name.to_string());
                 self.update_intent(name, out, |i| {
-                    i.labels = labels;
+                    i.pins = new;
                     i.state = IntentState::Held;
                 });
                 return true;
@@ -141,12 +141,12 @@ impl Engine {
             // or the sweep that ran since: seeds 148119, 546224).
             self.unpins_to_confirm.remove(name);
         }
-        let old = self.pins(&intent.labels);
+        let old = intent.pins;
         let was_swept = intent.state == IntentState::Swept;
         let operator_pin = intent.origin == Origin::Operator;
         let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
         let digest = intent.digest.clone();
-        let labels_changed = intent.labels != labels;
+        let labels_changed = intent.pins != new;
         if new.program && !intent.k3s_pinned {
             // Once per name, and on disk at once: lost to a crash, a later sweep missed while
             // away would read as an operator's unpin.
@@ -180,7 +180,7 @@ impl Engine {
                 );
             }
             self.update_intent(name, out, |i| {
-                i.labels = labels;
+                i.pins = new;
                 i.state = IntentState::Held;
             });
             return true;
@@ -216,7 +216,7 @@ impl Engine {
         if (old.program || missed_sweep) && !was_swept {
             // The sweep's signature: both pins removed at once from an image with K3s's label.
             self.update_intent(name, out, |i| {
-                i.labels = labels;
+                i.pins = new;
                 i.state = IntentState::Swept;
             });
             let how = if live {
@@ -239,11 +239,11 @@ impl Engine {
             // was killed between the commit and the write): the intent says pinned, so it is
             // done now. Found by the simulation (seed 883).
             if labels_changed {
-                self.update_intent(name, out, |i| i.labels = labels);
+                self.update_intent(name, out, |i| i.pins = new);
             }
             self.pin(name, RestoreReason::Operator, out);
         } else if labels_changed {
-            self.update_intent(name, out, |i| i.labels = labels);
+            self.update_intent(name, out, |i| i.pins = new);
         }
         true
     }
@@ -253,7 +253,7 @@ impl Engine {
             self.intents
                 .values()
                 .filter(|i| i.digest.as_deref() == Some(d))
-                .any(|i| i.k3s_pinned || self.pins(&i.labels).program)
+                .any(|i| i.k3s_pinned || i.pins.program)
         })
     }
 
@@ -297,14 +297,11 @@ impl Engine {
         }
         if confirming {
             let pins = self.pins(&record.labels);
-            let had_k3s_label = self
-                .intents
-                .get(name)
-                .is_some_and(|i| self.pins(&i.labels).program);
+            let had_k3s_label = self.intents.get(name).is_some_and(|i| i.pins.program);
             if pins.cri {
                 // The unpin was a stale delivery: the record is pinned now.
                 self.update_intent(name, out, |i| {
-                    i.labels = record.labels;
+                    i.pins = pins;
                     i.state = IntentState::Held;
                 });
             } else if !pins.program && had_k3s_label {

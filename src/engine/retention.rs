@@ -44,7 +44,7 @@ impl Engine {
     /// removed only the CRI pin) is kept until its record is gone, or it would be recorded
     /// and released again at every listing.
     pub(super) fn forget_at(&self, intent: &Intent) -> Option<Millis> {
-        if intent.state != IntentState::Released || self.pins(&intent.labels).any() {
+        if intent.state != IntentState::Released || intent.pins.any() {
             return None;
         }
         self.retained_until.get(&intent.name).copied()
@@ -74,9 +74,9 @@ impl Engine {
         if self
             .intents
             .get(name)
-            .is_some_and(|i| i.state == IntentState::Released && !i.labels.is_empty())
+            .is_some_and(|i| i.state == IntentState::Released && i.pins.any())
         {
-            self.update_intent(name, out, |i| i.labels.clear());
+            self.update_intent(name, out, |i| i.pins = super::Pins::default());
         }
     }
 

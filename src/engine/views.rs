@@ -121,7 +121,7 @@ impl Engine {
         };
         let exists = self.exists(name, &intent);
         Some(IntentView {
-            pinned_now: self.pins(&intent.labels).cri,
+            pinned_now: intent.pins.cri,
             exists,
             archive,
             intent,
@@ -143,7 +143,7 @@ impl Engine {
                 IntentState::Swept => tally.swept += 1,
                 IntentState::Released => tally.released += 1,
             }
-            let pinned_now = self.pins(&intent.labels).cri;
+            let pinned_now = intent.pins.cri;
             if at_risk(intent.state, pinned_now, self.exists(name, intent)) {
                 tally.at_risk += 1;
             }
@@ -181,11 +181,7 @@ impl Engine {
             if intent.state == IntentState::Released {
                 continue;
             }
-            if at_risk(
-                intent.state,
-                self.pins(&intent.labels).cri,
-                self.exists(name, intent),
-            ) {
+            if at_risk(intent.state, intent.pins.cri, self.exists(name, intent)) {
                 summary.at_risk.push(name.clone());
             }
             if intent.source.is_some() {

@@ -217,10 +217,13 @@ fn the_tally_counts_what_the_views_say() {
         name: name.into(),
         digest: Some(format!("sha256:{name}")),
         source: None,
-        labels: pins
-            .iter()
-            .map(|k| (k.to_string(), PINNED.to_string()))
-            .collect(),
+        // Written as a ledger before 0.x wrote it: read into pins by the engine.
+        pins: Default::default(),
+        legacy_labels: Some(
+            pins.iter()
+                .map(|k| (k.to_string(), PINNED.to_string()))
+                .collect(),
+        ),
         state,
         origin: Origin::SeenPinned,
         since: 1,

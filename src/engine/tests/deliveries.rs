@@ -185,7 +185,13 @@ fn a_late_echo_of_pinkeepers_own_restore_is_checked_not_believed() {
             .any(|o| matches!(o, Output::Fetch { name } if name == APP)),
         "{out:?}"
     );
-    assert_eq!(e.intent(APP).unwrap().labels, both());
+    assert_eq!(
+        e.intent(APP).unwrap().pins,
+        Pins {
+            program: true,
+            cri: true
+        }
+    );
     e.handle(
         6,
         Input::Fetched {
@@ -193,7 +199,13 @@ fn a_late_echo_of_pinkeepers_own_restore_is_checked_not_believed() {
             record: Some(record(APP, both(), "sha256:aaaa")),
         },
     );
-    assert_eq!(e.intent(APP).unwrap().labels, both());
+    assert_eq!(
+        e.intent(APP).unwrap().pins,
+        Pins {
+            program: true,
+            cri: true
+        }
+    );
     // The next sweep is a sweep: restored at once (the archive is gone).
     let out = e.handle(10, update(APP, Labels::new()));
     assert_eq!(

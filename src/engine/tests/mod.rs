@@ -76,6 +76,38 @@ fn engine_with_two() -> Engine {
     e
 }
 
+/// Ledgers before 0.x kept each intent's whole label map: it is read into the pins, with the
+/// program's own label (RKE2's here), and never written again.
+#[test]
+fn an_intent_from_an_older_ledger_keeps_its_pins() {
+    const RKE2_PIN: &str = "io.cattle.rke2.pinned";
+    let engine = engine_with_two();
+    let mut old = serde_json::to_value(engine.intent(APP).unwrap()).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("pins");
+    fields.insert(
+        "labels".into(),
+        serde_json::json!({RKE2_PIN: PINNED, "io.cri-containerd.image": "managed"}),
+    );
+    let intent: Intent = serde_json::from_value(old).unwrap();
+    let config = Config {
+        program_label: RKE2_PIN.into(),
+        ..Config::default()
+    };
+    let e = Engine::new(config, [intent]);
+    let read = e.intent(APP).unwrap();
+    assert_eq!(
+        read.pins,
+        Pins {
+            program: true,
+            cri: false
+        }
+    );
+    assert_eq!(read.legacy_labels, None);
+    let written = serde_json::to_value(read).unwrap();
+    assert!(written.get("labels").is_none(), "{written}");
+}
+
 #[test]
 fn records_intents_with_digest_from_listing() {
     let e = engine_with_two();
@@ -675,7 +707,7 @@ fn a_released_intent_whose_record_keeps_k3s_label_stays_until_the_record_is_gone
             cause: ListCause::Connected,
         },
     );
-    assert_eq!(f.intent(WEB).unwrap().labels, Labels::new());
+    assert_eq!(f.intent(WEB).unwrap().pins, Pins::default());
     f.handle(100 + retention, Input::Tick);
     assert!(f.intent(WEB).is_none());
 }

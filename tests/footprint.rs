@@ -1,0 +1,110 @@
+//! Heap bytes per intent, counted by a counting allocator (not RSS, which depends on the
+//! allocator's arenas and the machine, so this cannot flake): the engine holding 10,000
+//! intents of K3s's imports (a tag and its `repo@digest` alias per image, both pins and CRI's
+//! own label on each record, one archive per image), as a node has after a listing.
+//!
+//! The figure is printed; the test fails when it grows past the budget.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use pinkeeper::engine::{
+    Config, Engine, ImageRecord, Input, Labels, ListCause, CRI_PIN, K3S_PIN, PINNED,
+};
+
+struct Counting;
+
+/// Bytes allocated and not freed, by every thread of this test binary.
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is kept.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: the caller's contract is passed on.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const IMAGES: usize = 5_000;
+
+/// Heap bytes the engine keeps per intent once it has read the directory and a listing.
+const BUDGET_PER_INTENT: isize = 900;
+
+fn node() -> (Input, Vec<ImageRecord>) {
+    let mut provided = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..IMAGES {
+        let name = format!("docker.io/rancher/mirrored-library-app-{i:05}:1.36.1");
+        let digest = format!("sha256:{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15);
+        let alias = format!("docker.io/rancher/mirrored-library-app-{i:05}@{digest}");
+        let file = PathBuf::from(format!(
+            "/var/lib/rancher/k3s/agent/images/app-{i:05}.tar.zst"
+        ));
+        let labels: Labels = [K3S_PIN, CRI_PIN, "io.cri-containerd.image"]
+            .iter()
+            .map(|k| {
+                let v = if k.ends_with(".image") {
+                    "managed"
+                } else {
+                    PINNED
+                };
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        provided.push((name.clone(), file.clone()));
+        provided.push((alias.clone(), file));
+        for n in [name, alias] {
+            records.push(ImageRecord {
+                name: n,
+                labels: labels.clone(),
+                digest: Some(digest.clone()),
+            });
+        }
+    }
+    (Input::Inventory(provided.into_iter().collect()), records)
+}
+
+#[test]
+fn heap_bytes_per_intent() {
+    let before = LIVE.load(Ordering::Relaxed);
+    let engine = {
+        let (inventory, images) = node();
+        let mut engine = Engine::new(Config::default(), []);
+        drop(engine.handle(0, inventory));
+        let cause = ListCause::Connected;
+        drop(engine.handle(1, Input::Listing { images, cause }));
+        engine
+    };
+    let kept = LIVE.load(Ordering::Relaxed) - before;
+    let intents = engine.intents().count() as isize;
+    assert_eq!(intents, 2 * IMAGES as isize);
+    let per_intent = kept / intents;
+    eprintln!(
+        "engine: {kept} heap bytes for {intents} intents ({per_intent} per intent, budget {BUDGET_PER_INTENT})"
+    );
+    assert!(
+        per_intent <= BUDGET_PER_INTENT,
+        "{per_intent} heap bytes per intent, over the budget of {BUDGET_PER_INTENT}"
+    );
+    drop(engine);
+}
