@@ -85,6 +85,26 @@ fn node() -> (Input, Vec<ImageRecord>) {
 }
 
 #[test]
+#[ignore]
+fn probe_without_inventory() {
+    let before = LIVE.load(Ordering::Relaxed);
+    let engine = {
+        let (_inventory, images) = node();
+        let mut engine = Engine::new(Config::default(), []);
+        let cause = ListCause::Connected;
+        drop(engine.handle(1, Input::Listing { images, cause }));
+        engine
+    };
+    let kept = LIVE.load(Ordering::Relaxed) - before;
+    eprintln!("without inventory: {} per intent", kept / 10_000);
+    eprintln!(
+        "size_of Intent {}",
+        std::mem::size_of::<pinkeeper::engine::Intent>()
+    );
+    drop(engine);
+}
+
+#[test]
 fn heap_bytes_per_intent() {
     let before = LIVE.load(Ordering::Relaxed);
     let engine = {

@@ -387,7 +387,7 @@ pub struct Intent {
     /// Ledgers before 0.x kept the record's whole label map instead of `pins`:
     /// [`Engine::new`] reads it into `pins` (it knows the program's label) and drops it.
     #[serde(default, rename = "labels", skip_serializing)]
-    pub legacy_labels: Option<Labels>,
+    pub legacy_labels: Option<Box<Labels>>,
     /// Where the intent stands.
     pub state: IntentState,
     /// How it came to be.

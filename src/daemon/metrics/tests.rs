@@ -219,11 +219,11 @@ fn the_tally_counts_what_the_views_say() {
         source: None,
         // Written as a ledger before 0.x wrote it: read into pins by the engine.
         pins: Default::default(),
-        legacy_labels: Some(
+        legacy_labels: Some(Box::new(
             pins.iter()
                 .map(|k| (k.to_string(), PINNED.to_string()))
                 .collect(),
-        ),
+        )),
         state,
         origin: Origin::SeenPinned,
         since: 1,
