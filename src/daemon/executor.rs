@@ -13,7 +13,7 @@
 //! It owns no rule, no socket, no file and no clock of its own: the caller gives it a
 //! [`Clock`]. Logging of the decisions that change a label happens here, once.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
@@ -132,6 +132,10 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         let mut changes: Vec<OwnedChange> = Vec::new();
         while !inputs.is_empty() {
             let mut calls = Vec::new();
+            // One Get per name per round: its answer is read as the record's state now, which
+            // serves every reason it was asked for (an import asks twice: for the new
+            // intent's digest, and for the created record's target).
+            let mut fetching = HashSet::new();
             let mut unpins = Vec::new();
             let mut barrier = false;
             while let Some(input) = inputs.pop_front() {
@@ -153,6 +157,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                             changes.push(OwnedChange::History(h));
                         }
                         Output::Commit => barrier = true,
+                        Output::Fetch { ref name } if !fetching.insert(name.clone()) => {}
                         Output::Pin { .. } | Output::Fetch { .. } => calls.push(output),
                         Output::Unpin { name } => unpins.push(name),
                         Output::Verify => report.verify = true,
@@ -378,5 +383,66 @@ pub fn run_ready<F: std::future::Future>(future: F) -> Option<F::Output> {
     match future.as_mut().poll(&mut cx) {
         std::task::Poll::Ready(out) => Some(out),
         std::task::Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::{Config, EventKind, CRI_PIN, K3S_PIN, PINNED};
+    use crate::ledger::journal::MemoryLedger;
+    use crate::store::memory::{Call, Fault, MemoryStore};
+
+    /// K3s re-creating a name it had imported (`forceCreateTag`: a delete, then a create with
+    /// both pins) costs one Get, not one per event.
+    #[test]
+    fn alias_churn_costs_one_get() {
+        let store = MemoryStore::new();
+        let gets = Arc::new(AtomicUsize::new(0));
+        let counted = gets.clone();
+        store.inject(move |call| {
+            if matches!(call, Call::Get(_)) {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }
+            Fault::None
+        });
+        let labels: crate::engine::Labels = [K3S_PIN, CRI_PIN]
+            .iter()
+            .map(|k| (k.to_string(), PINNED.to_string()))
+            .collect();
+        let name = "docker.io/library/app:1";
+        let record = ImageRecord {
+            name: name.into(),
+            labels: labels.clone(),
+            digest: Some("sha256:aaaa".into()),
+        };
+        store.create(record.clone());
+        let mut exec = Executor::new(
+            Engine::new(Config::default(), []),
+            MemoryLedger::default(),
+            FixedClock::at(1),
+        );
+        let listing = Input::Listing {
+            images: vec![record],
+            cause: ListCause::Connected,
+        };
+        run_ready(exec.process(Some(&store), vec![listing])).expect("in memory");
+        assert_eq!(
+            gets.load(Ordering::Relaxed),
+            0,
+            "the listing has the digest"
+        );
+        let event = |kind| ImageEvent {
+            kind,
+            name: name.into(),
+            labels: labels.clone(),
+        };
+        let churn = vec![event(EventKind::Delete), event(EventKind::Create)];
+        run_ready(exec.apply_events(Some(&store), churn)).expect("in memory");
+        assert_eq!(gets.load(Ordering::Relaxed), 1);
+        assert!(exec.engine.intent(name).is_some_and(|i| i.pins.cri));
     }
 }
