@@ -76,38 +76,6 @@ fn engine_with_two() -> Engine {
     e
 }
 
-/// Ledgers before 0.x kept each intent's whole label map: it is read into the pins, with the
-/// program's own label (RKE2's here), and never written again.
-#[test]
-fn an_intent_from_an_older_ledger_keeps_its_pins() {
-    const RKE2_PIN: &str = "io.cattle.rke2.pinned";
-    let engine = engine_with_two();
-    let mut old = serde_json::to_value(engine.intent(APP).unwrap()).unwrap();
-    let fields = old.as_object_mut().unwrap();
-    fields.remove("pins");
-    fields.insert(
-        "labels".into(),
-        serde_json::json!({RKE2_PIN: PINNED, "io.cri-containerd.image": "managed"}),
-    );
-    let intent: Intent = serde_json::from_value(old).unwrap();
-    let config = Config {
-        program_label: RKE2_PIN.into(),
-        ..Config::default()
-    };
-    let e = Engine::new(config, [intent]);
-    let read = e.intent(APP).unwrap();
-    assert_eq!(
-        read.pins,
-        Pins {
-            program: true,
-            cri: false
-        }
-    );
-    assert_eq!(read.legacy_labels, None);
-    let written = serde_json::to_value(read).unwrap();
-    assert!(written.get("labels").is_none(), "{written}");
-}
-
 #[test]
 fn records_intents_with_digest_from_listing() {
     let e = engine_with_two();
@@ -167,40 +135,6 @@ fn sweep_of_a_gone_archive_restores_at_once_and_of_a_present_one_waits() {
     assert_eq!(
         pins(&out),
         vec![(APP.to_string(), RestoreReason::NotRepinned)]
-    );
-}
-
-#[test]
-fn verification_cannot_be_put_off_forever() {
-    let mut e = engine_with_two();
-    e.handle(0, update(APP, Labels::new()));
-    for t in (1000..200_000).step_by(1000) {
-        // K3s importing the same image again and again.
-        e.handle(t, update("busy", both()));
-        e.handle(t, update("busy", Labels::new()));
-    }
-    assert_eq!(e.next_wakeup(), Some(Config::default().settle_max));
-}
-
-/// CRI labels every image it manages, at its start and whenever it reads one: thousands of
-/// events for images pinkeeper holds no intent for, which put the verification off by up to
-/// `settle_max` (two minutes) on containerd 2.1 with 10,000 images.
-#[test]
-fn events_for_images_without_an_intent_do_not_put_the_verification_off() {
-    let mut e = engine_with_two();
-    e.handle(0, update(APP, Labels::new()));
-    let due = Some(Config::default().settle);
-    assert_eq!(e.next_wakeup(), due);
-    for t in 1..2_000 {
-        let name = format!("docker.io/library/pulled-{t}:1");
-        e.handle(t, event(EventKind::Create, &name, Labels::new()));
-        e.handle(t, update(&name, labels(&["io.cri-containerd.image"])));
-        e.handle(t, event(EventKind::Delete, &name, Labels::new()));
-    }
-    assert_eq!(e.next_wakeup(), due);
-    assert_eq!(
-        e.handle(Config::default().settle, Input::Tick),
-        vec![Output::Verify]
     );
 }
 
@@ -764,28 +698,6 @@ fn churn_does_not_accumulate_released_intents() {
     assert_eq!(e.intents().count(), 0);
 }
 
-/// Found by the replay running on the daemon's executor (a verification asked for while
-/// disconnected never gets its listing): a verification in flight made `next_wakeup` answer a
-/// time already past for as long as the listing took, and the daemon's loop spun on ticks.
-#[test]
-fn a_verification_in_flight_asks_for_no_wakeup() {
-    let mut e = engine_with_two();
-    e.handle(10, inventory(&[(APP, "app.tar")]));
-    e.handle(1000, update(APP, Labels::new()));
-    let due = e.next_wakeup().expect("a verification is due");
-    assert_eq!(e.handle(due, Input::Tick), vec![Output::Verify]);
-    // More of the start-up burst while the verification's listing is awaited.
-    e.handle(due + 1, update(WEB, Labels::new()));
-    // The listing is slow (a scan of the images directory first): time passes.
-    let later = due + 1 + Config::default().settle_max;
-    assert!(e.handle(later, Input::Tick).is_empty());
-    let wakeup = e.next_wakeup();
-    assert!(
-        wakeup.is_none_or(|at| at > later),
-        "nothing can fire before the listing comes: {wakeup:?}"
-    );
-}
-
 /// K3s's alias answered before the name it aliases: the alias still learns which archive
 /// provides it, so that once the archive is deleted both count as gone (the flake of
 /// tests/control.rs on containerd 2.x: `archives_gone` 1 instead of 2).
@@ -818,31 +730,6 @@ fn an_alias_fetched_before_its_name_learns_its_archive() {
     assert_eq!(e.summary().archives_gone, 2);
 }
 
-/// A verification due (or asked for) while containerd is away waits for the connection: its
-/// listing cannot be taken, and an engine waiting for it would never verify again.
-#[test]
-fn a_verification_waits_for_the_connection() {
-    let mut e = engine_with_two();
-    e.handle(10, inventory(&[(APP, "app.tar")]));
-    e.handle(1000, update(APP, Labels::new()));
-    let due = e.next_wakeup().expect("a verification is due");
-    assert_eq!(e.handle(due, Input::Tick), vec![Output::Verify]);
-    // The stream breaks before the verification's listing.
-    e.handle(due + 1, Input::Disconnected);
-    assert_eq!(e.next_wakeup(), None, "nothing to do while away");
-    assert!(e.handle(due + 60_000, Input::Tick).is_empty());
-    // Connected again: the verification is asked again after the connection's listing.
-    e.handle(
-        due + 60_001,
-        Input::Listing {
-            images: vec![record(APP, Labels::new(), "sha256:aaaa")],
-            cause: ListCause::Connected,
-        },
-    );
-    let again = e.next_wakeup().expect("the verification is due again");
-    assert!(again <= due + 60_001 + Config::default().settle);
-    assert!(e.handle(again, Input::Tick).contains(&Output::Verify));
-}
-
 mod deliveries;
+mod verification;
 mod vocabulary;

@@ -1,5 +1,5 @@
 //! The engine's words as others read them: history actions on the wire, the pin rule, the
-//! at-risk rule.
+//! at-risk rule, and an intent as older ledgers stored it.
 
 use super::*;
 use crate::engine::pins;
@@ -116,4 +116,36 @@ fn states_and_reasons_show_their_serde_form() {
         let serde = serde_json::to_string(&reason).unwrap();
         assert_eq!(serde, format!("\"{}\"", reason.as_str()));
     }
+}
+
+/// Ledgers before 0.x kept each intent's whole label map: it is read into the pins, with the
+/// program's own label (RKE2's here), and never written again.
+#[test]
+fn an_intent_from_an_older_ledger_keeps_its_pins() {
+    const RKE2_PIN: &str = "io.cattle.rke2.pinned";
+    let engine = engine_with_two();
+    let mut old = serde_json::to_value(engine.intent(APP).unwrap()).unwrap();
+    let fields = old.as_object_mut().unwrap();
+    fields.remove("pins");
+    fields.insert(
+        "labels".into(),
+        serde_json::json!({RKE2_PIN: PINNED, "io.cri-containerd.image": "managed"}),
+    );
+    let intent: Intent = serde_json::from_value(old).unwrap();
+    let config = Config {
+        program_label: RKE2_PIN.into(),
+        ..Config::default()
+    };
+    let e = Engine::new(config, [intent]);
+    let read = e.intent(APP).unwrap();
+    assert_eq!(
+        read.pins,
+        Pins {
+            program: true,
+            cri: false
+        }
+    );
+    assert_eq!(read.legacy_labels, None);
+    let written = serde_json::to_value(read).unwrap();
+    assert!(written.get("labels").is_none(), "{written}");
 }
