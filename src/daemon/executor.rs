@@ -133,8 +133,8 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         while !inputs.is_empty() {
             let mut calls = Vec::new();
             // One Get per name per round: its answer is read as the record's state now, which
-            // serves every reason it was asked for (an import asks twice: for the new
-            // intent's digest, and for the created record's target).
+            // serves every reason it was asked for (K3s's alias churn, a delete and a create of
+            // one name in a batch, asks once for each).
             let mut fetching = HashSet::new();
             let mut unpins = Vec::new();
             let mut barrier = false;
