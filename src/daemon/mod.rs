@@ -489,9 +489,10 @@ impl Daemon {
         };
         let (wall, mono) = (SystemTime::now(), tokio::time::Instant::now());
         let listed = self.exec.resync(&client, cause).await;
-        if let Some(shared) = &self.events {
-            // Only if the wall clock kept pace with the monotonic one meanwhile: after a
-            // step, publication times say nothing about the listing.
+        if let (Some(shared), true) = (&self.events, listed.is_ok()) {
+            // Only after a listing that was read, and only if the wall clock kept pace with
+            // the monotonic one meanwhile: after a step, publication times say nothing about
+            // the listing.
             let stepped = SystemTime::now()
                 .duration_since(wall)
                 .map_or(true, |w| w.abs_diff(mono.elapsed()) > CLOCK_STEP);
