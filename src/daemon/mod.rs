@@ -489,14 +489,9 @@ impl Daemon {
         };
         let (wall, mono) = (SystemTime::now(), tokio::time::Instant::now());
         let listed = self.exec.resync(&client, cause).await;
-        if let (Some(shared), true) = (&self.events, listed.is_ok()) {
-            // Only after a listing that was read, and only if the wall clock kept pace with
-            // the monotonic one meanwhile: after a step, publication times say nothing about
-            // the listing.
-            let stepped = SystemTime::now()
-                .duration_since(wall)
-                .map_or(true, |w| w.abs_diff(mono.elapsed()) > CLOCK_STEP);
-            if !stepped {
+        let wall_elapsed = SystemTime::now().duration_since(wall).ok();
+        if let Some(shared) = &self.events {
+            if listing_shows_the_past(listed.is_ok(), wall_elapsed, mono.elapsed()) {
                 let forgotten = lock(&shared.queue).forget_published_before(wall);
                 if forgotten > 0 {
                     debug!(forgotten, "events the listing already showed");
@@ -553,6 +548,18 @@ impl Daemon {
     }
 }
 
+/// Whether a listing shows what containerd published before it began, so that the events
+/// queued from before then can be forgotten: only a listing that was read, and only if the
+/// wall clock (`wall_elapsed`, `None` if it went back) kept pace with the monotonic one
+/// meanwhile; after a step, publication times say nothing about the listing.
+fn listing_shows_the_past(
+    listed: bool,
+    wall_elapsed: Option<Duration>,
+    mono_elapsed: Duration,
+) -> bool {
+    listed && wall_elapsed.is_some_and(|w| w.abs_diff(mono_elapsed) <= CLOCK_STEP)
+}
+
 async fn read_events(mut subscription: crate::containerd::Subscription, shared: Arc<Shared>) {
     loop {
         match subscription.next_published().await {
@@ -606,4 +613,20 @@ fn log_sweep(s: &SweepSummary) {
                 s.restored_archive_gone + s.restored_not_repinned,
                 s.repinned_by_k3s
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_listing_read_with_a_steady_clock_forgets_events() {
+        let ms = Duration::from_millis;
+        assert!(listing_shows_the_past(true, Some(ms(40)), ms(42)));
+        // A failed List covers nothing.
+        assert!(!listing_shows_the_past(false, Some(ms(40)), ms(42)));
+        // The wall clock stepped back, or forward, meanwhile.
+        assert!(!listing_shows_the_past(true, None, ms(42)));
+        assert!(!listing_shows_the_past(true, Some(ms(5_000)), ms(42)));
+    }
 }
