@@ -1,7 +1,8 @@
 //! `pinkeeper run`: the loop that follows containerd, and the daemon's state.
 //!
 //! One loop, list-then-watch: wait for containerd, subscribe (with a barrier), read the images
-//! directory, list and reconcile, then follow the stream; on any break, start over. Between
+//! directory, list and reconcile, then follow the stream; on any break (of the stream, or a
+//! listing that failed), start over. Between
 //! two batches of events it serves the timers, the images directory's watch and scans
 //! (scan.rs), the operator's calls (operator.rs), the watchdog and the metrics.
 //!
@@ -26,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::containerd::queue::EventQueue;
 use crate::containerd::reconnect::{images_dir_changed, Backoff, RETRY_MAX_FAST};
-use crate::containerd::{Containerd, ContainerdError};
+use crate::containerd::Containerd;
 use crate::control::{self, Request};
 use crate::daemon::metrics::{Exporter, Metrics};
 use crate::engine::{self, Action, Engine, HistoryEntry, Input, ListCause, Millis, SweepSummary};
@@ -80,8 +81,9 @@ const CLOCK_STEP: Duration = Duration::from_secs(1);
 /// Events shared between the stream reader task and the main loop.
 struct Shared {
     queue: Mutex<EventQueue>,
-    /// Set by the reader when the stream broke.
-    broken: Mutex<Option<ContainerdError>>,
+    /// Why the connection must start over: set by the reader when the stream broke, or when
+    /// a listing failed (the events cleared before it are then covered by nothing).
+    broken: Mutex<Option<String>>,
     wake: Notify,
 }
 
@@ -449,7 +451,7 @@ impl Daemon {
             }
             self.drain(&shared).await;
             if let Some(e) = lock(&shared.broken).take() {
-                warn!("lost containerd's event stream ({e}); reconnecting");
+                warn!("{e}; reconnecting");
                 return;
             }
         }
@@ -505,8 +507,16 @@ impl Daemon {
                     self.metrics.metrics().reconciled();
                 }
             }
-            // The stream breaks too; the next connection lists again.
-            Err(e) => warn!("{e}"),
+            // Events may have been cleared for it, and the stream may still be up (containerd
+            // too slow to answer within the call's timeout): the connection starts over, and
+            // the next one lists again.
+            Err(e) => match &self.events {
+                Some(shared) => {
+                    lock(&shared.broken).get_or_insert(format!("listing failed: {e}"));
+                    shared.wake.notify_one();
+                }
+                None => warn!("{e}"),
+            },
         }
     }
 
@@ -569,7 +579,7 @@ async fn read_events(mut subscription: crate::containerd::Subscription, shared: 
             }
             Ok(None) => {}
             Err(e) => {
-                *lock(&shared.broken) = Some(e);
+                *lock(&shared.broken) = Some(format!("lost containerd's event stream ({e})"));
                 shared.wake.notify_one();
                 return;
             }
