@@ -146,7 +146,7 @@ impl Engine {
         let operator_pin = intent.origin == Origin::Operator;
         let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
         let digest = intent.digest.clone();
-        let labels_changed = intent.pins != new;
+        let pins_changed = intent.pins != new;
         if new.program && !intent.k3s_pinned {
             // Once per name, and on disk at once: lost to a crash, a later sweep missed while
             // away would read as an operator's unpin.
@@ -238,11 +238,11 @@ impl Engine {
             // An operator's `pinkeeper pin` recorded and never seen carried out (pinkeeper
             // was killed between the commit and the write): the intent says pinned, so it is
             // done now. Found by the simulation (seed 883).
-            if labels_changed {
+            if pins_changed {
                 self.update_intent(name, out, |i| i.pins = new);
             }
             self.pin(name, RestoreReason::Operator, out);
-        } else if labels_changed {
+        } else if pins_changed {
             self.update_intent(name, out, |i| i.pins = new);
         }
         true
