@@ -9,10 +9,20 @@ use super::*;
 
 impl Engine {
     pub(super) fn on_event(&mut self, now: Now, event: ImageEvent, out: &mut Vec<Output>) {
-        // The start-up burst goes on while K3s imports (its records carry the pins) or while
-        // images pinkeeper holds change. CRI's own bookkeeping on other images (it labels
-        // every image it manages) must not put the verification off, by up to `settle_max`.
-        if self.holds(&event.name) || self.pins(&event.labels).any() {
+        // The start-up burst goes on while pins change: K3s sweeping, importing (a record
+        // it creates or re-pins carries both pins) and re-creating its aliases (a held name
+        // deleted and created again). CRI's own bookkeeping (it labels every image it manages, pinned or not)
+        // changes no pin, and must not put the verification off, by up to `settle_max`.
+        let pins = self.pins(&event.labels);
+        let changes_pins = match event.kind {
+            EventKind::Delete => self.holds(&event.name),
+            EventKind::Create if self.deleted.contains_key(&event.name) => true,
+            _ => self
+                .intents
+                .get(&event.name)
+                .map_or(pins.any(), |i| i.pins != pins),
+        };
+        if changes_pins {
             self.note_activity(now.mono);
         }
         match event.kind {
