@@ -278,6 +278,31 @@ fn a_failed_restore_is_retried_at_the_next_listing() {
     );
 }
 
+/// Lets every timer fire from `now` on, answering the verification with a listing of the three
+/// names (APP and its alias pinned by K3s, WEB with `web`): the sweep summaries it ends with.
+fn verify(e: &mut Engine, mut now: Millis, web: Labels) -> Vec<SweepSummary> {
+    let mut summaries = Vec::new();
+    while let Some(at) = e.next_wakeup() {
+        now = at.max(now + 1);
+        for output in e.handle(now, Input::Tick) {
+            if output == Output::Verify {
+                let images = vec![
+                    record(APP, both(), "sha256:aaaa"),
+                    record(ALIAS, both(), "sha256:aaaa"),
+                    record(WEB, web.clone(), "sha256:bbbb"),
+                ];
+                let cause = ListCause::Verify;
+                for out in e.handle(now, Input::Listing { images, cause }) {
+                    if let Output::SweepSummary(s) = out {
+                        summaries.push(s);
+                    }
+                }
+            }
+        }
+    }
+    summaries
+}
+
 /// Events from before a listing are applied after it (the daemon clears its queue before it
 /// lists, and what comes during the List is both in it and queued): a sweep and K3s's re-pin
 /// can be read twice. The sweep's summary counts each image once. Seen as `swept: 9` for 8
@@ -291,26 +316,7 @@ fn a_sweep_read_twice_is_summarised_once() {
     // The same two events again, after the listing that already showed them.
     e.handle(4, update(APP, Labels::new()));
     e.handle(5, update(APP, both()));
-    let mut summaries = Vec::new();
-    let mut now = 5;
-    while let Some(at) = e.next_wakeup() {
-        now = at.max(now + 1);
-        for output in e.handle(now, Input::Tick) {
-            if output == Output::Verify {
-                let images = vec![
-                    record(APP, both(), "sha256:aaaa"),
-                    record(ALIAS, both(), "sha256:aaaa"),
-                    record(WEB, both(), "sha256:bbbb"),
-                ];
-                let cause = ListCause::Verify;
-                for out in e.handle(now, Input::Listing { images, cause }) {
-                    if let Output::SweepSummary(s) = out {
-                        summaries.push(s);
-                    }
-                }
-            }
-        }
-    }
+    let summaries = verify(&mut e, 5, both());
     assert_eq!(summaries.len(), 1, "{summaries:?}");
     assert_eq!((summaries[0].swept, summaries[0].repinned_by_k3s), (1, 1));
 }
@@ -340,26 +346,7 @@ fn a_swept_image_is_summarised_by_its_last_outcome() {
             result: Ok(()),
         },
     );
-    let mut summaries = Vec::new();
-    let mut now = 5;
-    while let Some(at) = e.next_wakeup() {
-        now = at.max(now + 1);
-        for output in e.handle(now, Input::Tick) {
-            if output == Output::Verify {
-                let images = vec![
-                    record(APP, both(), "sha256:aaaa"),
-                    record(ALIAS, both(), "sha256:aaaa"),
-                    record(WEB, labels(&[CRI_PIN]), "sha256:bbbb"),
-                ];
-                let cause = ListCause::Verify;
-                for out in e.handle(now, Input::Listing { images, cause }) {
-                    if let Output::SweepSummary(s) = out {
-                        summaries.push(s);
-                    }
-                }
-            }
-        }
-    }
+    let summaries = verify(&mut e, 5, labels(&[CRI_PIN]));
     assert_eq!(summaries.len(), 1, "{summaries:?}");
     let s = &summaries[0];
     assert_eq!(
