@@ -36,7 +36,7 @@ struct Episode {
     seen_live: bool,
     /// Images swept in this episode and not yet settled one way or another.
     open: BTreeSet<String>,
-    /// Images swept in this episode, and how each was settled, last reading first: the
+    /// Images swept in this episode, and how each was settled (the last reading wins): the
     /// summary counts each image once, by its last outcome. Events from before a listing can
     /// be applied after it (`daemon::Daemon::resync` drops those published before it, but an
     /// event is published a little after its change), so a sweep and K3s's re-pin can be read
@@ -58,13 +58,11 @@ impl Episode {
         self.swept.insert(name.to_string());
     }
 
-    /// Settles `name` if it was waiting: true then.
-    fn settle(&mut self, name: &str, outcome: Outcome) -> bool {
-        let waiting = self.open.remove(name);
-        if waiting {
+    /// Settles `name` if it was waiting (swept, and not settled since).
+    fn settle(&mut self, name: &str, outcome: Outcome) {
+        if self.open.remove(name) {
             self.outcomes.insert(name.to_string(), outcome);
         }
-        waiting
     }
 
     fn summary(&self) -> SweepSummary {
