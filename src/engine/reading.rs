@@ -11,8 +11,9 @@ impl Engine {
     pub(super) fn on_event(&mut self, now: Now, event: ImageEvent, out: &mut Vec<Output>) {
         // The start-up burst goes on while pins change: K3s sweeping, importing (a record
         // it creates or re-pins carries both pins) and re-creating its aliases (a held name
-        // deleted and created again). CRI's own bookkeeping (it labels every image it manages, pinned or not)
-        // changes no pin, and must not put the verification off, by up to `settle_max`.
+        // deleted and created again). CRI's own bookkeeping (it labels every image it
+        // manages, pinned or not) changes no pin, and must not put the verification off, by
+        // up to `settle_max`.
         let pins = self.pins(&event.labels);
         let changes_pins = match event.kind {
             EventKind::Delete => self.holds(&event.name),
