@@ -84,13 +84,22 @@ impl EventQueue {
 
     /// Takes every pending event: per name in arrival order, names in order of first arrival.
     pub fn drain(&mut self) -> Vec<ImageEvent> {
-        let mut out = Vec::with_capacity(self.len);
-        while let Some(name) = self.order.pop_front() {
+        self.drain_up_to(usize::MAX)
+    }
+
+    /// Takes pending events as [`EventQueue::drain`] does, a whole name at a time, until at
+    /// least `max` are taken or none is left.
+    pub fn drain_up_to(&mut self, max: usize) -> Vec<ImageEvent> {
+        let mut out = Vec::with_capacity(self.len.min(max));
+        while out.len() < max {
+            let Some(name) = self.order.pop_front() else {
+                break;
+            };
             if let Some(list) = self.pending.remove(&name) {
+                self.len -= list.len();
                 out.extend(list.into_iter().map(|(event, _)| event));
             }
         }
-        self.len = 0;
         out
     }
 
@@ -205,6 +214,23 @@ mod tests {
             .map(|e| (e.name, e.labels.len()))
             .collect();
         assert_eq!(out, vec![("a".into(), 0), ("b".into(), 3), ("d".into(), 0)]);
+    }
+
+    #[test]
+    fn drains_a_whole_name_at_a_time_up_to_a_count() {
+        let mut q = EventQueue::new(K3S_PIN);
+        q.push(ev(EventKind::Delete, "a", &[]), None);
+        q.push(ev(EventKind::Create, "a", &[K3S_PIN, CRI_PIN]), None);
+        q.push(ev(EventKind::Update, "b", &[]), None);
+        q.push(ev(EventKind::Update, "c", &[]), None);
+        let names = |events: Vec<ImageEvent>| -> Vec<String> {
+            events.into_iter().map(|e| e.name).collect()
+        };
+        assert_eq!(names(q.drain_up_to(1)), ["a", "a"]);
+        assert_eq!(q.len(), 2);
+        assert_eq!(names(q.drain_up_to(5)), ["b", "c"]);
+        assert!(q.is_empty());
+        assert!(q.drain_up_to(5).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! It owns no rule, no socket, no file and no clock of its own: the caller gives it a
 //! [`Clock`]. Logging of the decisions that change a label happens here, once.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
@@ -127,18 +127,37 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         store: Option<&S>,
         inputs: Vec<Input>,
     ) -> Report {
+        self.process_with(store, inputs, &mut NoInbox).await
+    }
+
+    /// [`Executor::process`], taking more inputs from `inbox` while calls are in flight: a
+    /// pin goes out the moment the engine asks for it, not once the calls asked before it
+    /// are answered.
+    ///
+    /// The engine sees each name's inputs in the order a round-by-round executor would give
+    /// them: an event for a name with a call in flight waits for that call's outcome. So an
+    /// answer to a Get is never older than an event already handled, and a pin's outcome
+    /// comes before the event its own write made.
+    pub async fn process_with<S: ImageStore, I: Inbox>(
+        &mut self,
+        store: Option<&S>,
+        inputs: Vec<Input>,
+        inbox: &mut I,
+    ) -> Report {
         let mut report = Report::default();
         let mut inputs: VecDeque<Input> = inputs.into();
         let mut changes: Vec<OwnedChange> = Vec::new();
-        while !inputs.is_empty() {
-            let mut calls = Vec::new();
-            // One Get per name per round: its answer is read as the record's state now, which
-            // serves every reason it was asked for (K3s's alias churn, a delete and a create of
-            // one name in a batch, asks once for each).
-            let mut fetching = HashSet::new();
+        let mut calls = Calls::default();
+        let mut running = FuturesUnordered::new();
+        loop {
+            inputs.extend(inbox.take());
             let mut unpins = Vec::new();
             let mut barrier = false;
             while let Some(input) = inputs.pop_front() {
+                let input = match calls.hold(input) {
+                    Some(input) => input,
+                    None => continue,
+                };
                 report.handled += match &input {
                     Input::Listing { images, .. } => images.len(),
                     _ => 1,
@@ -157,8 +176,8 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                             changes.push(OwnedChange::History(h));
                         }
                         Output::Commit => barrier = true,
-                        Output::Fetch { ref name } if !fetching.insert(name.clone()) => {}
-                        Output::Pin { .. } | Output::Fetch { .. } => calls.push(output),
+                        Output::Pin { name, reason } => calls.push(Call::Pin(name, reason)),
+                        Output::Fetch { name } => calls.push(Call::Get(name)),
                         Output::Unpin { name } => unpins.push(name),
                         Output::Verify => report.verify = true,
                         Output::SweepSummary(s) => report.sweeps.push(s),
@@ -166,15 +185,12 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                 }
             }
             let durable = !barrier || self.commit(&mut changes, true, &mut report).await;
-            // Pins first and all at once: an image of a gone archive stays unpinned for as
-            // short a time as the store allows (containerd serialises the writes itself).
-            // They go out even when the ledger cannot be written: protection goes on from
-            // memory, and rule 7 is kept as soon as the disk allows.
-            calls.sort_by_key(|c| !matches!(c, Output::Pin { .. }));
-            self.call_all(store, calls, &mut inputs, &mut report).await;
+            // Other changes need not hold up the pins: the journal writes them in the
+            // background.
+            self.commit(&mut changes, false, &mut report).await;
             for name in unpins {
                 if durable {
-                    self.unpin(store, name, &mut report).await;
+                    calls.push(Call::Unpin(name));
                 } else {
                     // An unpin is never carried out on a release the ledger does not hold: a
                     // restart would read the missing pin as K3s's sweep, and undo it.
@@ -187,10 +203,93 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                     report.unpin_failures.push((name, why));
                 }
             }
+            // Pins first: an image of a gone archive stays unpinned for as short a time as
+            // the store allows (containerd serialises the writes itself). They go out even
+            // when the ledger cannot be written: protection goes on from memory, and rule 7
+            // is kept as soon as the disk allows.
+            while running.len() < RPC_CONCURRENCY {
+                let Some(call) = calls.start() else { break };
+                running.push(carry_out(store, call));
+            }
+            if running.is_empty() {
+                break;
+            }
+            let next = {
+                let done = running.next();
+                let more = std::pin::pin!(inbox.ready());
+                match futures::future::select(done, more).await {
+                    futures::future::Either::Left((done, _)) => done,
+                    futures::future::Either::Right(_) => None,
+                }
+            };
+            if let Some(done) = next {
+                self.finished(done, &mut calls, &mut inputs, &mut report);
+            }
         }
-        // Other changes need not hold up the pins: the journal writes them in the background.
-        self.commit(&mut changes, false, &mut report).await;
         report
+    }
+
+    /// Reports a call's outcome to the engine (an unpin's to the operator only: the record's
+    /// next event or listing shows it to the engine), then the events that waited for it.
+    fn finished(
+        &mut self,
+        done: Done,
+        calls: &mut Calls,
+        inputs: &mut VecDeque<Input>,
+        report: &mut Report,
+    ) {
+        let name = match done {
+            Done::Pinned(name, reason, result) => {
+                match &result {
+                    Ok(()) => {
+                        info!(
+                            image = %name,
+                            reason = ?reason,
+                            "restored io.cri-containerd.pinned=pinned: {}",
+                            reason.explain()
+                        );
+                        report.restored.push((name.clone(), reason));
+                    }
+                    Err(ApplyError::NotFound) => {
+                        info!(image = %name, "could not restore the pin: the image record is gone")
+                    }
+                    Err(ApplyError::Failed(why)) => {
+                        warn!(image = %name, "could not restore the pin: {why}; will retry")
+                    }
+                }
+                inputs.push_back(Input::Pinned {
+                    name: name.clone(),
+                    result,
+                });
+                name
+            }
+            Done::Fetched(name, Ok(record)) => {
+                inputs.push_back(Input::Fetched {
+                    name: name.clone(),
+                    record,
+                });
+                name
+            }
+            // A listing settles it instead (the engine asks for one).
+            Done::Fetched(name, Err(e)) => {
+                debug!("{e}");
+                inputs.push_back(Input::FetchFailed { name: name.clone() });
+                name
+            }
+            Done::Unpinned(name, result) => {
+                match result {
+                    Ok(()) | Err(ApplyError::NotFound) => {
+                        info!(image = %name, "removed io.cri-containerd.pinned: an operator ran `pinkeeper unpin`")
+                    }
+                    Err(ApplyError::Failed(why)) => {
+                        warn!(image = %name, "could not remove the pin: {why}");
+                        report.unpin_failures.push((name.clone(), why));
+                    }
+                }
+                name
+            }
+        };
+        inputs.extend(calls.done(&name));
     }
 
     /// Applies a stream's events in batches of [`BATCH`].
@@ -263,105 +362,151 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         }
         true
     }
+}
 
-    /// Carries out the pins and Gets concurrently (at most [`RPC_CONCURRENCY`] at once, pins
-    /// first) and queues their outcomes for the engine.
-    async fn call_all<S: ImageStore>(
-        &mut self,
-        store: Option<&S>,
-        calls: Vec<Output>,
-        inputs: &mut VecDeque<Input>,
-        report: &mut Report,
-    ) {
-        enum Done {
-            Pinned(String, RestoreReason, Result<(), ApplyError>),
-            Fetched(String, Result<Option<ImageRecord>, StoreError>),
+/// Where [`Executor::process_with`] takes more inputs from while calls are in flight (the
+/// daemon's event queue).
+#[allow(async_fn_in_trait)]
+pub trait Inbox {
+    /// The inputs waiting now; empty when there are none, or when no more should be taken.
+    fn take(&mut self) -> Vec<Input>;
+    /// Resolves when [`Inbox::take`] may have more; never, if it will not.
+    async fn ready(&mut self);
+}
+
+/// No inputs but the ones given ([`Executor::process`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoInbox;
+
+impl Inbox for NoInbox {
+    fn take(&mut self) -> Vec<Input> {
+        Vec::new()
+    }
+    async fn ready(&mut self) {
+        std::future::pending().await
+    }
+}
+
+/// A call the engine asked for.
+#[derive(Debug)]
+enum Call {
+    Pin(String, RestoreReason),
+    Get(String),
+    Unpin(String),
+}
+
+impl Call {
+    fn name(&self) -> &str {
+        match self {
+            Call::Pin(name, _) | Call::Get(name) | Call::Unpin(name) => name,
         }
-        let Some(store) = store else {
-            for call in calls {
-                match call {
-                    Output::Pin { name, .. } => {
-                        let result = Err(ApplyError::Failed("containerd is not connected".into()));
-                        inputs.push_back(Input::Pinned { name, result });
-                    }
-                    Output::Fetch { name } => inputs.push_back(Input::FetchFailed { name }),
-                    _ => {}
+    }
+}
+
+/// A call's outcome.
+enum Done {
+    Pinned(String, RestoreReason, Result<(), ApplyError>),
+    Fetched(String, Result<Option<ImageRecord>, StoreError>),
+    Unpinned(String, Result<(), ApplyError>),
+}
+
+/// The calls of one [`Executor::process_with`]: waiting to start (pins first), in flight (at
+/// most one per name, so a name's calls are made in the order asked), and the events that
+/// wait for a name's call to be answered.
+#[derive(Default)]
+struct Calls {
+    pins: VecDeque<Call>,
+    others: VecDeque<Call>,
+    /// Names with a Get waiting to start. One Get per name serves every reason it was asked
+    /// for before it starts: its answer is read as the record's state then (K3s's alias
+    /// churn, a delete and a create of one name, asks once).
+    fetching: HashSet<String>,
+    in_flight: HashSet<String>,
+    held: HashMap<String, Vec<Input>>,
+}
+
+impl Calls {
+    fn push(&mut self, call: Call) {
+        match &call {
+            Call::Pin(..) => self.pins.push_back(call),
+            Call::Get(name) => {
+                if self.fetching.insert(name.clone()) {
+                    self.others.push_back(call);
                 }
             }
-            return;
-        };
-        let mut running = FuturesUnordered::new();
-        let mut calls = calls.into_iter();
-        loop {
-            while running.len() < RPC_CONCURRENCY {
-                let call: std::pin::Pin<Box<dyn std::future::Future<Output = Done> + '_>> =
-                    match calls.next() {
-                        Some(Output::Pin { name, reason }) => Box::pin(async move {
-                            let result = store.pin(&name).await;
-                            Done::Pinned(name, reason, result)
-                        }),
-                        Some(Output::Fetch { name }) => Box::pin(async move {
-                            let result = store.get(&name).await;
-                            Done::Fetched(name, result)
-                        }),
-                        Some(_) => continue,
-                        None => break,
-                    };
-                running.push(call);
-            }
-            let Some(done) = running.next().await else {
-                break;
-            };
-            match done {
-                Done::Pinned(name, reason, result) => {
-                    match &result {
-                        Ok(()) => {
-                            info!(
-                                image = %name,
-                                reason = ?reason,
-                                "restored io.cri-containerd.pinned=pinned: {}",
-                                reason.explain()
-                            );
-                            report.restored.push((name.clone(), reason));
-                        }
-                        Err(ApplyError::NotFound) => {
-                            info!(image = %name, "could not restore the pin: the image record is gone")
-                        }
-                        Err(ApplyError::Failed(why)) => {
-                            warn!(image = %name, "could not restore the pin: {why}; will retry")
-                        }
-                    }
-                    inputs.push_back(Input::Pinned { name, result });
-                }
-                Done::Fetched(name, Ok(record)) => {
-                    inputs.push_back(Input::Fetched { name, record })
-                }
-                // A listing settles it instead (the engine asks for one).
-                Done::Fetched(name, Err(e)) => {
-                    debug!("{e}");
-                    inputs.push_back(Input::FetchFailed { name });
-                }
-            }
+            Call::Unpin(_) => self.others.push_back(call),
         }
     }
 
-    /// An operator's unpin; its outcome needs no report to the engine (the record's next
-    /// event or listing shows it), only to the operator.
-    async fn unpin<S: ImageStore>(&mut self, store: Option<&S>, name: String, report: &mut Report) {
-        let result = match store {
-            Some(store) => store.unpin(&name).await,
-            None => Err(ApplyError::Failed("containerd is not connected".into())),
+    /// The next call that may start: the first waiting one whose name has none in flight,
+    /// pins first.
+    fn start(&mut self) -> Option<Call> {
+        let in_flight = &self.in_flight;
+        let first = |queue: &mut VecDeque<Call>| {
+            let at = queue.iter().position(|c| !in_flight.contains(c.name()))?;
+            queue.remove(at)
         };
-        match result {
-            Ok(()) | Err(ApplyError::NotFound) => {
-                info!(image = %name, "removed io.cri-containerd.pinned: an operator ran `pinkeeper unpin`")
+        let call = first(&mut self.pins).or_else(|| first(&mut self.others))?;
+        if let Call::Get(name) = &call {
+            self.fetching.remove(name);
+        }
+        self.in_flight.insert(call.name().to_string());
+        Some(call)
+    }
+
+    /// `input`, unless it is an event for a name with a call in flight: that waits for the
+    /// call's outcome ([`Calls::done`]).
+    fn hold(&mut self, input: Input) -> Option<Input> {
+        match &input {
+            Input::Event(event) if self.in_flight.contains(&event.name) => {
+                self.held.entry(event.name.clone()).or_default().push(input);
+                None
             }
-            Err(ApplyError::Failed(why)) => {
-                warn!(image = %name, "could not remove the pin: {why}");
-                report.unpin_failures.push((name, why));
-            }
+            _ => Some(input),
         }
     }
+
+    /// The call on `name` was answered: the events that waited for it.
+    fn done(&mut self, name: &str) -> Vec<Input> {
+        self.in_flight.remove(name);
+        self.held.remove(name).unwrap_or_default()
+    }
+}
+
+/// Makes one call; while disconnected it fails at once (a Get is then settled by the next
+/// connection's listing).
+fn carry_out<'a, S: ImageStore>(
+    store: Option<&'a S>,
+    call: Call,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Done> + 'a>> {
+    fn away() -> ApplyError {
+        ApplyError::Failed("containerd is not connected".into())
+    }
+    Box::pin(async move {
+        match call {
+            Call::Pin(name, reason) => {
+                let result = match store {
+                    Some(store) => store.pin(&name).await,
+                    None => Err(away()),
+                };
+                Done::Pinned(name, reason, result)
+            }
+            Call::Get(name) => {
+                let result = match store {
+                    Some(store) => store.get(&name).await,
+                    None => Err(StoreError("containerd is not connected".into())),
+                };
+                Done::Fetched(name, result)
+            }
+            Call::Unpin(name) => {
+                let result = match store {
+                    Some(store) => store.unpin(&name).await,
+                    None => Err(away()),
+                };
+                Done::Unpinned(name, result)
+            }
+        }
+    })
 }
 
 /// One log line per decision an operator needs to see; the rest at debug.
@@ -374,17 +519,24 @@ fn log_history(h: &HistoryEntry) {
     }
 }
 
-/// Carries out a future whose calls never wait (an in-memory store and journal): `replay`
-/// and `--dry-run` are synchronous. `None` if it waits anyway (a call told to hang).
+/// Carries out a future whose calls never wait for anything outside it (an in-memory store
+/// and journal): `replay`, `--dry-run` and the simulation are synchronous. A call may answer
+/// "not yet" a few times ([`crate::store::memory::Fault::Slow`]); `None` if the future is
+/// still waiting after [`READY_POLLS`] polls (a call told to hang).
 pub fn run_ready<F: std::future::Future>(future: F) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     let waker = futures::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
-    match future.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => None,
+    for _ in 0..READY_POLLS {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
     }
+    None
 }
+
+/// How many times [`run_ready`] polls before it calls a future stuck.
+pub const READY_POLLS: usize = 10_000;
 
 #[cfg(test)]
 mod tests {
@@ -394,7 +546,110 @@ mod tests {
     use super::*;
     use crate::engine::{Config, EventKind, CRI_PIN, K3S_PIN, PINNED};
     use crate::ledger::journal::MemoryLedger;
-    use crate::store::memory::{Call, Fault, MemoryStore};
+    use crate::store::memory::{Call as StoreCall, Fault, MemoryStore};
+
+    /// An inbox with one batch of inputs, ready at once.
+    struct Later(Vec<Input>);
+
+    impl Inbox for Later {
+        fn take(&mut self) -> Vec<Input> {
+            std::mem::take(&mut self.0)
+        }
+        async fn ready(&mut self) {
+            if self.0.is_empty() {
+                std::future::pending::<()>().await
+            }
+        }
+    }
+
+    fn both_pins() -> crate::engine::Labels {
+        [K3S_PIN, CRI_PIN]
+            .iter()
+            .map(|k| (k.to_string(), PINNED.to_string()))
+            .collect()
+    }
+
+    /// K3s's sweep of two images whose archives are gone: the second one's restore goes out
+    /// while the first one's is still in flight, not once it is answered.
+    #[test]
+    fn a_pin_goes_out_while_another_is_in_flight() {
+        let (slow, quick) = ("docker.io/library/slow:1", "docker.io/library/quick:1");
+        let store = MemoryStore::new();
+        let exec_store = store.clone();
+        let mut exec = Executor::new(
+            Engine::new(Config::default(), []),
+            MemoryLedger::default(),
+            FixedClock::at(1),
+        );
+        let mut records = Vec::new();
+        for name in [slow, quick] {
+            let record = ImageRecord {
+                name: name.into(),
+                labels: both_pins(),
+                digest: Some(format!("sha256:{}", name.len())),
+            };
+            store.create(record.clone());
+            records.push(record);
+        }
+        let start = vec![
+            Input::Inventory(Default::default()),
+            Input::Listing {
+                images: records,
+                cause: ListCause::Connected,
+            },
+        ];
+        run_ready(exec.process(Some(&exec_store), start)).expect("in memory");
+        store.inject(move |call| match call {
+            StoreCall::Pin(name) if name == slow => Fault::Slow { polls: 3 },
+            _ => Fault::None,
+        });
+        let swept = |name: &str| {
+            store.replace_labels(name, Default::default());
+            Input::Event(ImageEvent {
+                kind: EventKind::Update,
+                name: name.into(),
+                labels: Default::default(),
+            })
+        };
+        let first = swept(slow);
+        let mut inbox = Later(vec![swept(quick)]);
+        let report = run_ready(exec.process_with(Some(&exec_store), vec![first], &mut inbox))
+            .expect("in memory");
+        let restored: Vec<&str> = report.restored.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(restored, [quick, slow]);
+        for name in [slow, quick] {
+            assert!(store.labels(name).is_some_and(|l| l.contains_key(CRI_PIN)));
+        }
+    }
+
+    /// An event for a name with a call in flight waits for the call's outcome; others do not.
+    #[test]
+    fn an_event_waits_for_its_names_call() {
+        let event = |name: &str| {
+            Input::Event(ImageEvent {
+                kind: EventKind::Update,
+                name: name.into(),
+                labels: Default::default(),
+            })
+        };
+        let mut calls = Calls::default();
+        calls.push(Call::Pin("a".into(), RestoreReason::ArchiveGone));
+        calls.push(Call::Get("a".into()));
+        calls.push(Call::Get("b".into()));
+        calls.push(Call::Get("b".into()));
+        assert!(calls.hold(event("a")).is_some(), "not started yet");
+        assert!(matches!(calls.start(), Some(Call::Pin(..))));
+        assert!(
+            matches!(calls.start(), Some(Call::Get(n)) if n == "b"),
+            "a's Get waits for a's pin; b's two Gets are one"
+        );
+        assert!(calls.start().is_none());
+        assert!(calls.hold(event("a")).is_none());
+        assert!(calls.hold(event("c")).is_some());
+        let released = calls.done("a");
+        assert!(matches!(released.as_slice(), [Input::Event(e)] if e.name == "a"));
+        assert!(matches!(calls.start(), Some(Call::Get(n)) if n == "a"));
+    }
 
     /// K3s re-creating a name it had imported (`forceCreateTag`: a delete, then a create with
     /// both pins) costs one Get, not one per event.
@@ -404,7 +659,7 @@ mod tests {
         let gets = Arc::new(AtomicUsize::new(0));
         let counted = gets.clone();
         store.inject(move |call| {
-            if matches!(call, Call::Get(_)) {
+            if matches!(call, StoreCall::Get(_)) {
                 counted.fetch_add(1, Ordering::Relaxed);
             }
             Fault::None

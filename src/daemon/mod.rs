@@ -34,7 +34,7 @@ use crate::engine::{self, Action, Engine, HistoryEntry, Input, ListCause, Millis
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
-use executor::{Clock, Executor, Report};
+use executor::{Clock, Executor, Inbox, Report, BATCH};
 use scan::{scan_finished, ScanOutcome, SCAN_WAIT};
 
 /// The wall clock, in the engine's unit.
@@ -77,6 +77,8 @@ impl Clock for SystemClock {
 /// A gap between the wall clock's and the monotonic clock's time over a listing past which
 /// the wall clock is taken to have been stepped.
 const CLOCK_STEP: Duration = Duration::from_secs(1);
+/// How long one drain of the event queue goes on taking new events.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
 
 /// Events shared between the stream reader task and the main loop.
 struct Shared {
@@ -85,6 +87,29 @@ struct Shared {
     /// a listing failed (the events cleared before it are then covered by nothing).
     broken: Mutex<Option<String>>,
     wake: Notify,
+}
+
+/// The event queue as the executor's inbox: events, a batch at a time, until its time is up.
+struct EventInbox<'a> {
+    shared: &'a Shared,
+    until: tokio::time::Instant,
+}
+
+impl Inbox for EventInbox<'_> {
+    fn take(&mut self) -> Vec<Input> {
+        if tokio::time::Instant::now() >= self.until {
+            return Vec::new();
+        }
+        let events = lock(&self.shared.queue).drain_up_to(BATCH);
+        events.into_iter().map(Input::Event).collect()
+    }
+
+    async fn ready(&mut self) {
+        tokio::select! {
+            _ = self.shared.wake.notified() => {}
+            _ = tokio::time::sleep_until(self.until) => std::future::pending().await,
+        }
+    }
 }
 
 /// The daemon's state.
@@ -457,20 +482,30 @@ impl Daemon {
         }
     }
 
-    /// Hands the queued events to the engine.
+    /// Hands the queued events to the engine, and the ones that arrive while its calls are in
+    /// flight, for at most [`DRAIN_TIME`]; what is left wakes the loop again once its timers,
+    /// the watchdog and the control socket had their turn.
     async fn drain(&mut self, shared: &Shared) {
-        let (events, overflowed) = {
-            let mut queue = lock(&shared.queue);
-            let overflowed = queue.take_overflow();
-            (queue.drain(), overflowed)
-        };
-        if overflowed {
+        if lock(&shared.queue).take_overflow() {
             warn!("more image events than pinkeeper could queue; listing all images instead");
             self.resync(shared, ListCause::Connected).await;
-        } else if !events.is_empty() {
-            let client = self.client.clone();
-            let report = self.exec.apply_events(client.as_ref(), events).await;
-            self.after(report);
+            return;
+        }
+        if lock(&shared.queue).is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        let mut inbox = EventInbox {
+            shared,
+            until: tokio::time::Instant::now() + DRAIN_TIME,
+        };
+        let report = self
+            .exec
+            .process_with(client.as_ref(), Vec::new(), &mut inbox)
+            .await;
+        self.after(report);
+        if !lock(&shared.queue).is_empty() {
+            shared.wake.notify_one();
         }
     }
 

@@ -7,7 +7,8 @@
 //! subscription (containerd restarting), and hold, release and duplicate deliveries.
 //!
 //! Clones share one store. Every future it returns is ready at once, except a call told to
-//! [`Fault::Hang`] and [`MemoryEvents::next`] with nothing to deliver.
+//! be [`Fault::Slow`] (ready after being polled a few more times) or to [`Fault::Hang`], and
+//! [`MemoryEvents::next`] with nothing to deliver.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +48,28 @@ pub enum Fault {
         /// Whether the store committed it.
         applied: bool,
     },
+    /// It works, once polled `polls` more times (others' calls finish meanwhile): it is
+    /// carried out, and its event published, only then.
+    Slow {
+        /// How many times it answers "not yet" first.
+        polls: u8,
+    },
+}
+
+/// Answers "not yet" `n` times, waking its task each time.
+async fn not_yet(n: u8) {
+    for _ in 0..n {
+        let mut yielded = false;
+        std::future::poll_fn(|cx| {
+            if std::mem::replace(&mut yielded, true) {
+                Poll::Ready(())
+            } else {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        })
+        .await;
+    }
 }
 
 type Injector = Box<dyn FnMut(Call<'_>) -> Fault + Send>;
@@ -370,6 +393,10 @@ impl MemoryStore {
         let failed = || ApplyError::Failed(format!("in-memory store: {call:?} failed"));
         match self.fault(call) {
             Fault::None => self.write_pin(name, pinned, true),
+            Fault::Slow { polls } => {
+                not_yet(polls).await;
+                self.write_pin(name, pinned, true)
+            }
             Fault::Fail => Err(failed()),
             Fault::AppliedThenFail => {
                 let _ = self.write_pin(name, pinned, true);
@@ -390,6 +417,10 @@ impl MemoryStore {
     ) -> Result<T, StoreError> {
         match self.fault(call) {
             Fault::None => Ok(answer(&self.lock())),
+            Fault::Slow { polls } => {
+                not_yet(polls).await;
+                Ok(answer(&self.lock()))
+            }
             Fault::Fail | Fault::AppliedThenFail => {
                 Err(StoreError(format!("in-memory store: {call:?} failed")))
             }
