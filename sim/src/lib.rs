@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use pinkeeper::containerd::queue::EventQueue;
-use pinkeeper::daemon::executor::{run_ready, Executor, FixedClock, Report};
+use pinkeeper::daemon::executor::{self, run_ready, Executor, FixedClock, Inbox, Report};
 use pinkeeper::daemon::operator;
 use pinkeeper::engine::{
     self, cri_pinned, Engine, ImageRecord, Input, IntentState, ListCause, Millis, Now, CRI_PIN,
@@ -196,6 +196,11 @@ struct Faults {
     /// A call or write was told to hang: pinkeeper is killed there.
     hung: bool,
     injected: u64,
+    /// Chance that a call that works answers only after others did (pins, Gets and events
+    /// interleave in the executor), for the whole seed; drawn from its own generator, so a
+    /// seed without it plays the story it played before.
+    slow: f64,
+    slow_rng: XorShiftRng,
 }
 
 impl Faults {
@@ -209,10 +214,14 @@ impl Faults {
             Fault::Fail
         } else if roll < self.hang + self.fail + self.late && !matches!(call, Call::List) {
             Fault::AppliedThenFail
+        } else if self.slow > 0.0 && self.slow_rng.random_bool(self.slow) {
+            Fault::Slow {
+                polls: self.slow_rng.random_range(1..=4),
+            }
         } else {
             Fault::None
         };
-        if fault != Fault::None {
+        if !matches!(fault, Fault::None | Fault::Slow { .. }) {
             self.injected += 1;
         }
         if matches!(fault, Fault::Hang { .. }) {
@@ -255,6 +264,73 @@ struct Node {
     verify: bool,
 }
 
+/// The subscription and the queue as the executor's inbox, as the daemon's
+/// (`src/daemon/mod.rs`): what the stream delivered, through the queue.
+///
+/// In a seed with slow calls, K3s's sweep also goes on while pinkeeper's calls are in flight:
+/// before each take, the next step of K3s's start may run if it is a sweep.
+struct StreamInbox<'a> {
+    events: Option<&'a mut MemoryEvents>,
+    queue: &'a mut EventQueue,
+    broken: bool,
+    sweeping: Option<Sweeping<'a>>,
+}
+
+/// What a sweep step in the middle of a drain needs of the world.
+struct Sweeping<'a> {
+    store: &'a MemoryStore,
+    k3s: &'a mut std::collections::VecDeque<K3sOp>,
+    k3s_labelled: &'a mut BTreeSet<String>,
+    rng: &'a mut XorShiftRng,
+    trace: Option<(&'a mut Vec<String>, Millis)>,
+}
+
+impl Sweeping<'_> {
+    /// Runs K3s's next step if it is a sweep, half the time; the same as [`Sim::k3s_op`].
+    fn maybe_sweep(&mut self) {
+        if !matches!(self.k3s.front(), Some(K3sOp::Sweep(_))) || !self.rng.random_bool(0.5) {
+            return;
+        }
+        let Some(K3sOp::Sweep(name)) = self.k3s.pop_front() else {
+            return;
+        };
+        if let Some(mut labels) = self.store.labels(&name) {
+            labels.remove(K3S_PIN);
+            labels.remove(CRI_PIN);
+            self.store.replace_labels(&name, labels);
+            self.k3s_labelled.remove(&name);
+            if let Some((trace, mono)) = self.trace.as_mut() {
+                trace.push(format!("t={mono} K3s sweeps {name} (calls in flight)"));
+            }
+        }
+    }
+}
+
+impl Inbox for StreamInbox<'_> {
+    fn take(&mut self) -> Vec<Input> {
+        if let Some(sweeping) = self.sweeping.as_mut() {
+            sweeping.maybe_sweep();
+        }
+        if let Some(events) = self.events.as_mut() {
+            while !self.broken {
+                match events.try_next() {
+                    Some(Ok(event)) => {
+                        self.queue.push(event, None);
+                    }
+                    Some(Err(_)) => self.broken = true,
+                    None => break,
+                }
+            }
+        }
+        let events = self.queue.drain_up_to(executor::BATCH);
+        events.into_iter().map(Input::Event).collect()
+    }
+
+    async fn ready(&mut self) {
+        std::future::pending().await
+    }
+}
+
 /// One step of K3s's start-up, in its order (FACTS.md section 2).
 #[derive(Debug, Clone)]
 enum K3sOp {
@@ -286,6 +362,8 @@ pub struct Sim {
     cache_bug: bool,
     /// Names K3s pinned since their last sweep (the only names that may carry its label).
     k3s_labelled: BTreeSet<String>,
+    /// Whether K3s's sweep steps in while pinkeeper's calls are in flight ([`Sweeping`]).
+    interleave_rng: XorShiftRng,
     /// Names pinkeeper held (durably) at some point and that nothing has released on
     /// purpose since: they must still be held.
     must_hold: BTreeSet<String>,
@@ -329,7 +407,15 @@ impl Sim {
             write_hang: 0.0,
             hung: false,
             injected: 0,
+            slow: 0.0,
+            slow_rng: world_rng(seed, 2),
         }));
+        {
+            let mut faults = lock(&faults);
+            if faults.slow_rng.random_bool(0.5) {
+                faults.slow = [0.2, 0.6][faults.slow_rng.random_range(0..2)];
+            }
+        }
         let shared = faults.clone();
         store.inject(move |call| lock(&shared).call(call));
         let mut rng = world_rng(seed, 0);
@@ -349,6 +435,7 @@ impl Sim {
             k3s: Default::default(),
             cache_bug: false,
             k3s_labelled: BTreeSet::new(),
+            interleave_rng: world_rng(seed, 3),
             must_hold: BTreeSet::new(),
             let_go: BTreeSet::new(),
             stale: BTreeMap::new(),
@@ -834,6 +921,7 @@ impl Sim {
             self.start();
             self.set_ledger_faults();
         }
+        let now = self.now();
         let Some(node) = self.node.as_mut() else {
             return;
         };
@@ -852,34 +940,37 @@ impl Sim {
             self.tick();
             return;
         }
-        let mut broken = false;
-        if let Some(events) = node.events.as_mut() {
-            while let Some(next) = events.try_next() {
-                match next {
-                    Ok(event) => {
-                        node.queue.push(event, None);
-                    }
-                    Err(_) => {
-                        broken = true;
-                        break;
-                    }
-                }
-            }
+        // The daemon's drain: events are taken from the stream while the calls they cause
+        // are in flight (the calls' own events among them).
+        self.clock.set(now);
+        let slow = lock(&self.faults).slow > 0.0;
+        let mut inbox = StreamInbox {
+            events: node.events.as_mut(),
+            queue: &mut node.queue,
+            broken: false,
+            sweeping: slow.then(|| Sweeping {
+                store: &self.store,
+                k3s: &mut self.k3s,
+                k3s_labelled: &mut self.k3s_labelled,
+                rng: &mut self.interleave_rng,
+                trace: self.tracing.then_some((&mut self.trace, self.mono)),
+            }),
+        };
+        let applied = run_ready(
+            node.exec
+                .process_with(Some(&self.store), Vec::new(), &mut inbox),
+        );
+        let broken = inbox.broken;
+        match applied {
+            Some(report) => self.after(report),
+            None => return self.crash("while applying events"),
         }
-        let overflowed = node.queue.take_overflow();
-        let events = node.queue.drain();
-        if overflowed {
+        if self
+            .node
+            .as_mut()
+            .is_some_and(|node| node.queue.take_overflow())
+        {
             self.resync(ListCause::Connected);
-        } else if !events.is_empty() {
-            self.clock.set(self.now());
-            let Some(node) = self.node.as_mut() else {
-                return;
-            };
-            let store = node.events.is_some().then_some(&self.store);
-            match run_ready(node.exec.apply_events(store, events)) {
-                Some(report) => self.after(report),
-                None => return self.crash("while applying events"),
-            }
         }
         if broken {
             if let Some(node) = self.node.as_mut() {
