@@ -36,33 +36,43 @@ pub(crate) struct RunArgs {
 
 fn init_logging(format: crate::config::LogFormat) {
     use std::io::IsTerminal;
-    // The gRPC stack's own debug lines are noise for an operator; PINKEEPER_LOG can still
-    // turn them on by naming them (`h2=debug`). notify says "info" when a watched directory
-    // is deleted, which pinkeeper handles.
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let wanted = std::env::var("PINKEEPER_LOG").unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(format!(
-        "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,notify=warn,{wanted}"
-    ))
-    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    let registry = tracing_subscriber::registry().with(log_filter(&wanted));
+    let logs = tracing_subscriber::fmt::layer();
     match format {
         crate::config::LogFormat::Text => {
             // Every control character of an event is escaped (a file name's newline cannot
             // forge a line); colours only on a terminal (src/logging.rs).
             let ansi = std::io::stderr().is_terminal();
-            logs.with_writer(crate::logging::Escaping::new(std::io::stderr, ansi))
-                .with_ansi(ansi)
+            registry
+                .with(
+                    logs.with_writer(crate::logging::Escaping::new(std::io::stderr, ansi))
+                        .with_ansi(ansi),
+                )
                 .init()
         }
         // One object per line, the event's fields at the top level beside `timestamp`,
         // `level` and `target`: what log shippers (and `kubectl logs | jq`) expect. serde_json
         // escapes control characters itself.
-        crate::config::LogFormat::Json => logs
-            .with_writer(std::io::stderr)
-            .json()
-            .flatten_event(true)
+        crate::config::LogFormat::Json => registry
+            .with(logs.with_writer(std::io::stderr).json().flatten_event(true))
             .init(),
     }
+}
+
+/// What `PINKEEPER_LOG` asks for: a default level and `target=level` directives, comma
+/// separated (`info,pinkeeper=debug`); the most specific target wins. The gRPC stack's own
+/// debug lines are noise for an operator, so they start at warn, and `PINKEEPER_LOG` can still
+/// turn them on by naming them (`h2=debug`); notify says "info" when a watched directory is
+/// deleted, which pinkeeper handles. A value that cannot be read means `info`.
+fn log_filter(wanted: &str) -> tracing_subscriber::filter::Targets {
+    let quiet = "h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,notify=warn";
+    format!("{quiet},{wanted}")
+        .parse()
+        .or_else(|_| format!("{quiet},info").parse())
+        .unwrap_or_default()
 }
 
 /// Runs the daemon until SIGTERM; exit 2 on a bad flag or config file, 1 on a failure.
@@ -96,5 +106,27 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_filter;
+
+    #[test]
+    fn the_log_filter_reads_levels_and_targets() {
+        let filter = log_filter("info,pinkeeper=debug");
+        assert!(filter.would_enable("pinkeeper::daemon", &Level::DEBUG));
+        assert!(!filter.would_enable("redb", &Level::DEBUG));
+        assert!(filter.would_enable("redb", &Level::INFO));
+        assert!(!filter.would_enable("h2::proto", &Level::INFO));
+        let noisy = log_filter("warn,h2=debug");
+        assert!(noisy.would_enable("h2::proto", &Level::DEBUG));
+        assert!(!noisy.would_enable("pinkeeper", &Level::INFO));
+        let unreadable = log_filter("pinkeeper=loud");
+        assert!(unreadable.would_enable("pinkeeper", &Level::INFO));
+        assert!(!unreadable.would_enable("pinkeeper", &Level::DEBUG));
     }
 }
