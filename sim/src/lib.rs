@@ -4,7 +4,8 @@
 //! (its sweep, then its imports, with and without the `.cache.json` bug), an operator deleting,
 //! restoring and half-copying archives, pinning and unpinning, CRI's own label updates, and
 //! pinkeeper itself, with the faults a node throws at it: calls that fail, that time out, that
-//! succeed after the caller gave up, that never return (pinkeeper killed at that await); the
+//! succeed after the caller gave up, that answer after later ones (with K3s's sweep going on
+//! meanwhile), that never return (pinkeeper killed at that await); the
 //! event stream cut with and without containerd restarting; events delayed, duplicated, or
 //! lost across a reconnect; a full disk; a ledger lost, emptied or damaged; pinkeeper killed
 //! between any two steps; the wall clock stepped by seconds to decades.

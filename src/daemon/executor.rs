@@ -186,8 +186,10 @@ impl<J: Journal, C: Clock> Executor<J, C> {
             }
             let durable = !barrier || self.commit(&mut changes, true, &mut report).await;
             // Other changes need not hold up the pins: the journal writes them in the
-            // background.
-            self.commit(&mut changes, false, &mut report).await;
+            // background, a batch at a time (each outcome of a long repair is one).
+            if changes.len() >= BATCH {
+                self.commit(&mut changes, false, &mut report).await;
+            }
             for name in unpins {
                 if durable {
                     calls.push(Call::Unpin(name));
@@ -212,6 +214,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                 running.push(carry_out(store, call));
             }
             if running.is_empty() {
+                self.commit(&mut changes, false, &mut report).await;
                 break;
             }
             let next = {
