@@ -214,6 +214,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                 running.push(carry_out(store, call));
             }
             if running.is_empty() {
+                debug_assert!(calls.is_idle(), "nothing waits once nothing is in flight");
                 self.commit(&mut changes, false, &mut report).await;
                 break;
             }
@@ -467,6 +468,14 @@ impl Calls {
             }
             _ => Some(input),
         }
+    }
+
+    /// Nothing waits to start, is in flight, or is held.
+    fn is_idle(&self) -> bool {
+        self.pins.is_empty()
+            && self.others.is_empty()
+            && self.in_flight.is_empty()
+            && self.held.is_empty()
     }
 
     /// The call on `name` was answered: the events that waited for it.

@@ -486,9 +486,7 @@ impl Daemon {
     /// flight, for at most [`DRAIN_TIME`]; what is left wakes the loop again once its timers,
     /// the watchdog and the control socket had their turn.
     async fn drain(&mut self, shared: &Shared) {
-        if lock(&shared.queue).take_overflow() {
-            warn!("more image events than pinkeeper could queue; listing all images instead");
-            self.resync(shared, ListCause::Connected).await;
+        if self.overflowed(shared).await {
             return;
         }
         if lock(&shared.queue).is_empty() {
@@ -504,9 +502,20 @@ impl Daemon {
             .process_with(client.as_ref(), Vec::new(), &mut inbox)
             .await;
         self.after(report);
-        if !lock(&shared.queue).is_empty() {
+        // The inbox may have taken the wake-ups of what came meanwhile.
+        if !self.overflowed(shared).await && !lock(&shared.queue).is_empty() {
             shared.wake.notify_one();
         }
+    }
+
+    /// Whether the queue overflowed; if so, every image is listed instead (`true`).
+    async fn overflowed(&mut self, shared: &Shared) -> bool {
+        if !lock(&shared.queue).take_overflow() {
+            return false;
+        }
+        warn!("more image events than pinkeeper could queue; listing all images instead");
+        self.resync(shared, ListCause::Connected).await;
+        true
     }
 
     /// Rescans the directory and lists every image: events before this are covered by it.
