@@ -19,8 +19,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::engine::{
-    Action, ApplyError, Engine, HistoryEntry, ImageEvent, ImageRecord, Input, ListCause, Now,
-    Output, RestoreReason, SweepSummary,
+    Action, ApplyError, Engine, HistoryEntry, ImageRecord, Input, ListCause, Now, Output,
+    RestoreReason, SweepSummary,
 };
 use crate::ledger::{Journal, OwnedChange};
 use crate::store::{ImageStore, StoreError};
@@ -28,7 +28,8 @@ use crate::store::{ImageStore, StoreError};
 /// Pins and Gets in flight at once: containerd serialises its metadata writes, so more buys
 /// nothing.
 pub const RPC_CONCURRENCY: usize = 32;
-/// Events handed to the engine per batch (one ledger commit each).
+/// Events the daemon's inbox hands over at a time, and background ledger changes written at
+/// once.
 pub const BATCH: usize = 4096;
 
 /// The time the engine is given with each input: a monotonic clock for its timers, the wall
@@ -296,21 +297,6 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         inputs.extend(calls.done(&name));
     }
 
-    /// Applies a stream's events in batches of [`BATCH`].
-    pub async fn apply_events<S: ImageStore>(
-        &mut self,
-        store: Option<&S>,
-        events: Vec<ImageEvent>,
-    ) -> Report {
-        let mut report = Report::default();
-        let mut events = events.into_iter().map(Input::Event).peekable();
-        while events.peek().is_some() {
-            let batch = events.by_ref().take(BATCH).collect();
-            report.merge(self.process(store, batch).await);
-        }
-        report
-    }
-
     /// Lists every record and reconciles: after (re)subscribing ([`ListCause::Connected`],
     /// events before the subscription are covered by it) or for a verification.
     pub async fn resync<S: ImageStore>(
@@ -556,7 +542,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::engine::{Config, EventKind, CRI_PIN, K3S_PIN, PINNED};
+    use crate::engine::{Config, EventKind, ImageEvent, CRI_PIN, K3S_PIN, PINNED};
     use crate::ledger::journal::MemoryLedger;
     use crate::store::memory::{Call as StoreCall, Fault, MemoryStore};
 
@@ -708,7 +694,8 @@ mod tests {
             labels: labels.clone(),
         };
         let churn = vec![event(EventKind::Delete), event(EventKind::Create)];
-        run_ready(exec.apply_events(Some(&store), churn)).expect("in memory");
+        let churn = churn.into_iter().map(Input::Event).collect();
+        run_ready(exec.process(Some(&store), churn)).expect("in memory");
         assert_eq!(gets.load(Ordering::Relaxed), 1);
         assert!(exec.engine.intent(name).is_some_and(|i| i.pins.cri));
     }
