@@ -277,6 +277,19 @@ struct StreamInbox<'a> {
     sweeping: Option<Sweeping<'a>>,
 }
 
+/// K3s's sweep of one record (`clearLabels`): both pins removed by a whole-map update.
+/// Whether the record exists.
+fn k3s_sweep(store: &MemoryStore, k3s_labelled: &mut BTreeSet<String>, name: &str) -> bool {
+    let Some(mut labels) = store.labels(name) else {
+        return false;
+    };
+    labels.remove(K3S_PIN);
+    labels.remove(CRI_PIN);
+    store.replace_labels(name, labels);
+    k3s_labelled.remove(name);
+    true
+}
+
 /// What a sweep step in the middle of a drain needs of the world.
 struct Sweeping<'a> {
     store: &'a MemoryStore,
@@ -287,7 +300,7 @@ struct Sweeping<'a> {
 }
 
 impl Sweeping<'_> {
-    /// Runs K3s's next step if it is a sweep, half the time; the same as [`Sim::k3s_op`].
+    /// Runs K3s's next step if it is a sweep, half the time, as [`Sim::k3s_op`] would.
     fn maybe_sweep(&mut self) {
         if !matches!(self.k3s.front(), Some(K3sOp::Sweep(_))) || !self.rng.random_bool(0.5) {
             return;
@@ -295,11 +308,7 @@ impl Sweeping<'_> {
         let Some(K3sOp::Sweep(name)) = self.k3s.pop_front() else {
             return;
         };
-        if let Some(mut labels) = self.store.labels(&name) {
-            labels.remove(K3S_PIN);
-            labels.remove(CRI_PIN);
-            self.store.replace_labels(&name, labels);
-            self.k3s_labelled.remove(&name);
+        if k3s_sweep(self.store, self.k3s_labelled, &name) {
             if let Some((trace, mono)) = self.trace.as_mut() {
                 trace.push(format!("t={mono} K3s sweeps {name} (calls in flight)"));
             }
@@ -547,11 +556,7 @@ impl Sim {
         };
         match op {
             K3sOp::Sweep(name) => {
-                if let Some(mut labels) = self.store.labels(&name) {
-                    labels.remove(K3S_PIN);
-                    labels.remove(CRI_PIN);
-                    self.store.replace_labels(&name, labels);
-                    self.k3s_labelled.remove(&name);
+                if k3s_sweep(&self.store, &mut self.k3s_labelled, &name) {
                     self.note(|| format!("K3s sweeps {name}"));
                 }
             }
