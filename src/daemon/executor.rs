@@ -477,29 +477,27 @@ fn carry_out<'a, S: ImageStore>(
     store: Option<&'a S>,
     call: Call,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Done> + 'a>> {
-    fn away() -> ApplyError {
-        ApplyError::Failed("containerd is not connected".into())
-    }
+    const AWAY: &str = "containerd is not connected";
     Box::pin(async move {
         match call {
             Call::Pin(name, reason) => {
                 let result = match store {
                     Some(store) => store.pin(&name).await,
-                    None => Err(away()),
+                    None => Err(ApplyError::Failed(AWAY.into())),
                 };
                 Done::Pinned(name, reason, result)
             }
             Call::Get(name) => {
                 let result = match store {
                     Some(store) => store.get(&name).await,
-                    None => Err(StoreError("containerd is not connected".into())),
+                    None => Err(StoreError(AWAY.into())),
                 };
                 Done::Fetched(name, result)
             }
             Call::Unpin(name) => {
                 let result = match store {
                     Some(store) => store.unpin(&name).await,
-                    None => Err(away()),
+                    None => Err(ApplyError::Failed(AWAY.into())),
                 };
                 Done::Unpinned(name, result)
             }

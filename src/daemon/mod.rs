@@ -92,12 +92,13 @@ struct Shared {
 /// The event queue as the executor's inbox: events, a batch at a time, until its time is up.
 struct EventInbox<'a> {
     shared: &'a Shared,
-    until: tokio::time::Instant,
+    /// When it stops taking events: one timer for the whole drain.
+    until: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Inbox for EventInbox<'_> {
     fn take(&mut self) -> Vec<Input> {
-        if tokio::time::Instant::now() >= self.until {
+        if self.until.is_elapsed() {
             return Vec::new();
         }
         let events = lock(&self.shared.queue).drain_up_to(BATCH);
@@ -107,7 +108,7 @@ impl Inbox for EventInbox<'_> {
     async fn ready(&mut self) {
         tokio::select! {
             _ = self.shared.wake.notified() => {}
-            _ = tokio::time::sleep_until(self.until) => std::future::pending().await,
+            _ = &mut self.until => std::future::pending().await,
         }
     }
 }
@@ -495,7 +496,7 @@ impl Daemon {
         let client = self.client.clone();
         let mut inbox = EventInbox {
             shared,
-            until: tokio::time::Instant::now() + DRAIN_TIME,
+            until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
         };
         let report = self
             .exec
