@@ -131,8 +131,15 @@ impl fmt::Debug for Containerd {
 }
 
 impl Containerd {
-    /// Creates the dir and config and starts the daemon; returns once `Version` answers.
+    /// Creates the dir and config and starts the daemon, CRI enabled as under K3s; returns once
+    /// `Version` answers.
     pub async fn start(version: Version) -> Result<Containerd> {
+        Containerd::start_with(version, Cri::On).await
+    }
+
+    /// [`Containerd::start`] with CRI on or off: off, no CRI plugin labels or lists images, so
+    /// a benchmark counts only containerd's image service.
+    pub async fn start_with(version: Version, cri: Cri) -> Result<Containerd> {
         let binary = version.binary()?;
         let dir = tempfile::Builder::new()
             .prefix("pk")
@@ -144,7 +151,7 @@ impl Containerd {
             fs::create_dir_all(base.join(sub))
                 .with_context(|| format!("creating {}", base.join(sub).display()))?;
         }
-        fs::write(base.join("config.toml"), config(&base, &socket))
+        fs::write(base.join("config.toml"), config(&base, &socket, cri))
             .with_context(|| format!("writing {}", base.join("config.toml").display()))?;
         let mut daemon = Containerd {
             version,
@@ -337,11 +344,33 @@ impl Drop for Containerd {
     }
 }
 
+/// Whether containerd runs its CRI plugins ([`Containerd::start_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cri {
+    /// As under K3s.
+    On,
+    /// Disabled: on 2.x CRI is several plugins, all listed; a version ignores the IDs it does
+    /// not have.
+    Off,
+}
+
 /// A version 2 config (accepted by 1.6, 1.7 and 2.x, FACTS.md 3a) with CRI enabled as under
-/// K3s, and everything that cannot work in a container or would touch host paths disabled.
-fn config(base: &Path, socket: &Path) -> String {
+/// K3s (or disabled), and everything that cannot work in a container or would touch host paths
+/// disabled.
+fn config(base: &Path, socket: &Path, cri: Cri) -> String {
     let b = base.display();
     let s = socket.display();
+    let cri_plugins = match cri {
+        Cri::On => "",
+        Cri::Off => {
+            r#"
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.cri.v1.images",
+  "io.containerd.cri.v1.runtime",
+  "io.containerd.podsandbox.controller.v1.podsandbox",
+  "io.containerd.sandbox.controller.v1.shim","#
+        }
+    };
     format!(
         r#"version = 2
 root = "{b}/root"
@@ -351,7 +380,7 @@ disabled_plugins = [
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.nri.v1.nri",
+  "io.containerd.nri.v1.nri",{cri_plugins}
 ]
 
 [grpc]

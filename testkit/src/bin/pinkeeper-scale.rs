@@ -24,8 +24,8 @@ use clap::Parser;
 use containerd_client::types::Descriptor;
 use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
 use pinkeeper_testkit::{
-    Client, Containerd, K3s, K3sConfig, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL, K3S_PIN_LABEL,
-    K8S_NAMESPACE, PINNED,
+    Client, Containerd, Cri, K3s, K3sConfig, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL,
+    K3S_PIN_LABEL, K8S_NAMESPACE, PINNED,
 };
 
 #[derive(Parser)]
@@ -46,6 +46,10 @@ struct Cli {
     /// Seconds of idle over which wake-ups are counted.
     #[arg(long, default_value_t = 20)]
     idle_secs: u64,
+    /// containerd's CRI plugin: `on` as under K3s, or `off` so that its own labelling of every
+    /// record (minutes at 10,000) neither delays the run nor competes with the measurements.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    cri: String,
     /// Keep the temp dir (pinkeeper's logs and ledgers) after a complete run.
     #[arg(long)]
     keep: bool,
@@ -161,6 +165,25 @@ fn memory(pid: u32) -> Result<(u64, u64, u64)> {
             .with_context(|| format!("no {name} in /proc/{pid}/status"))
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?, field("Threads:")?))
+}
+
+/// The split of `VmRSS`: the heap and stacks (`RssAnon`) against the binary's and libraries'
+/// pages (`RssFile`), in MiB.
+fn rss_parts(pid: u32) -> Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(f64::NAN, mib)
+    };
+    Ok(format!(
+        "anon {:.1} + file {:.1} MiB",
+        field("RssAnon:"),
+        field("RssFile:")
+    ))
 }
 
 /// Per thread: (tid, name, voluntary, nonvoluntary context switches).
@@ -478,11 +501,13 @@ async fn run(cli: Cli) -> Result<()> {
     let dir = tmp.as_path();
     std::fs::create_dir_all(dir.join("images"))?;
     std::fs::create_dir_all(dir.join("archive"))?;
-    let containerd = Containerd::start(version).await?;
+    let cri = if cli.cri == "off" { Cri::Off } else { Cri::On };
+    let containerd = Containerd::start_with(version, cri).await?;
     let client = containerd.client(K8S_NAMESPACE).await?;
     println!(
-        "containerd {}, {} images, pinkeeper {}; load average at start {}",
+        "containerd {} (CRI {}), {} images, pinkeeper {}; load average at start {}",
         containerd.reported_version(),
+        cli.cri,
         cli.images,
         cli.pinkeeper.display(),
         loadavg()
@@ -500,7 +525,7 @@ async fn run(cli: Cli) -> Result<()> {
         pk.wait_log("reconciled after connecting", 1, Duration::from_secs(30))
             .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let m = memory(pk.pid())?;
+        let m = (memory(pk.pid())?, rss_parts(pk.pid())?);
         pk.stop()?;
         m
     };
@@ -646,6 +671,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ticks = now;
             }
             let settled = memory(pk.pid())?;
+            let settled_parts = rss_parts(pk.pid())?;
             let before = switches(pk.pid())?;
             let cpu_before = cpu_ticks(pk.pid())?;
             tokio::time::sleep(Duration::from_secs(cli.idle_secs)).await;
@@ -661,16 +687,17 @@ async fn run(cli: Cli) -> Result<()> {
                 threads.push(format!("{name}[{tid}] +{}v/+{}n", v - v0, n - n0));
             }
             idle_report.push(format!(
-                "idle, {} intents, reconciled and settled: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} threads (after {} s idle: VmRSS {:.1} MiB); empty ledger at start: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {} threads",
+                "idle, {} intents, reconciled and settled: VmRSS {:.1} MiB ({settled_parts}), VmHWM {:.1} MiB, {} threads (after {} s idle: VmRSS {:.1} MiB); empty ledger at start: VmRSS {:.1} MiB ({}), VmHWM {:.1} MiB, {} threads",
                 cli.images,
                 mib(settled.0),
                 mib(settled.1),
                 settled.2,
                 cli.idle_secs,
                 mib(end.0),
-                mib(empty.0),
-                mib(empty.1),
-                empty.2,
+                mib(empty.0 .0),
+                empty.1,
+                mib(empty.0 .1),
+                empty.0 .2,
             ));
             idle_report.push(format!(
                 "wake-ups over {} s idle: {} voluntary + {} involuntary context switches over {} threads, {} CPU ticks ({})",
