@@ -85,9 +85,7 @@ impl Engine {
     ) -> bool {
         let live = listed.is_none();
         if let Some(Some(digest)) = &listed {
-            if self.holds(name) {
-                self.update_intent(name, out, |i| i.digest = Some(digest.clone()));
-            }
+            self.learn_digest(name, digest, out);
         }
         let new = self.pins(&labels);
         let Some(intent) = self
@@ -258,6 +256,20 @@ impl Engine {
         }
         true
     }
+    /// Records the target digest of a held intent when it changed. Left alone when it is the
+    /// same: a listing of 10,000 records would otherwise replace 10,000 strings the engine
+    /// keeps, in the middle of the listing's own short-lived allocations, and the heap could
+    /// not give those pages back.
+    fn learn_digest(&mut self, name: &str, digest: &str, out: &mut Vec<Output>) {
+        let known = self
+            .intents
+            .get(name)
+            .is_some_and(|i| i.digest.as_deref() == Some(digest));
+        if !known && self.holds(name) {
+            self.update_intent(name, out, |i| i.digest = Some(digest.to_string()));
+        }
+    }
+
     /// Whether K3s has pinned another name of the image with this digest.
     fn digest_pinned_by_k3s(&self, digest: Option<&str>) -> bool {
         digest.is_some_and(|d| {
@@ -303,8 +315,8 @@ impl Engine {
             // a pin, it is left to the create event or the churn window.)
             self.deleted.remove(name);
         }
-        if record.digest.is_some() && self.holds(name) {
-            self.update_intent(name, out, |i| i.digest = record.digest.clone());
+        if let Some(digest) = &record.digest {
+            self.learn_digest(name, digest, out);
         }
         if confirming {
             let pins = self.pins(&record.labels);
