@@ -169,7 +169,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         trace.push((now, output.clone()));
                     }
                     match output {
-                        Output::Save { intent, .. } => changes.push(OwnedChange::Save(intent)),
+                        Output::Save { intent, .. } => changes.push(OwnedChange::Save(*intent)),
                         Output::Forget { name } => changes.push(OwnedChange::Forget(name)),
                         Output::History(h) => {
                             log_history(&h);

@@ -285,7 +285,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
             at: now_ms(),
             name: "(ledger)".into(),
             action: Action::LedgerRecovered,
-            detail: recovered.clone(),
+            detail: recovered.clone().into(),
         };
         daemon.exec.journal.set_recovered(Some(recovered));
         let _ = daemon.exec.journal.write(vec![OwnedChange::History(entry)]);

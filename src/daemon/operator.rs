@@ -143,7 +143,7 @@ impl Daemon {
                     at_ms: h.at,
                     name: h.name,
                     action: h.action.into(),
-                    detail: h.detail,
+                    detail: h.detail.into_owned(),
                 })
                 .collect(),
         })
@@ -175,7 +175,7 @@ impl Daemon {
                 .map(|h| pb::Decision {
                     action: h.action.into(),
                     name: h.name,
-                    detail: h.detail,
+                    detail: h.detail.into_owned(),
                 })
                 .collect()
         };
@@ -348,7 +348,7 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
         .map(|h| pb::Decision {
             action: h.action.into(),
             name: h.name,
-            detail: h.detail,
+            detail: h.detail.into_owned(),
         })
         .collect();
     if report.verify {

@@ -104,7 +104,7 @@ impl Engine {
                 let detail = format!(
                     "archive of {name} is gone ({file}); its pin stays, and is restored when K3s's start-up sweep removes it"
                 );
-                self.history(now, &name, Action::ArchiveGone, &detail, out);
+                self.history(now, &name, Action::ArchiveGone, detail, out);
             }
         }
     }

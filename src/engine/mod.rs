@@ -11,6 +11,7 @@
 //! It must not touch containerd, the disk or the clock; `src/containerd/`, `src/ledger/` and
 //! `src/daemon/` do that with its outputs (`src/engine/reading.rs` reads what containerd says).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
@@ -367,7 +368,10 @@ impl Engine {
         } else {
             "seen carrying K3s's pin label"
         };
-        out.push(Output::Save { intent, new: true });
+        out.push(Output::Save {
+            intent: Box::new(intent),
+            new: true,
+        });
         self.history(now, name, Action::Recorded, detail, out);
         // Contract rule 7: a recorded intent survives `kill -9`, and is on disk before
         // pinkeeper acts on it (its pin, in this batch or the next).
@@ -386,7 +390,7 @@ impl Engine {
         &mut self,
         now: Now,
         name: &str,
-        why: &str,
+        why: &'static str,
         seen: Option<Labels>,
         out: &mut Vec<Output>,
     ) {
@@ -440,7 +444,7 @@ impl Engine {
         }
         if let Some(intent) = self.intents.get(name).filter(|i| **i != before) {
             out.push(Output::Save {
-                intent: intent.clone(),
+                intent: Box::new(intent.clone()),
                 new: false,
             });
         }
@@ -487,12 +491,19 @@ impl Engine {
         }
     }
 
-    fn history(&self, now: Now, name: &str, action: Action, detail: &str, out: &mut Vec<Output>) {
+    fn history(
+        &self,
+        now: Now,
+        name: &str,
+        action: Action,
+        detail: impl Into<Cow<'static, str>>,
+        out: &mut Vec<Output>,
+    ) {
         out.push(Output::History(HistoryEntry {
             at: now.wall,
             name: name.to_string(),
             action,
-            detail: detail.to_string(),
+            detail: detail.into(),
         }));
     }
 
@@ -533,7 +544,7 @@ impl Engine {
                 // next K3s restart. Found by the simulation (seed 102).
                 self.awaiting_k3s.insert(name.clone());
                 self.schedule_verify(now.mono);
-                self.history(now, &name, Action::RestoreFailed, &why, out);
+                self.history(now, &name, Action::RestoreFailed, why, out);
             }
         }
     }

@@ -198,7 +198,10 @@ impl Engine {
             self.intents.insert(name.to_string(), intent.clone());
             self.reindex(name, before);
             self.provided_digests = None;
-            out.push(Output::Save { intent, new: false });
+            out.push(Output::Save {
+                intent: Box::new(intent),
+                new: false,
+            });
             self.history(now, name, Action::Released, OPERATOR_UNPIN, out);
         }
         // The release is on disk before the operator hears of it and before the pin goes: a

@@ -155,7 +155,7 @@ fn ledger_with(dir: &Path, intents: usize) -> Vec<u8> {
         at: 5,
         name: "a".into(),
         action: Action::Recorded,
-        detail: "x".repeat(200),
+        detail: "x".repeat(200).into(),
     };
     let mut changes: Vec<Change<'_>> = all.iter().map(Change::Save).collect();
     changes.extend(std::iter::repeat_n(Change::History(&h), 500));

@@ -537,7 +537,7 @@ mod tests {
             at: 1,
             name: "a".into(),
             action: Action::Recorded,
-            detail: String::new(),
+            detail: "".into(),
         };
         for _ in 0..MAX_PENDING_HISTORY + 7 {
             pending.add(OwnedChange::History(h.clone()));
