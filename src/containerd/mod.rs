@@ -4,6 +4,7 @@
 //!
 //! Behaviour of containerd this code relies on is in FACTS.md section 3.
 
+pub mod parts;
 pub mod queue;
 pub(crate) mod reconnect;
 
@@ -126,13 +127,47 @@ impl Containerd {
     }
 
     /// Every image record of the namespace.
+    ///
+    /// A namespace too large for one answer (containerd sends 16 MiB at most, about 50,000
+    /// records) is listed in parts ([`parts`]), sorted by name as one answer would be.
     pub async fn list(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
+        match self.list_where(Vec::new()).await {
+            Err(status) if too_large(&status) => self.list_in_parts().await,
+            Err(status) => Err(self.call_error("Images.List")(status)),
+            Ok(images) => Ok(images),
+        }
+    }
+
+    async fn list_where(&self, filters: Vec<String>) -> Result<Vec<ImageRecord>, Status> {
         let reply = self
             .images()
-            .list(self.request(ListImagesRequest { filters: vec![] }))
-            .await
-            .map_err(self.call_error("Images.List"))?;
+            .list(self.request(ListImagesRequest { filters }))
+            .await?;
         Ok(reply.into_inner().images.into_iter().map(record).collect())
+    }
+
+    async fn list_in_parts(&self) -> Result<Vec<ImageRecord>, ContainerdError> {
+        let mut todo = parts::Part::first();
+        let mut images = Vec::new();
+        let mut calls = 1;
+        while let Some(part) = todo.pop() {
+            calls += 1;
+            match self.list_where(vec![part.filter()]).await {
+                Ok(found) => images.extend(found),
+                Err(status) if too_large(&status) => match part.split() {
+                    Some(more) => todo.extend(more),
+                    None => return Err(self.call_error("Images.List")(status)),
+                },
+                Err(status) => return Err(self.call_error("Images.List")(status)),
+            }
+        }
+        images.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        tracing::debug!(
+            records = images.len(),
+            calls,
+            "listed a namespace too large for one answer in parts"
+        );
+        Ok(images)
     }
 
     /// One image record, or `None` if it does not exist.
@@ -384,6 +419,11 @@ pub fn decode(envelope: &Envelope) -> Option<ImageEvent> {
         name,
         labels: labels.into_iter().collect(),
     })
+}
+
+/// containerd (or tonic, past [`MAX_MESSAGE`]) refused an answer for its size.
+fn too_large(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted
 }
 
 fn record(image: containerd_client::services::v1::Image) -> ImageRecord {

@@ -168,6 +168,25 @@ impl Client {
         Ok(self.images().list(request).await?.into_inner().images)
     }
 
+    /// Every record: one `Images.List`, or, when containerd refuses an answer that large
+    /// (16 MiB, about 50,000 records), one per last character of the name (`name~="7$"`, and
+    /// `name~="[^0-9]$"` for the rest), which together hold every name once.
+    pub async fn list_all(&self) -> Result<Vec<Image>, Status> {
+        match self.list(&[]).await {
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                let mut parts: Vec<String> = (0..10).map(|d| format!("name~=\"{d}$\"")).collect();
+                parts.push("name~=\"[^0-9]$\"".to_string());
+                let mut images = Vec::new();
+                for part in parts {
+                    images.extend(self.list(&[part]).await?);
+                }
+                images.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok(images)
+            }
+            other => other,
+        }
+    }
+
     /// `Images.Get`.
     pub async fn get(&self, name: &str) -> Result<Image, Status> {
         let request = self.request(GetImageRequest {
@@ -236,7 +255,7 @@ impl Client {
     /// Every image in the namespace, reduced, keyed by name.
     pub async fn images_by_name(&self) -> Result<BTreeMap<String, ImageInfo>> {
         let images = self
-            .list(&[])
+            .list_all()
             .await
             .with_context(|| format!("listing images in namespace {}", self.namespace))?;
         Ok(images

@@ -134,12 +134,11 @@ impl Containerd {
     /// Creates the dir and config and starts the daemon, CRI enabled as under K3s; returns once
     /// `Version` answers.
     pub async fn start(version: Version) -> Result<Containerd> {
-        Containerd::start_with(version, Cri::On).await
+        Containerd::start_with(version, Options::default()).await
     }
 
-    /// [`Containerd::start`] with CRI on or off: off, no CRI plugin labels or lists images, so
-    /// a benchmark counts only containerd's image service.
-    pub async fn start_with(version: Version, cri: Cri) -> Result<Containerd> {
+    /// [`Containerd::start`] with [`Options`].
+    pub async fn start_with(version: Version, options: Options) -> Result<Containerd> {
         let binary = version.binary()?;
         let dir = tempfile::Builder::new()
             .prefix("pk")
@@ -151,7 +150,7 @@ impl Containerd {
             fs::create_dir_all(base.join(sub))
                 .with_context(|| format!("creating {}", base.join(sub).display()))?;
         }
-        fs::write(base.join("config.toml"), config(&base, &socket, cri))
+        fs::write(base.join("config.toml"), config(&base, &socket, options))
             .with_context(|| format!("writing {}", base.join("config.toml").display()))?;
         let mut daemon = Containerd {
             version,
@@ -344,10 +343,22 @@ impl Drop for Containerd {
     }
 }
 
-/// Whether containerd runs its CRI plugins ([`Containerd::start_with`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a containerd is configured ([`Containerd::start_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// CRI on (as under K3s, the default) or off: off, no CRI plugin labels or lists images,
+    /// so a benchmark counts only containerd's image service.
+    pub cri: Cri,
+    /// `[grpc] max_send_message_size`: containerd's default is 16 MiB; smaller makes a listing
+    /// too large for one answer with a few hundred records.
+    pub max_send_message_size: Option<usize>,
+}
+
+/// Whether containerd runs its CRI plugins ([`Options::cri`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Cri {
     /// As under K3s.
+    #[default]
     On,
     /// Disabled: on 2.x CRI is several plugins, all listed; a version ignores the IDs it does
     /// not have.
@@ -357,10 +368,14 @@ pub enum Cri {
 /// A version 2 config (accepted by 1.6, 1.7 and 2.x, FACTS.md 3a) with CRI enabled as under
 /// K3s (or disabled), and everything that cannot work in a container or would touch host paths
 /// disabled.
-fn config(base: &Path, socket: &Path, cri: Cri) -> String {
+fn config(base: &Path, socket: &Path, options: Options) -> String {
     let b = base.display();
     let s = socket.display();
-    let cri_plugins = match cri {
+    let send_limit = options
+        .max_send_message_size
+        .map(|n| format!("\n  max_send_message_size = {n}"))
+        .unwrap_or_default();
+    let cri_plugins = match options.cri {
         Cri::On => "",
         Cri::Off => {
             r#"
@@ -384,7 +399,7 @@ disabled_plugins = [
 ]
 
 [grpc]
-  address = "{s}"
+  address = "{s}"{send_limit}
 
 [ttrpc]
   address = "{s}.ttrpc"

@@ -22,7 +22,7 @@ pub mod reference;
 
 pub use archive::{Compression, Layout, OciNames, TestImage};
 pub use client::{Client, ImageInfo};
-pub use daemon::{Containerd, Cri, Version};
+pub use daemon::{Containerd, Cri, Options, Version};
 pub use k3s::{ImportReport, K3s, K3sConfig, StartReport};
 
 /// K3s's own pin label (`io.cattle.<program>.pinned`, FACTS.md 1).

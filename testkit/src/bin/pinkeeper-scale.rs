@@ -24,7 +24,7 @@ use clap::Parser;
 use containerd_client::types::Descriptor;
 use pinkeeper_testkit::archive::{write_archive, Layout, TestImage};
 use pinkeeper_testkit::{
-    Client, Containerd, Cri, K3s, K3sConfig, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL,
+    Client, Containerd, Cri, K3s, K3sConfig, Options, Version, CRI_MANAGED_LABEL, CRI_PIN_LABEL,
     K3S_PIN_LABEL, K8S_NAMESPACE, PINNED,
 };
 
@@ -228,7 +228,9 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 fn names(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{PREFIX}{i}:1")).collect()
+    // The number last: containerd lists more than about 50,000 records only in parts, split
+    // by the name's last character.
+    (0..n).map(|i| format!("{PREFIX}:{i}")).collect()
 }
 
 fn both_pins() -> BTreeMap<String, String> {
@@ -320,7 +322,7 @@ async fn count(
 /// lacks one, `concurrency` in flight. Returns the elapsed time.
 async fn baseline(client: &Client, concurrency: usize) -> Result<Duration> {
     let started = Instant::now();
-    let listed = client.list(&[]).await?;
+    let listed = client.list_all().await?;
     let todo: Vec<String> = listed
         .into_iter()
         .filter(|i| {
@@ -502,7 +504,11 @@ async fn run(cli: Cli) -> Result<()> {
     std::fs::create_dir_all(dir.join("images"))?;
     std::fs::create_dir_all(dir.join("archive"))?;
     let cri = if cli.cri == "off" { Cri::Off } else { Cri::On };
-    let containerd = Containerd::start_with(version, cri).await?;
+    let options = Options {
+        cri,
+        ..Options::default()
+    };
+    let containerd = Containerd::start_with(version, options).await?;
     let client = containerd.client(K8S_NAMESPACE).await?;
     println!(
         "containerd {} (CRI {}), {} images, pinkeeper {}; load average at start {}",
