@@ -304,11 +304,20 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         store: &S,
         cause: ListCause,
     ) -> Result<Report, StoreError> {
+        self.resync_with(store, cause, &mut NoInbox).await
+    }
+
+    /// [`Executor::resync`], with `inbox` polled while the calls run.
+    pub async fn resync_with<S: ImageStore, I: Inbox>(
+        &mut self,
+        store: &S,
+        cause: ListCause,
+        inbox: &mut I,
+    ) -> Result<Report, StoreError> {
         let images = store.list().await?;
         debug!(images = images.len(), ?cause, "listed images");
-        Ok(self
-            .process(Some(store), vec![Input::Listing { images, cause }])
-            .await)
+        let listing = vec![Input::Listing { images, cause }];
+        Ok(self.process_with(Some(store), listing, inbox).await)
     }
 
     /// Lets time pass: a tick when the engine's next timer is due.

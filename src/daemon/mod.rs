@@ -94,6 +94,10 @@ struct EventInbox<'a> {
     shared: &'a Shared,
     /// When it stops taking events: one timer for the whole drain.
     until: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Kept alive while the drain's calls run ([`keep_watchdog`]).
+    watchdog: &'a mut Option<tokio::time::Interval>,
+    /// What tells systemd ([`crate::daemon::notify::watchdog`]).
+    ping: fn(),
 }
 
 impl Inbox for EventInbox<'_> {
@@ -106,10 +110,51 @@ impl Inbox for EventInbox<'_> {
     }
 
     async fn ready(&mut self) {
+        let EventInbox {
+            shared,
+            until,
+            watchdog,
+            ping,
+        } = self;
+        let events = async {
+            tokio::select! {
+                _ = shared.wake.notified() => {}
+                _ = until.as_mut() => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.shared.wake.notified() => {}
-            _ = &mut self.until => std::future::pending().await,
+            _ = events => {}
+            _ = keep_watchdog(watchdog, *ping) => {}
         }
+    }
+}
+
+/// No inputs but the listing: a reconcile after connecting, with systemd's watchdog kept alive
+/// while its calls run ([`keep_watchdog`]).
+struct WatchdogInbox<'a> {
+    watchdog: &'a mut Option<tokio::time::Interval>,
+    /// What tells systemd ([`crate::daemon::notify::watchdog`]).
+    ping: fn(),
+}
+
+impl Inbox for WatchdogInbox<'_> {
+    fn take(&mut self) -> Vec<Input> {
+        Vec::new()
+    }
+
+    async fn ready(&mut self) {
+        keep_watchdog(self.watchdog, self.ping).await
+    }
+}
+
+/// Tells systemd's watchdog that pinkeeper lives whenever it is due; never resolves. While the
+/// executor carries out a long run of calls (100,000 restores take minutes, each call bounded by
+/// [`crate::containerd::CALL_TIMEOUT`]), the main loop does not get its turn, and without this
+/// systemd would kill pinkeeper in the middle of a repair (`WatchdogSec=30s`).
+async fn keep_watchdog(watchdog: &mut Option<tokio::time::Interval>, ping: fn()) {
+    loop {
+        watchdog_due(watchdog).await;
+        ping();
     }
 }
 
@@ -497,6 +542,8 @@ impl Daemon {
         let mut inbox = EventInbox {
             shared,
             until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
+            watchdog: &mut self.watchdog,
+            ping: crate::daemon::notify::watchdog,
         };
         let report = self
             .exec
@@ -535,7 +582,11 @@ impl Daemon {
             return;
         };
         let (wall, mono) = (SystemTime::now(), tokio::time::Instant::now());
-        let listed = self.exec.resync(&client, cause).await;
+        let mut inbox = WatchdogInbox {
+            watchdog: &mut self.watchdog,
+            ping: crate::daemon::notify::watchdog,
+        };
+        let listed = self.exec.resync_with(&client, cause, &mut inbox).await;
         let wall_elapsed = SystemTime::now().duration_since(wall).ok();
         if let Some(shared) = &self.events {
             if listing_shows_the_past(listed.is_ok(), wall_elapsed, mono.elapsed()) {
@@ -673,6 +724,65 @@ fn log_sweep(s: &SweepSummary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static RESYNC_PINGS: AtomicUsize = AtomicUsize::new(0);
+    static DRAIN_PINGS: AtomicUsize = AtomicUsize::new(0);
+
+    fn watchdog_every_second() -> Option<tokio::time::Interval> {
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Some(interval)
+    }
+
+    /// The executor waits on its inbox while calls are in flight: a reconcile whose calls take
+    /// 10.5 s (simulated time) still tells systemd every second.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_reconcile_keeps_the_watchdog_alive() {
+        let mut watchdog = watchdog_every_second();
+        let mut inbox = WatchdogInbox {
+            watchdog: &mut watchdog,
+            ping: || {
+                RESYNC_PINGS.fetch_add(1, Ordering::SeqCst);
+            },
+        };
+        let waited = tokio::time::timeout(Duration::from_millis(10_500), inbox.ready()).await;
+        assert!(waited.is_err(), "a reconcile's inbox never has inputs");
+        assert!(inbox.take().is_empty());
+        // At 0, 1, ..., 10 s.
+        assert_eq!(RESYNC_PINGS.load(Ordering::SeqCst), 11);
+    }
+
+    /// A drain's inbox too, also once it has stopped taking events; an event still wakes it.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_drain_keeps_the_watchdog_alive() {
+        let shared = Shared {
+            queue: Mutex::new(EventQueue::new(crate::engine::K3S_PIN)),
+            broken: Mutex::new(None),
+            wake: Notify::new(),
+        };
+        let mut watchdog = watchdog_every_second();
+        let mut inbox = EventInbox {
+            shared: &shared,
+            until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
+            watchdog: &mut watchdog,
+            ping: || {
+                DRAIN_PINGS.fetch_add(1, Ordering::SeqCst);
+            },
+        };
+        let waited = tokio::time::timeout(Duration::from_millis(10_500), inbox.ready()).await;
+        assert!(waited.is_err());
+        assert_eq!(DRAIN_PINGS.load(Ordering::SeqCst), 11);
+        let mut inbox = EventInbox {
+            shared: &shared,
+            until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
+            watchdog: &mut watchdog,
+            ping: || {},
+        };
+        shared.wake.notify_one();
+        let woke = tokio::time::timeout(Duration::from_millis(10), inbox.ready()).await;
+        assert!(woke.is_ok(), "an event wakes the drain's inbox");
+    }
 
     #[test]
     fn only_a_listing_read_with_a_steady_clock_forgets_events() {
