@@ -106,8 +106,11 @@ impl EventQueue {
 
     /// Gives back the tables a burst grew (a sweep of 10,000 images grows them to 10,000
     /// names, about 1 MiB, which an empty queue would otherwise keep for the daemon's life).
+    /// Small tables stay: the usual few events at a time reuse them.
     fn shrink_when_empty(&mut self) {
-        if self.order.is_empty() {
+        const KEPT: usize = 64;
+        if self.order.is_empty() && (self.pending.capacity() > KEPT || self.order.capacity() > KEPT)
+        {
             self.order.shrink_to_fit();
             self.pending.shrink_to_fit();
         }
