@@ -830,6 +830,7 @@ impl Sim {
         };
         let engine = Engine::new(self.config.clone(), ledger.intents.values().cloned());
         let mut exec = Executor::new(engine, ledger, self.clock.clone());
+        exec.keep_history = true;
         if self.tracing {
             exec.trace = Some(Vec::new());
         }
@@ -902,14 +903,30 @@ impl Sim {
         self.process(vec![Input::Inventory(provided)]);
     }
 
-    /// Lists and reconciles (the daemon's `list`); a failed listing is said and the stream
+    /// Lists and reconciles (the daemon's `list`), taking the stream's events while the
+    /// listing's calls run, as the daemon does; a failed listing is said and the stream
     /// breaks too.
     fn resync(&mut self, cause: ListCause) {
         self.clock.set(self.now());
         let Some(node) = self.node.as_mut() else {
             return;
         };
-        match run_ready(node.exec.resync(&self.store, cause)) {
+        // A broken stream stays broken: the next step's drain sees it.
+        let slow = lock(&self.faults).slow > 0.0;
+        let mut inbox = StreamInbox {
+            events: node.events.as_mut(),
+            queue: &mut node.queue,
+            broken: false,
+            sweeping: slow.then(|| Sweeping {
+                store: &self.store,
+                k3s: &mut self.k3s,
+                k3s_labelled: &mut self.k3s_labelled,
+                rng: &mut self.interleave_rng,
+                trace: self.tracing.then_some((&mut self.trace, self.mono)),
+            }),
+        };
+        let listed = run_ready(node.exec.resync_with(&self.store, cause, &mut inbox));
+        match listed {
             Some(Ok(report)) => self.after(report),
             Some(Err(_)) => {
                 node.events = None;

@@ -68,11 +68,13 @@ pub struct Report {
     pub verify: bool,
     /// Sweep episodes that ended.
     pub sweeps: Vec<SweepSummary>,
-    /// Pins restored (written and answered), with why.
-    pub restored: Vec<(String, RestoreReason)>,
+    /// Pins restored (written and answered): why, in order (the names are in the log, and
+    /// in [`Report::history`] when kept).
+    pub restored: Vec<RestoreReason>,
     /// Unpins that failed: name, why.
     pub unpin_failures: Vec<(String, String)>,
-    /// The history the engine wrote, in order.
+    /// The history the engine wrote, in order, when [`Executor::keep_history`] is set (a
+    /// repair of 100,000 restores would otherwise hold a copy of every entry until it ends).
     pub history: Vec<HistoryEntry>,
     /// Inputs handled (a listing counts its records): a big burst asks for memory back.
     pub handled: usize,
@@ -107,6 +109,9 @@ pub struct Executor<J, C> {
     /// When set, every output of the engine is appended here with its time
     /// (`pinkeeper replay`, tests).
     pub trace: Option<Vec<(Now, Output)>>,
+    /// Whether each [`Report`] carries a copy of the history the engine wrote (an operator's
+    /// `reconcile`, the simulation); the ledger and the log have it all the same.
+    pub keep_history: bool,
 }
 
 impl<J: Journal, C: Clock> Executor<J, C> {
@@ -117,6 +122,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
             journal,
             clock,
             trace: None,
+            keep_history: false,
         }
     }
 
@@ -173,7 +179,9 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         Output::Forget { name } => changes.push(OwnedChange::Forget(name)),
                         Output::History(h) => {
                             log_history(&h);
-                            report.history.push(h.clone());
+                            if self.keep_history {
+                                report.history.push(h.clone());
+                            }
                             changes.push(OwnedChange::History(h));
                         }
                         Output::Commit => barrier = true,
@@ -183,14 +191,17 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         Output::Verify => report.verify = true,
                         Output::SweepSummary(s) => report.sweeps.push(s),
                     }
+                    // A listing's outputs come all at once: a repair of 10,000 restores would
+                    // hold 20,000 changes here. Written a batch at a time, in the background;
+                    // a barrier still waits for them all.
+                    if changes.len() >= BATCH {
+                        self.commit(&mut changes, false, &mut report).await;
+                    }
                 }
             }
-            let durable = !barrier || self.commit(&mut changes, true, &mut report).await;
             // Other changes need not hold up the pins: the journal writes them in the
-            // background, a batch at a time (each outcome of a long repair is one).
-            if changes.len() >= BATCH {
-                self.commit(&mut changes, false, &mut report).await;
-            }
+            // background, a batch at a time (above; each outcome of a long repair is one).
+            let durable = !barrier || self.commit(&mut changes, true, &mut report).await;
             for name in unpins {
                 if durable {
                     calls.push(Call::Unpin(name));
@@ -253,7 +264,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                             "restored io.cri-containerd.pinned=pinned: {}",
                             reason.explain()
                         );
-                        report.restored.push((name.clone(), reason));
+                        report.restored.push(reason);
                     }
                     Err(ApplyError::NotFound) => {
                         info!(image = %name, "could not restore the pin: the image record is gone")
@@ -586,6 +597,7 @@ mod tests {
             MemoryLedger::default(),
             FixedClock::at(1),
         );
+        exec.keep_history = true;
         let mut records = Vec::new();
         for name in [slow, quick] {
             let record = ImageRecord {
@@ -620,7 +632,12 @@ mod tests {
         let mut inbox = Later(vec![swept(quick)]);
         let report = run_ready(exec.process_with(Some(&exec_store), vec![first], &mut inbox))
             .expect("in memory");
-        let restored: Vec<&str> = report.restored.iter().map(|(n, _)| n.as_str()).collect();
+        let restored: Vec<&str> = report
+            .history
+            .iter()
+            .filter(|h| h.action == Action::Restored)
+            .map(|h| h.name.as_str())
+            .collect();
         assert_eq!(restored, [quick, slow]);
         for name in [slow, quick] {
             assert!(store.labels(name).is_some_and(|l| l.contains_key(CRI_PIN)));

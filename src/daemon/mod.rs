@@ -11,17 +11,17 @@
 //! call to containerd's images itself.
 
 pub mod executor;
+mod inbox;
 pub(crate) mod metrics;
 pub(crate) mod notify;
 pub mod operator;
 mod scan;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
@@ -34,7 +34,8 @@ use crate::engine::{self, Action, Engine, HistoryEntry, Input, ListCause, Millis
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
-use executor::{Clock, Executor, Inbox, Report, BATCH};
+use executor::{Clock, Executor, Report};
+use inbox::{lock, watchdog_due, EventInbox, ListingStart, Shared, DRAIN_TIME};
 use scan::{scan_finished, ScanOutcome, SCAN_WAIT};
 
 /// The wall clock, in the engine's unit.
@@ -71,90 +72,6 @@ impl Clock for SystemClock {
             mono: self.start.elapsed().as_millis() as Millis,
             wall: now_ms(),
         }
-    }
-}
-
-/// A gap between the wall clock's and the monotonic clock's time over a listing past which
-/// the wall clock is taken to have been stepped.
-const CLOCK_STEP: Duration = Duration::from_secs(1);
-/// How long one drain of the event queue goes on taking new events.
-const DRAIN_TIME: Duration = Duration::from_millis(500);
-
-/// Events shared between the stream reader task and the main loop.
-struct Shared {
-    queue: Mutex<EventQueue>,
-    /// Why the connection must start over: set by the reader when the stream broke, or when
-    /// a listing failed (the events cleared before it are then covered by nothing).
-    broken: Mutex<Option<String>>,
-    wake: Notify,
-}
-
-/// The event queue as the executor's inbox: events, a batch at a time, until its time is up.
-struct EventInbox<'a> {
-    shared: &'a Shared,
-    /// When it stops taking events: one timer for the whole drain.
-    until: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// Kept alive while the drain's calls run ([`keep_watchdog`]).
-    watchdog: &'a mut Option<tokio::time::Interval>,
-    /// What tells systemd ([`crate::daemon::notify::watchdog`]).
-    ping: fn(),
-}
-
-impl Inbox for EventInbox<'_> {
-    fn take(&mut self) -> Vec<Input> {
-        if self.until.is_elapsed() {
-            return Vec::new();
-        }
-        let events = lock(&self.shared.queue).drain_up_to(BATCH);
-        events.into_iter().map(Input::Event).collect()
-    }
-
-    async fn ready(&mut self) {
-        let EventInbox {
-            shared,
-            until,
-            watchdog,
-            ping,
-        } = self;
-        let events = async {
-            tokio::select! {
-                _ = shared.wake.notified() => {}
-                _ = until.as_mut() => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = events => {}
-            _ = keep_watchdog(watchdog, *ping) => {}
-        }
-    }
-}
-
-/// No inputs but the listing: a reconcile after connecting, with systemd's watchdog kept alive
-/// while its calls run ([`keep_watchdog`]).
-struct WatchdogInbox<'a> {
-    watchdog: &'a mut Option<tokio::time::Interval>,
-    /// What tells systemd ([`crate::daemon::notify::watchdog`]).
-    ping: fn(),
-}
-
-impl Inbox for WatchdogInbox<'_> {
-    fn take(&mut self) -> Vec<Input> {
-        Vec::new()
-    }
-
-    async fn ready(&mut self) {
-        keep_watchdog(self.watchdog, self.ping).await
-    }
-}
-
-/// Tells systemd's watchdog that pinkeeper lives whenever it is due; never resolves. While the
-/// executor carries out a long run of calls (100,000 restores take minutes, each call bounded by
-/// [`crate::containerd::CALL_TIMEOUT`]), the main loop does not get its turn, and without this
-/// systemd would kill pinkeeper in the middle of a repair (`WatchdogSec=30s`).
-async fn keep_watchdog(watchdog: &mut Option<tokio::time::Interval>, ping: fn()) {
-    loop {
-        watchdog_due(watchdog).await;
-        ping();
     }
 }
 
@@ -399,7 +316,13 @@ impl Daemon {
         let mut backoff = Backoff::default();
         let mut reported = false;
         loop {
-            match Containerd::connect(&socket, &self.settings.namespace).await {
+            let connected = Containerd::connect(&socket, &self.settings.namespace).await;
+            // The engine reads the pins of a record, nothing else.
+            let pins = [
+                engine::CRI_PIN.to_string(),
+                self.exec.engine.config().program_label.clone(),
+            ];
+            match connected.map(|c| c.keeping_labels(pins)) {
                 Ok(client) => match client.version().await {
                     Ok(version) => {
                         info!(socket = %socket.display(), version, "connected to containerd");
@@ -455,11 +378,9 @@ impl Daemon {
             }
         };
         let subscribed_at = tokio::time::Instant::now();
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(EventQueue::new(&self.exec.engine.config().program_label)),
-            broken: Mutex::new(None),
-            wake: Notify::new(),
-        });
+        let shared = Arc::new(Shared::new(EventQueue::new(
+            &self.exec.engine.config().program_label,
+        )));
         let reader = tokio::spawn(read_events(subscription, shared.clone()));
         let _abort = tokio_util::task::AbortOnDropHandle::new(reader);
         self.client = Some(client);
@@ -541,7 +462,8 @@ impl Daemon {
         let client = self.client.clone();
         let mut inbox = EventInbox {
             shared,
-            until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
+            until: Some(Box::pin(tokio::time::sleep(DRAIN_TIME))),
+            listed: None,
             watchdog: &mut self.watchdog,
             ping: crate::daemon::notify::watchdog,
         };
@@ -573,46 +495,38 @@ impl Daemon {
         self.list(cause).await
     }
 
-    /// Lists every image and reconciles ([`Executor::resync`]). The events queued meanwhile
-    /// that containerd published before the listing began are forgotten: the listing shows
-    /// their state or a later one, and applied after it they would read as news (an image's
-    /// pins from before K3s's sweep, read after the listing that showed the sweep).
+    /// Lists every image and reconciles ([`Executor::resync`]), taking the events that come
+    /// while its calls run; those containerd published before the listing began are
+    /// forgotten first ([`EventInbox::listed`]).
     async fn list(&mut self, cause: ListCause) {
-        let Some(client) = self.client.clone() else {
+        let (Some(client), Some(shared)) = (self.client.clone(), self.events.clone()) else {
             return;
         };
-        let (wall, mono) = (SystemTime::now(), tokio::time::Instant::now());
-        let mut inbox = WatchdogInbox {
+        let mut inbox = EventInbox {
+            shared: &shared,
+            until: None,
+            listed: Some(ListingStart::now()),
             watchdog: &mut self.watchdog,
             ping: crate::daemon::notify::watchdog,
         };
-        let listed = self.exec.resync_with(&client, cause, &mut inbox).await;
-        let wall_elapsed = SystemTime::now().duration_since(wall).ok();
-        if let Some(shared) = &self.events {
-            if listing_shows_the_past(listed.is_ok(), wall_elapsed, mono.elapsed()) {
-                let forgotten = lock(&shared.queue).forget_published_before(wall);
-                if forgotten > 0 {
-                    debug!(forgotten, "events the listing already showed");
-                }
-            }
-        }
-        match listed {
+        match self.exec.resync_with(&client, cause, &mut inbox).await {
             Ok(report) => {
                 self.after(report);
                 if cause == ListCause::Connected {
                     self.metrics.metrics().reconciled();
                 }
+                // The inbox may have taken the wake-ups of what came meanwhile.
+                if !lock(&shared.queue).is_empty() {
+                    shared.wake.notify_one();
+                }
             }
             // Events may have been cleared for it, and the stream may still be up (containerd
             // too slow to answer within the call's timeout): the connection starts over, and
             // the next one lists again.
-            Err(e) => match &self.events {
-                Some(shared) => {
-                    lock(&shared.broken).get_or_insert(format!("listing failed: {e}"));
-                    shared.wake.notify_one();
-                }
-                None => warn!("{e}"),
-            },
+            Err(e) => {
+                lock(&shared.broken).get_or_insert(format!("listing failed: {e}"));
+                shared.wake.notify_one();
+            }
         }
     }
 
@@ -631,7 +545,7 @@ impl Daemon {
     /// What the daemon does with an executor's report: the metrics, the status, a
     /// verification to start, the operator's answer.
     fn after(&mut self, report: Report) {
-        for (_, reason) in &report.restored {
+        for reason in &report.restored {
             self.metrics.metrics().pinned(*reason);
         }
         for s in report.sweeps {
@@ -654,18 +568,6 @@ impl Daemon {
     }
 }
 
-/// Whether a listing shows what containerd published before it began, so that the events
-/// queued from before then can be forgotten: only a listing that was read, and only if the
-/// wall clock (`wall_elapsed`, `None` if it went back) kept pace with the monotonic one
-/// meanwhile; after a step, publication times say nothing about the listing.
-fn listing_shows_the_past(
-    listed: bool,
-    wall_elapsed: Option<Duration>,
-    mono_elapsed: Duration,
-) -> bool {
-    listed && wall_elapsed.is_some_and(|w| w.abs_diff(mono_elapsed) <= CLOCK_STEP)
-}
-
 async fn read_events(mut subscription: crate::containerd::Subscription, shared: Arc<Shared>) {
     loop {
         match subscription.next_published().await {
@@ -680,21 +582,6 @@ async fn read_events(mut subscription: crate::containerd::Subscription, shared: 
                 return;
             }
         }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A poisoned lock only means a panic elsewhere; the data is still consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Resolves when the watchdog is due; never without one.
-async fn watchdog_due(watchdog: &mut Option<tokio::time::Interval>) {
-    match watchdog {
-        Some(interval) => {
-            interval.tick().await;
-        }
-        None => std::future::pending().await,
     }
 }
 
@@ -719,79 +606,4 @@ fn log_sweep(s: &SweepSummary) {
                 s.restored_archive_gone + s.restored_not_repinned,
                 s.repinned_by_k3s
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    static RESYNC_PINGS: AtomicUsize = AtomicUsize::new(0);
-    static DRAIN_PINGS: AtomicUsize = AtomicUsize::new(0);
-
-    fn watchdog_every_second() -> Option<tokio::time::Interval> {
-        let mut interval = tokio::time::interval(Duration::from_secs(1));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Some(interval)
-    }
-
-    /// The executor waits on its inbox while calls are in flight: a reconcile whose calls take
-    /// 10.5 s (simulated time) still tells systemd every second.
-    #[tokio::test(start_paused = true)]
-    async fn a_long_reconcile_keeps_the_watchdog_alive() {
-        let mut watchdog = watchdog_every_second();
-        let mut inbox = WatchdogInbox {
-            watchdog: &mut watchdog,
-            ping: || {
-                RESYNC_PINGS.fetch_add(1, Ordering::SeqCst);
-            },
-        };
-        let waited = tokio::time::timeout(Duration::from_millis(10_500), inbox.ready()).await;
-        assert!(waited.is_err(), "a reconcile's inbox never has inputs");
-        assert!(inbox.take().is_empty());
-        // At 0, 1, ..., 10 s.
-        assert_eq!(RESYNC_PINGS.load(Ordering::SeqCst), 11);
-    }
-
-    /// A drain's inbox too, also once it has stopped taking events; an event still wakes it.
-    #[tokio::test(start_paused = true)]
-    async fn a_long_drain_keeps_the_watchdog_alive() {
-        let shared = Shared {
-            queue: Mutex::new(EventQueue::new(crate::engine::K3S_PIN)),
-            broken: Mutex::new(None),
-            wake: Notify::new(),
-        };
-        let mut watchdog = watchdog_every_second();
-        let mut inbox = EventInbox {
-            shared: &shared,
-            until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
-            watchdog: &mut watchdog,
-            ping: || {
-                DRAIN_PINGS.fetch_add(1, Ordering::SeqCst);
-            },
-        };
-        let waited = tokio::time::timeout(Duration::from_millis(10_500), inbox.ready()).await;
-        assert!(waited.is_err());
-        assert_eq!(DRAIN_PINGS.load(Ordering::SeqCst), 11);
-        let mut inbox = EventInbox {
-            shared: &shared,
-            until: Box::pin(tokio::time::sleep(DRAIN_TIME)),
-            watchdog: &mut watchdog,
-            ping: || {},
-        };
-        shared.wake.notify_one();
-        let woke = tokio::time::timeout(Duration::from_millis(10), inbox.ready()).await;
-        assert!(woke.is_ok(), "an event wakes the drain's inbox");
-    }
-
-    #[test]
-    fn only_a_listing_read_with_a_steady_clock_forgets_events() {
-        let ms = Duration::from_millis;
-        assert!(listing_shows_the_past(true, Some(ms(40)), ms(42)));
-        // A failed List covers nothing.
-        assert!(!listing_shows_the_past(false, Some(ms(40)), ms(42)));
-        // The wall clock stepped back, or forward, meanwhile.
-        assert!(!listing_shows_the_past(true, None, ms(42)));
-        assert!(!listing_shows_the_past(true, Some(ms(5_000)), ms(42)));
-    }
 }

@@ -166,8 +166,10 @@ impl Daemon {
             dry_run_decisions(&self.exec.engine, self.exec.clock.now(), images)
         } else {
             self.captured = Some(Vec::new());
+            self.exec.keep_history = true;
             self.rescan_within(OPERATOR_SCAN_WAIT).await;
             self.list(ListCause::Connected).await;
+            self.exec.keep_history = false;
             let captured = self.captured.take().unwrap_or_default();
             self.status.last_reconcile = now_ms();
             captured
@@ -326,6 +328,7 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
     let store = MemoryStore::with_images(images.clone());
     let clock = FixedClock::at(now);
     let mut what_if = Executor::new(engine.clone(), Discard, clock.clone());
+    what_if.keep_history = true;
     let listing = Input::Listing {
         images,
         cause: ListCause::Connected,

@@ -588,11 +588,12 @@ impl Engine {
         for image in images {
             // A listing is as good as a Get.
             self.labels_to_confirm.remove(&image.name);
-            seen.insert(image.name.clone());
             // A record deleted and there again is read as any listed record: K3s may have
             // imported it again and swept it since, unseen (seed 700118).
             self.deleted.remove(&image.name);
             self.observe(now, &image.name, image.labels, Some(image.digest), out);
+            // Moved, not copied: a listing of 100,000 names would hold them twice.
+            seen.insert(image.name);
         }
         // Records that are gone were deleted while pinkeeper was not watching. Released after
         // the churn window unless created again (K3s may be in the middle of re-tagging).
