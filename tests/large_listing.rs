@@ -71,7 +71,7 @@ async fn lists_a_namespace_too_large_for_one_answer(version: Version) -> Result<
     for record in &listed {
         ensure!(record.digest.as_ref() == expected.get(&record.name));
         ensure!(
-            record.labels == pins,
+            record.labels.iter().eq(pins.iter()),
             "{}: {:?}",
             record.name,
             record.labels

@@ -20,7 +20,7 @@
 //! one changes. The in-memory world plays CRI as 1.7 and 2.x do, in the adapter below, not
 //! in the store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -210,7 +210,7 @@ impl World for ContainerdWorld {
 
     async fn create(&self, name: &str, digest: &str, labels: &Labels) -> Result<()> {
         self.client
-            .create_image(name, descriptor(digest), labels)
+            .create_image(name, descriptor(digest), &map(labels))
             .await?;
         Ok(())
     }
@@ -221,14 +221,14 @@ impl World for ContainerdWorld {
         // collector never takes it while CRI reads it.
         let lease = format!("conform-{}", blobs.manifest.hex());
         self.client
-            .create_lease(&lease, &Labels::new())
+            .create_lease(&lease, &BTreeMap::new())
             .await
             .with_context(|| format!("creating lease {lease}"))?;
         let leased = self.client.with_lease(Some(lease));
         for blob in blobs.layers.iter().chain([&blobs.config, &blobs.manifest]) {
             let reference = format!("conform-{}", blob.hex());
             leased
-                .write_blob(&reference, &blob.digest, &blob.data, &Labels::new())
+                .write_blob(&reference, &blob.digest, &blob.data, &BTreeMap::new())
                 .await?;
         }
         let target = Descriptor {
@@ -238,7 +238,7 @@ impl World for ContainerdWorld {
             ..Default::default()
         };
         leased
-            .create_image(&image.names[0], target, &Labels::new())
+            .create_image(&image.names[0], target, &BTreeMap::new())
             .await?;
         Ok(())
     }
@@ -260,7 +260,7 @@ impl World for ContainerdWorld {
     }
 
     async fn sweep(&self, name: &str, labels: &Labels) -> Result<()> {
-        self.client.replace_labels(name, labels).await?;
+        self.client.replace_labels(name, &map(labels)).await?;
         Ok(())
     }
 
@@ -274,6 +274,11 @@ impl World for ContainerdWorld {
 }
 
 // ---- helpers ----
+
+/// The test client's label map.
+fn map(labels: &Labels) -> BTreeMap<String, String> {
+    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs

@@ -28,9 +28,12 @@ use crate::store::{ImageStore, StoreError};
 /// Pins and Gets in flight at once: containerd serialises its metadata writes, so more buys
 /// nothing.
 pub const RPC_CONCURRENCY: usize = 32;
-/// Events the daemon's inbox hands over at a time, and background ledger changes written at
-/// once.
+/// Events the daemon's inbox hands over at a time.
 pub const BATCH: usize = 4096;
+/// Ledger changes handed to the writer at once in the background while the engine decides
+/// more (a repair's: two per restore). The writer folds whatever is queued into one commit;
+/// this only bounds what the executor holds meanwhile (a change is about 180 bytes).
+pub const WRITE_BATCH: usize = 1024;
 
 /// The time the engine is given with each input: a monotonic clock for its timers, the wall
 /// clock for what it shows and stores.
@@ -170,8 +173,17 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                     _ => 1,
                 };
                 let now = self.clock.now();
-                for output in self.engine.handle(now, input) {
-                    if let Some(trace) = self.trace.as_mut() {
+                let Executor {
+                    engine,
+                    journal,
+                    trace,
+                    keep_history,
+                    ..
+                } = &mut *self;
+                // A listing's outputs are decided a part at a time as they are taken
+                // (`Engine::outputs`): a repair of 100,000 never holds them all.
+                for output in engine.outputs(now, input) {
+                    if let Some(trace) = trace.as_mut() {
                         trace.push((now, output.clone()));
                     }
                     match output {
@@ -179,7 +191,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         Output::Forget { name } => changes.push(OwnedChange::Forget(name)),
                         Output::History(h) => {
                             log_history(&h);
-                            if self.keep_history {
+                            if *keep_history {
                                 report.history.push(h.clone());
                             }
                             changes.push(OwnedChange::History(h));
@@ -191,11 +203,10 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         Output::Verify => report.verify = true,
                         Output::SweepSummary(s) => report.sweeps.push(s),
                     }
-                    // A listing's outputs come all at once: a repair of 10,000 restores would
-                    // hold 20,000 changes here. Written a batch at a time, in the background;
-                    // a barrier still waits for them all.
-                    if changes.len() >= BATCH {
-                        self.commit(&mut changes, false, &mut report).await;
+                    // A repair of 10,000 restores would hold 20,000 changes here. Written a
+                    // batch at a time, in the background; a barrier still waits for them all.
+                    if changes.len() >= WRITE_BATCH {
+                        write_behind(journal, &mut changes, &mut report);
                     }
                 }
             }
@@ -356,22 +367,34 @@ impl<J: Journal, C: Clock> Executor<J, C> {
         if changes.is_empty() && !durably {
             return true;
         }
-        let batch = std::mem::take(changes);
-        let sent = if durably {
-            self.journal.write_durably(batch).await
-        } else {
-            self.journal.write(batch)
-        };
-        if let Err(e) = sent {
-            // The ledger cannot be written now (a full disk): the writer keeps the changes,
-            // says so once and retries. Protection goes on from memory: the pins of this batch
-            // are set all the same (contract rule 7 is kept as soon as the disk allows).
-            debug!("ledger write not durable yet: {e}");
-            report.not_durable = Some(e);
-            return false;
+        if !durably {
+            return write_behind(&mut self.journal, changes, report);
         }
-        true
+        let sent = self.journal.write_durably(std::mem::take(changes)).await;
+        written(sent, report)
     }
+}
+
+/// Hands `changes` to the journal to write in the background.
+fn write_behind<J: Journal>(
+    journal: &mut J,
+    changes: &mut Vec<OwnedChange>,
+    report: &mut Report,
+) -> bool {
+    let sent = journal.write(std::mem::take(changes));
+    written(sent, report)
+}
+
+fn written(sent: Result<(), String>, report: &mut Report) -> bool {
+    if let Err(e) = sent {
+        // The ledger cannot be written now (a full disk): the writer keeps the changes, says so
+        // once and retries. Protection goes on from memory: the pins of this batch are set all
+        // the same (contract rule 7 is kept as soon as the disk allows).
+        debug!("ledger write not durable yet: {e}");
+        report.not_durable = Some(e);
+        return false;
+    }
+    true
 }
 
 /// Where [`Executor::process_with`] takes more inputs from while calls are in flight (the

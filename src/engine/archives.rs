@@ -80,7 +80,7 @@ impl Engine {
             Some(ep) => self
                 .awaiting_k3s
                 .iter()
-                .filter(|n| ep.open.contains(*n))
+                .filter(|n| ep.is_open(n))
                 .cloned()
                 .collect(),
             None => Vec::new(),

@@ -31,19 +31,26 @@ const K3S_LABEL_ONLY: &str =
 /// A sweep in progress.
 #[derive(Debug, Default, Clone)]
 struct Episode {
-    /// When it started and how it was seen; the counts are made from `swept` and `outcomes`
-    /// when it ends ([`Episode::summary`]).
+    /// When it started and how it was seen; the counts are made from `swept` when it ends
+    /// ([`Episode::summary`]).
     started: Millis,
     seen_live: bool,
-    /// Images swept in this episode and not yet settled one way or another.
-    open: BTreeSet<String>,
-    /// Images swept in this episode, and how each was settled (the last reading wins): the
-    /// summary counts each image once, by its last outcome. Events from before a listing can
-    /// be applied after it (`daemon::Daemon::resync` drops those published before it, but an
-    /// event is published a little after its change), so a sweep and K3s's re-pin can be read
-    /// twice, or an older pin read after the sweep that removed it.
-    swept: BTreeSet<String>,
-    outcomes: BTreeMap<String, Outcome>,
+    /// Images swept in this episode, each once (a name costs one entry: a repair of 100,000
+    /// holds as many), with how each was settled (the last reading wins: the summary counts
+    /// each image once, by its last outcome). Events from before a listing can be applied
+    /// after it (`daemon::Daemon::resync` drops those published before it, but an event is
+    /// published a little after its change), so a sweep and K3s's re-pin can be read twice,
+    /// or an older pin read after the sweep that removed it.
+    swept: BTreeMap<String, Swept>,
+}
+
+/// An image swept in an [`Episode`].
+#[derive(Debug, Clone, Copy, Default)]
+struct Swept {
+    /// Swept and not settled since.
+    open: bool,
+    /// How it was last settled.
+    outcome: Option<Outcome>,
 }
 
 /// How a swept image was settled.
@@ -55,19 +62,42 @@ enum Outcome {
 
 impl Episode {
     fn sweep(&mut self, name: &str) {
-        self.open.insert(name.to_string());
-        self.swept.insert(name.to_string());
+        match self.swept.get_mut(name) {
+            Some(entry) => entry.open = true,
+            None => {
+                let entry = Swept {
+                    open: true,
+                    outcome: None,
+                };
+                self.swept.insert(name.to_string(), entry);
+            }
+        }
+    }
+
+    /// Whether `name` was swept and not settled since.
+    fn is_open(&self, name: &str) -> bool {
+        self.swept.get(name).is_some_and(|e| e.open)
+    }
+
+    /// `name` is no longer waiting (released), unsettled.
+    fn close(&mut self, name: &str) {
+        if let Some(entry) = self.swept.get_mut(name) {
+            entry.open = false;
+        }
     }
 
     /// Settles `name` if it was waiting (swept, and not settled since).
     fn settle(&mut self, name: &str, outcome: Outcome) {
-        if self.open.remove(name) {
-            self.outcomes.insert(name.to_string(), outcome);
+        if let Some(entry) = self.swept.get_mut(name).filter(|e| e.open) {
+            *entry = Swept {
+                open: false,
+                outcome: Some(outcome),
+            };
         }
     }
 
     fn summary(&self) -> SweepSummary {
-        let count = |o: Outcome| self.outcomes.values().filter(|v| **v == o).count();
+        let count = |o: Outcome| self.swept.values().filter(|v| v.outcome == Some(o)).count();
         SweepSummary {
             started: self.started,
             seen_live: self.seen_live,
@@ -223,14 +253,30 @@ impl Engine {
     /// Feeds one observation made at `now` (both clocks, [`Now`]; a bare [`Millis`] is the
     /// same value on both); returns what to do.
     pub fn handle(&mut self, now: impl Into<Now>, input: Input) -> Vec<Output> {
+        self.outputs(now, input).collect()
+    }
+
+    /// [`Engine::handle`], its outputs given as they are decided: a listing is applied
+    /// [`LISTING_PART`] records at a time as the outputs are taken, so a repair of 100,000
+    /// images never holds all its outputs at once (issue 12). The outputs, and the engine's
+    /// state once they are all taken, are exactly those of [`Engine::handle`]. Dropped before
+    /// its end, the rest of the input is applied and its outputs dropped.
+    pub fn outputs(&mut self, now: impl Into<Now>, input: Input) -> Outputs<'_> {
         let now = now.into();
         if self.anchor_pending {
             self.anchor(now);
         }
         let mut out = Vec::new();
+        let mut listing = None;
         match input {
             Input::Event(event) => self.on_event(now, event, &mut out),
-            Input::Listing { images, cause } => self.on_listing(now, images, cause, &mut out),
+            Input::Listing { images, cause } => {
+                self.begin_listing(cause);
+                listing = Some(ListingFeed {
+                    images: images.into_iter(),
+                    seen: BTreeSet::new(),
+                });
+            }
             Input::Inventory(provided) => self.on_inventory(now, provided, &mut out),
             Input::Fetched { name, record } => {
                 let record = record.filter(|r| r.name == name);
@@ -266,7 +312,12 @@ impl Engine {
                 self.on_operator_unpin(now, &name, record, &mut out)
             }
         }
-        out
+        Outputs {
+            engine: self,
+            now,
+            ready: out.into_iter(),
+            listing,
+        }
     }
 
     /// [`pins`] with this engine's program label.
@@ -397,7 +448,7 @@ impl Engine {
         self.deleted.remove(name);
         self.awaiting_k3s.remove(name);
         if let Some(ep) = self.episode.as_mut() {
-            ep.open.remove(name);
+            ep.close(name);
         }
         if !self.holds(name) {
             return;
@@ -572,19 +623,22 @@ impl Engine {
         }
     }
 
-    fn on_listing(
-        &mut self,
-        now: Now,
-        images: Vec<ImageRecord>,
-        cause: ListCause,
-        out: &mut Vec<Output>,
-    ) {
+    fn begin_listing(&mut self, cause: ListCause) {
         self.away = false;
         self.verifying = cause == ListCause::Verify;
         if self.verifying {
             self.verify_in_flight = false;
         }
-        let mut seen = BTreeSet::new();
+    }
+
+    /// Applies the next records of a listing ([`Engine::outputs`]).
+    fn listing_part(
+        &mut self,
+        now: Now,
+        images: impl Iterator<Item = ImageRecord>,
+        seen: &mut BTreeSet<String>,
+        out: &mut Vec<Output>,
+    ) {
         for image in images {
             // A listing is as good as a Get.
             self.labels_to_confirm.remove(&image.name);
@@ -595,6 +649,10 @@ impl Engine {
             // Moved, not copied: a listing of 100,000 names would hold them twice.
             seen.insert(image.name);
         }
+    }
+
+    /// Once every record of a listing is applied: what was not listed.
+    fn end_listing(&mut self, now: Now, seen: BTreeSet<String>, out: &mut Vec<Output>) {
         // Records that are gone were deleted while pinkeeper was not watching. Released after
         // the churn window unless created again (K3s may be in the middle of re-tagging).
         let mut gone = Vec::new();
@@ -637,12 +695,17 @@ impl Engine {
 }
 
 mod archives;
+mod feed;
+mod labels;
 mod model;
 mod operator;
 mod reading;
 mod retention;
 mod views;
 
+use feed::ListingFeed;
+pub use feed::{Outputs, LISTING_PART};
+pub use labels::Labels;
 pub use model::*;
 pub use operator::UnpinPlan;
 pub use views::{risk, ArchiveState, IntentView, Risk, Summary, Tally};

@@ -38,8 +38,7 @@ impl From<Millis> for Now {
     }
 }
 
-/// A containerd label map.
-pub type Labels = BTreeMap<String, String>;
+use super::labels::Labels;
 
 /// containerd CRI's pin label (note the hyphen; FACTS.md section 1). The only label pinkeeper
 /// ever writes.

@@ -733,3 +733,42 @@ fn an_alias_fetched_before_its_name_learns_its_archive() {
 mod deliveries;
 mod verification;
 mod vocabulary;
+
+/// A listing larger than a part: its outputs are decided a part at a time as they are taken,
+/// and are the same whole. Dropped after its first output, the rest is applied all the same.
+#[test]
+fn a_large_listing_is_applied_a_part_at_a_time() {
+    let n = LISTING_PART * 2 + 7;
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("docker.io/library/app{i:05}:1"))
+        .collect();
+    let listing = |l: fn() -> Labels| Input::Listing {
+        images: names
+            .iter()
+            .map(|n| record(n, l(), "sha256:aaaa"))
+            .collect(),
+        cause: ListCause::Connected,
+    };
+    let mut e = Engine::new(Config::default(), []);
+    e.handle(0, inventory(&[]));
+    e.handle(0, listing(both));
+    assert_eq!(e.intents.len(), n);
+    let (mut whole, mut dropped) = (e.clone(), e);
+
+    // Swept while pinkeeper was away: every one is restored, in listing order.
+    let out = whole.handle(10, listing(Labels::new));
+    let restored: Vec<String> = pins(&out).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(restored, names);
+
+    let mut outputs = dropped.outputs(10, listing(Labels::new));
+    let first = outputs.next().expect("the first part's outputs");
+    let taken = outputs.ready.len() + 1;
+    assert!(
+        taken < out.len(),
+        "only a part decided: {taken} of {}",
+        out.len()
+    );
+    assert_eq!(first, out[0]);
+    drop(outputs);
+    assert_eq!(format!("{dropped:?}"), format!("{whole:?}"));
+}
