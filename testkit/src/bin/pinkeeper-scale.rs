@@ -50,6 +50,10 @@ struct Cli {
     /// record (minutes at 10,000) neither delays the run nor competes with the measurements.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     cri: String,
+    /// Valid archives written to the images directory first (each a small docker-save `.tar`
+    /// providing a name of its own, not in containerd): the 30,000-file directory.
+    #[arg(long, default_value_t = 0)]
+    archives: usize,
     /// Keep the temp dir (pinkeeper's logs and ledgers) after a complete run.
     #[arg(long)]
     keep: bool,
@@ -519,6 +523,17 @@ async fn run(cli: Cli) -> Result<()> {
         loadavg()
     );
 
+    if cli.archives > 0 {
+        let t = Instant::now();
+        let bytes = write_archives(&dir.join("images"), cli.archives)?;
+        println!(
+            "wrote {} archives ({:.1} MiB) to the images directory in {:.1} s",
+            cli.archives,
+            mib(bytes / 1024),
+            t.elapsed().as_secs_f64()
+        );
+    }
+
     // Idle with an empty ledger and an empty namespace, for comparison.
     let empty = {
         let mut pk = Pinkeeper::start(
@@ -531,6 +546,8 @@ async fn run(cli: Cli) -> Result<()> {
         pk.wait_log("reconciled after connecting", 1, Duration::from_secs(30))
             .await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
+        // The images directory read (a 30,000-file one takes a while).
+        cpu_quiet(pk.pid()).await?;
         let m = (memory(pk.pid())?, rss_parts(pk.pid())?);
         pk.stop()?;
         m
@@ -666,16 +683,7 @@ async fn run(cli: Cli) -> Result<()> {
                 cpu_ticks(pk.pid())? as f64 / 100.0
             );
             tokio::time::sleep(Duration::from_secs(3)).await;
-            // CPU quiet for a second.
-            let mut ticks = cpu_ticks(pk.pid())?;
-            for _ in 0..20 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = cpu_ticks(pk.pid())?;
-                if now == ticks {
-                    break;
-                }
-                ticks = now;
-            }
+            cpu_quiet(pk.pid()).await?;
             let settled = memory(pk.pid())?;
             let settled_parts = rss_parts(pk.pid())?;
             let before = switches(pk.pid())?;
@@ -791,4 +799,31 @@ async fn run(cli: Cli) -> Result<()> {
         std::fs::remove_dir_all(dir)?;
     }
     Ok(())
+}
+
+/// Waits (up to 20 s) until `pid` used no CPU for a second.
+async fn cpu_quiet(pid: u32) -> Result<()> {
+    let mut ticks = cpu_ticks(pid)?;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = cpu_ticks(pid)?;
+        if now == ticks {
+            break;
+        }
+        ticks = now;
+    }
+    Ok(())
+}
+
+/// Writes `count` small docker-save archives into `dir`, each providing its own name; returns
+/// their bytes.
+fn write_archives(dir: &Path, count: usize) -> Result<u64> {
+    let mut bytes = 0;
+    for i in 0..count {
+        let path = dir.join(format!("archived-{i:06}.tar"));
+        let image = TestImage::new(format!("docker.io/scale/archived-{i:06}:1"));
+        write_archive(&path, Layout::DockerSave, &[image])?;
+        bytes += std::fs::metadata(&path)?.len();
+    }
+    Ok(bytes)
 }
