@@ -6,6 +6,21 @@
 //! (measured at 2,000 intents: anonymous RSS 13.0 MiB -> 9.0 MiB). Called only after bursts,
 //! never per event.
 
+/// Allocations at least this large get pages of their own, given back when freed.
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Set once at the daemon's start: glibc otherwise raises its mmap threshold to the size of
+/// the largest block freed (up to 32 MiB), and a listing's answer buffer (2.8 MB at 10,000
+/// images) then lands in the heap beside what is kept. Fixed, it is mapped and unmapped on
+/// its own: a repair of 10,000 peaks 0.5 MiB lower, idle is the same.
+pub fn tune() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of glibc's allocator, under its lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 /// Bursts smaller than this are not worth a trim.
 pub const BURST: usize = 1024;
 

@@ -33,7 +33,7 @@ pub const BATCH: usize = 4096;
 /// Ledger changes handed to the writer at once in the background while the engine decides
 /// more (a repair's: two per restore). The writer folds whatever is queued into one commit;
 /// this only bounds what the executor holds meanwhile (a change is about 180 bytes).
-pub const WRITE_BATCH: usize = 1024;
+pub const WRITE_BATCH: usize = 256;
 
 /// The time the engine is given with each input: a monotonic clock for its timers, the wall
 /// clock for what it shows and stores.
@@ -187,7 +187,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         trace.push((now, output.clone()));
                     }
                     match output {
-                        Output::Save { intent, .. } => changes.push(OwnedChange::Save(*intent)),
+                        Output::Save { intent, .. } => changes.push(OwnedChange::Save(intent)),
                         Output::Forget { name } => changes.push(OwnedChange::Forget(name)),
                         Output::History(h) => {
                             log_history(&h);

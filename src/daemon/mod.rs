@@ -147,6 +147,7 @@ enum Wake {
 pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
     // Room for the control socket's connections and the images directory's files.
     control::raise_fd_limit();
+    crate::memory::tune();
     // Only another pinkeeper holding the ledger stops the start: a damaged ledger is moved
     // aside, one that cannot be written is retried by the writer, and protection goes on
     // from memory and the listing meanwhile (src/ledger/mod.rs, `Ledger::start`).

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use super::{Engine, ImageRecord, Now, Output};
 
 /// How many records of a listing are applied before their outputs are given
-/// ([`Engine::outputs`]).
-pub const LISTING_PART: usize = 1024;
+/// ([`Engine::outputs`]): each makes up to three outputs (a pin, a history line, a record).
+pub const LISTING_PART: usize = 256;
 
 /// The outputs of one input ([`Engine::outputs`]).
 #[must_use = "the engine's outputs must be carried out"]
@@ -21,8 +21,35 @@ pub struct Outputs<'a> {
 
 /// A listing being applied: the records left, and the names seen so far.
 pub(super) struct ListingFeed {
-    pub(super) images: std::vec::IntoIter<ImageRecord>,
+    /// The records left, last first: taken from the end, and the buffer given back as they
+    /// go (a listing of 100,000 records is 7 MB of them).
+    left: Vec<ImageRecord>,
     pub(super) seen: BTreeSet<String>,
+}
+
+impl ListingFeed {
+    pub(super) fn new(mut images: Vec<ImageRecord>) -> ListingFeed {
+        images.reverse();
+        ListingFeed {
+            left: images,
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// The next part, in the listing's order; `None` once every record is taken.
+    fn part(&mut self) -> Option<Vec<ImageRecord>> {
+        if self.left.is_empty() {
+            return None;
+        }
+        let at = self.left.len().saturating_sub(LISTING_PART);
+        let mut part = self.left.split_off(at);
+        part.reverse();
+        if self.left.capacity() >= 2 * self.left.len() + LISTING_PART {
+            // Shrinking a large buffer gives its tail back in place.
+            self.left.shrink_to_fit();
+        }
+        Some(part)
+    }
 }
 
 impl Iterator for Outputs<'_> {
@@ -35,14 +62,16 @@ impl Iterator for Outputs<'_> {
             }
             let feed = self.listing.as_mut()?;
             let mut out = Vec::new();
-            if feed.images.len() == 0 {
-                let seen = std::mem::take(&mut feed.seen);
-                self.listing = None;
-                self.engine.end_listing(self.now, seen, &mut out);
-            } else {
-                let part = feed.images.by_ref().take(LISTING_PART);
-                self.engine
-                    .listing_part(self.now, part, &mut feed.seen, &mut out);
+            match feed.part() {
+                Some(part) => {
+                    self.engine
+                        .listing_part(self.now, part.into_iter(), &mut feed.seen, &mut out);
+                }
+                None => {
+                    let seen = std::mem::take(&mut feed.seen);
+                    self.listing = None;
+                    self.engine.end_listing(self.now, seen, &mut out);
+                }
             }
             self.ready = out.into_iter();
         }

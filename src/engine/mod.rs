@@ -272,10 +272,7 @@ impl Engine {
             Input::Event(event) => self.on_event(now, event, &mut out),
             Input::Listing { images, cause } => {
                 self.begin_listing(cause);
-                listing = Some(ListingFeed {
-                    images: images.into_iter(),
-                    seen: BTreeSet::new(),
-                });
+                listing = Some(ListingFeed::new(images));
             }
             Input::Inventory(provided) => self.on_inventory(now, provided, &mut out),
             Input::Fetched { name, record } => {

@@ -115,7 +115,7 @@ impl MemoryLedger {
     fn apply(&mut self, change: OwnedChange) {
         match change {
             OwnedChange::Save(intent) => {
-                self.intents.insert(intent.name.clone(), intent);
+                self.intents.insert(intent.name.clone(), *intent);
             }
             OwnedChange::Forget(name) => {
                 self.intents.remove(&name);

@@ -15,14 +15,15 @@ use crate::inventory::CachedFile;
 /// An owned change, for [`Writer`].
 #[derive(Debug, Clone)]
 pub enum OwnedChange {
-    /// Insert or replace an intent.
-    Save(Intent),
+    /// Insert or replace an intent (boxed: a repair queues 10,000 of these beside as many
+    /// history entries, and a change is as large as its largest kind).
+    Save(Box<Intent>),
     /// Delete an intent's record (its history stays).
     Forget(String),
     /// Append to the history.
     History(HistoryEntry),
     /// Insert or replace the cached read of a file of the images directory.
-    CacheFile(CachedFile),
+    CacheFile(Box<CachedFile>),
     /// Forget the cached read of a file.
     ForgetFile(PathBuf),
 }
@@ -42,7 +43,10 @@ impl OwnedChange {
     /// The changes that bring the ledger's copy of the images directory cache up to date.
     pub fn from_cache_changes(changes: crate::inventory::CacheChanges) -> Vec<OwnedChange> {
         let removed = changes.removed.into_iter().map(OwnedChange::ForgetFile);
-        let updated = changes.updated.into_iter().map(OwnedChange::CacheFile);
+        let updated = changes
+            .updated
+            .into_iter()
+            .map(|f| OwnedChange::CacheFile(Box::new(f)));
         removed.chain(updated).collect()
     }
 }
@@ -73,6 +77,9 @@ fn health_of(health: &SharedHealth) -> std::sync::MutexGuard<'_, Health> {
 
 /// History entries held in memory at most while the ledger cannot be written.
 pub const MAX_PENDING_HISTORY: usize = 10_000;
+/// Changes folded into one commit while the ledger can be written; more wait in the queue for
+/// the next, where they take less memory than folded (a repair of 10,000 queues 20,000).
+const COMMIT_MAX: usize = 1024;
 /// Retries of a failed commit: the first after this, doubling up to [`RETRY_MAX`].
 const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
 /// The longest wait between two attempts to write a failed batch again.
@@ -83,7 +90,7 @@ const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// kept: the cache is only a cache, a stale entry is read again.
 #[derive(Debug, Default)]
 struct Pending {
-    saves: BTreeMap<String, Intent>,
+    saves: BTreeMap<String, Box<Intent>>,
     forgets: BTreeSet<String>,
     history: VecDeque<HistoryEntry>,
     files: Vec<OwnedChange>,
@@ -124,7 +131,7 @@ impl Pending {
 
     fn batch(&self) -> Vec<Change<'_>> {
         let forgets = self.forgets.iter().map(|n| Change::Forget(n));
-        let saves = self.saves.values().map(Change::Save);
+        let saves = self.saves.values().map(|i| Change::Save(i));
         let history = self.history.iter().map(Change::History);
         let files = self.files.iter().map(OwnedChange::as_change);
         forgets.chain(saves).chain(history).chain(files).collect()
@@ -220,6 +227,12 @@ impl WriterThread {
                     };
                     let Some(job) = next else { break };
                     received += self.take(job, &mut acks, &mut reads);
+                    // While the ledger cannot be written (its last commit failed), everything
+                    // is taken: a durable write's caller hears of it at once, not a retry
+                    // later.
+                    if self.ledger.is_some() && self.pending.len() >= COMMIT_MAX {
+                        break;
+                    }
                 }
             }
             let reply = self.commit();
@@ -487,7 +500,7 @@ mod tests {
         )
         .unwrap();
         writer
-            .write_durably(vec![OwnedChange::Save(intent("a"))])
+            .write_durably(vec![OwnedChange::Save(Box::new(intent("a")))])
             .await
             .unwrap();
         assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -495,6 +508,43 @@ mod tests {
         writer.history(None, 10).await.unwrap();
         writer.close().unwrap();
         assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_is_committed_in_parts_and_a_durable_write_behind_it_waits_for_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = commits.clone();
+        let mut writer = Writer::spawn_observed(
+            Some(Ledger::open(dir.path()).unwrap()),
+            dir.path(),
+            None,
+            Box::new(move |_took| {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let n = COMMIT_MAX * 3;
+        for batch in (0..n).collect::<Vec<_>>().chunks(100) {
+            let changes = batch
+                .iter()
+                .map(|i| OwnedChange::Save(Box::new(intent(&format!("img{i}")))))
+                .collect();
+            writer.write(changes).unwrap();
+        }
+        writer
+            .write_durably(vec![OwnedChange::Save(Box::new(intent("last")))])
+            .await
+            .unwrap();
+        writer.close().unwrap();
+        assert_eq!(
+            Ledger::open(dir.path()).unwrap().intents().unwrap().len(),
+            n + 1
+        );
+        // At most COMMIT_MAX changes (and the rest of the batch that passed it) in one commit,
+        // however many are queued.
+        let commits = commits.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(commits >= 3, "{commits} commits");
     }
 
     #[tokio::test]
@@ -506,7 +556,7 @@ mod tests {
         let writer =
             Writer::spawn_observed(None, &state, Some("blocked".into()), Box::new(|_| {})).unwrap();
         let err = writer
-            .write_durably(vec![OwnedChange::Save(intent("a"))])
+            .write_durably(vec![OwnedChange::Save(Box::new(intent("a")))])
             .await
             .unwrap_err();
         assert!(err.contains("state directory"), "{err}");
@@ -531,6 +581,15 @@ mod tests {
     }
 
     #[test]
+    fn a_change_is_no_larger_than_a_history_entry() {
+        // A repair of 10,000 queues 20,000 changes: the large kinds are boxed.
+        assert_eq!(
+            std::mem::size_of::<OwnedChange>(),
+            std::mem::size_of::<HistoryEntry>()
+        );
+    }
+
+    #[test]
     fn pending_changes_keep_every_intent_and_bound_the_history() {
         let mut pending = Pending::default();
         let h = HistoryEntry {
@@ -542,9 +601,9 @@ mod tests {
         for _ in 0..MAX_PENDING_HISTORY + 7 {
             pending.add(OwnedChange::History(h.clone()));
         }
-        pending.add(OwnedChange::Save(intent("a")));
-        pending.add(OwnedChange::Save(intent("a")));
-        pending.add(OwnedChange::Save(intent("b")));
+        pending.add(OwnedChange::Save(Box::new(intent("a"))));
+        pending.add(OwnedChange::Save(Box::new(intent("a"))));
+        pending.add(OwnedChange::Save(Box::new(intent("b"))));
         pending.add(OwnedChange::Forget("b".into()));
         assert_eq!(pending.history.len(), MAX_PENDING_HISTORY);
         assert_eq!(pending.history_dropped, 7);
