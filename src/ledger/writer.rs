@@ -484,21 +484,29 @@ mod tests {
     use super::*;
     use crate::engine::Action;
     use crate::ledger::tests::intent;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
 
-    #[tokio::test]
-    async fn the_writer_reports_each_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    /// A writer on a new ledger in `dir`, and the count of its commits.
+    fn counted(dir: &Path) -> (Writer, Arc<AtomicUsize>) {
+        let commits = Arc::new(AtomicUsize::new(0));
         let seen = commits.clone();
-        let mut writer = Writer::spawn_observed(
-            Some(Ledger::open(dir.path()).unwrap()),
-            dir.path(),
+        let writer = Writer::spawn_observed(
+            Some(Ledger::open(dir).unwrap()),
+            dir,
             None,
             Box::new(move |_took| {
                 seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
         )
         .unwrap();
+        (writer, commits)
+    }
+
+    #[tokio::test]
+    async fn the_writer_reports_each_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, commits) = counted(dir.path());
         writer
             .write_durably(vec![OwnedChange::Save(Box::new(intent("a")))])
             .await
@@ -513,17 +521,7 @@ mod tests {
     #[tokio::test]
     async fn a_long_queue_is_committed_in_parts_and_a_durable_write_behind_it_waits_for_all() {
         let dir = tempfile::tempdir().unwrap();
-        let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let seen = commits.clone();
-        let mut writer = Writer::spawn_observed(
-            Some(Ledger::open(dir.path()).unwrap()),
-            dir.path(),
-            None,
-            Box::new(move |_took| {
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }),
-        )
-        .unwrap();
+        let (mut writer, commits) = counted(dir.path());
         let n = COMMIT_MAX * 3;
         for batch in (0..n).collect::<Vec<_>>().chunks(100) {
             let changes = batch
