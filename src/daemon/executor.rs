@@ -31,8 +31,8 @@ pub const RPC_CONCURRENCY: usize = 32;
 /// Events the daemon's inbox hands over at a time.
 pub const BATCH: usize = 4096;
 /// Ledger changes handed to the writer at once in the background while the engine decides
-/// more (a repair's: two per restore). The writer folds whatever is queued into one commit;
-/// this only bounds what the executor holds meanwhile (a change is about 180 bytes).
+/// more (a repair's: two per restore). The writer folds what is queued into commits of about
+/// 1,024; this only bounds what the executor holds meanwhile (a change is 80 bytes).
 pub const WRITE_BATCH: usize = 256;
 
 /// The time the engine is given with each input: a monotonic clock for its timers, the wall
