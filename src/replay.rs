@@ -172,7 +172,7 @@ impl Replay {
                 self.decisions.push((at, output));
             }
             if report.verify && self.connected() {
-                inputs.push(Input::Inventory(self.provided()));
+                inputs.push(Input::Inventory(self.provided().into()));
                 inputs.push(Input::Listing {
                     images: self.store.images().into_values().collect(),
                     cause: ListCause::Verify,
@@ -192,7 +192,7 @@ impl Replay {
     /// pinkeeper subscribes: inventory, then a full listing.
     pub fn connect(&mut self) {
         self.events = run_ready(self.store.subscribe()).and_then(Result::ok);
-        self.feed(Input::Inventory(self.provided()));
+        self.feed(Input::Inventory(self.provided().into()));
         let images = self.store.images().into_values().collect();
         self.feed(Input::Listing {
             images,
@@ -307,7 +307,7 @@ impl Replay {
             self.files = files;
             if self.connected() {
                 // The daemon reads the directory again as soon as its watch says it changed.
-                self.feed(Input::Inventory(self.provided()));
+                self.feed(Input::Inventory(self.provided().into()));
             }
         }
         if line.restart == Some(true) {

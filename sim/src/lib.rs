@@ -900,7 +900,7 @@ impl Sim {
 
     fn inventory(&mut self) {
         let provided = self.provided();
-        self.process(vec![Input::Inventory(provided)]);
+        self.process(vec![Input::Inventory(provided.into())]);
     }
 
     /// Lists and reconciles (the daemon's `list`), taking the stream's events while the

@@ -4,14 +4,12 @@
 //!
 //! It decides nothing about pins: the engine does, from the inventory.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
 use super::{now_ms, Daemon};
-use crate::engine::{Input, ListCause};
+use crate::engine::{Input, ListCause, Provided};
 use crate::inventory::watch::Watcher;
 use crate::inventory::Scanner;
 use crate::ledger::OwnedChange;
@@ -31,10 +29,7 @@ pub(super) const OPERATOR_SCAN_WAIT: Duration = Duration::from_secs(5);
 pub(super) type ScanOutcome = (
     Scanner,
     crate::inventory::Problems,
-    Result<
-        (BTreeMap<String, PathBuf>, crate::inventory::ProblemReport),
-        crate::inventory::InventoryError,
-    >,
+    Result<(Provided, crate::inventory::ProblemReport), crate::inventory::InventoryError>,
     crate::inventory::CacheChanges,
 );
 
@@ -73,9 +68,10 @@ impl Daemon {
         self.scans_started += 1;
         let mut problems = std::mem::take(&mut self.problems);
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
-            let result = scanner.scan().map(|inventory| {
+            let result = scanner.scan_problems().map(|inventory| {
                 let report = problems.observe(&inventory);
-                let provided = inventory.provided();
+                // An index over the scanner's table: the names and paths are not copied.
+                let provided = scanner.provided();
                 let big = inventory.files.len() + inventory.skipped.len() + provided.len()
                     >= crate::memory::BURST;
                 drop(inventory);

@@ -1,10 +1,10 @@
 //! The images directory: which file provides which intent (by name, or by digest for K3s's
 //! aliases), and what a new inventory changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use super::{Action, Engine, IntentState, Now, Output};
+use super::{Action, Engine, IntentState, Now, Output, Provided};
 
 impl Engine {
     /// Whether a file of the images directory provides `name`. True while no inventory is
@@ -24,7 +24,7 @@ impl Engine {
     pub(super) fn source_with(&mut self, name: &str, digest: Option<&str>) -> Option<PathBuf> {
         let provided = self.provided.as_ref()?;
         if let Some(path) = provided.get(name) {
-            return Some(path.clone());
+            return Some(path.to_path_buf());
         }
         let digest = match digest {
             Some(d) => d,
@@ -43,19 +43,14 @@ impl Engine {
                 .iter()
                 .filter_map(|(n, path)| {
                     let d = intents.get(n)?.digest.clone()?;
-                    Some((d, path.clone()))
+                    Some((d, path.to_path_buf()))
                 })
                 .collect()
         });
         by_digest.get(digest).cloned()
     }
 
-    pub(super) fn on_inventory(
-        &mut self,
-        now: Now,
-        provided: BTreeMap<String, PathBuf>,
-        out: &mut Vec<Output>,
-    ) {
+    pub(super) fn on_inventory(&mut self, now: Now, provided: Provided, out: &mut Vec<Output>) {
         // Held intents a file provided until now (none before the first inventory).
         let was_provided: BTreeSet<String> = if self.provided.is_some() {
             let held: Vec<String> = self

@@ -220,7 +220,7 @@ fn retention_of_intents_read_from_the_ledger_is_clamped_at_the_first_input() {
         "the first input starts the retention"
     );
     let mono = 77;
-    e.handle(at(mono, WALL), Input::Inventory(BTreeMap::new()));
+    e.handle(at(mono, WALL), Input::Inventory(Default::default()));
     assert_eq!(e.next_wakeup(), Some(mono));
     let out = e.handle(at(mono, WALL), Input::Tick);
     let forgotten: Vec<String> = out

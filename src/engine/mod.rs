@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Why an intent is released when its CRI pin is removed outside the sweep.
 const UNPIN: &str = "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)";
@@ -118,7 +118,7 @@ pub struct Engine {
     intents: BTreeMap<String, Intent>,
     /// Image name -> providing file, from the last inventory; `None` before the first one,
     /// when no archive can be called gone.
-    provided: Option<BTreeMap<String, PathBuf>>,
+    provided: Option<Provided>,
     /// Digest -> providing file for the provided names whose digest is known: K3s's aliases
     /// (`repo@digest`, extra registries) share the target of the image they alias, so they
     /// belong to the same archive. Rebuilt lazily.
@@ -521,7 +521,12 @@ impl Engine {
             }
             return;
         }
-        let Some(source) = self.provided.as_ref().and_then(|p| p.get(name)).cloned() else {
+        let Some(source) = self
+            .provided
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .map(Path::to_path_buf)
+        else {
             return;
         };
         let Some(aliases) = self.untied_aliases.remove(&digest) else {
@@ -696,6 +701,7 @@ mod feed;
 mod labels;
 mod model;
 mod operator;
+mod provided;
 mod reading;
 mod retention;
 mod views;
@@ -705,6 +711,7 @@ pub use feed::{Outputs, LISTING_PART};
 pub use labels::Labels;
 pub use model::*;
 pub use operator::UnpinPlan;
+pub use provided::{FileNames, Provided};
 pub use views::{risk, ArchiveState, IntentView, Risk, Summary, Tally};
 
 #[cfg(test)]

@@ -2,10 +2,11 @@
 //! the ledger's records.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use super::Provided;
 
 /// Milliseconds, as given by the caller: of the wall clock (since the Unix epoch) or of a
 /// monotonic clock (any origin), as each use says. The engine never reads a clock.
@@ -197,8 +198,9 @@ pub enum Input {
         /// Why it was taken.
         cause: ListCause,
     },
-    /// What the images directory provides now: image name -> file.
-    Inventory(BTreeMap<String, PathBuf>),
+    /// What the images directory provides now: image name -> file (the first in import
+    /// order).
+    Inventory(Provided),
     /// The answer to an [`Output::Fetch`]: the record, or `None` if it is gone.
     Fetched {
         /// The name asked for.

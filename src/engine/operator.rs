@@ -257,7 +257,7 @@ mod tests {
     fn engine() -> Engine {
         let mut e = Engine::new(Config::default(), []);
         let provided = BTreeMap::from([(APP.to_string(), PathBuf::from("app\nx.tar"))]);
-        e.handle(0, Input::Inventory(provided));
+        e.handle(0, Input::Inventory(provided.into()));
         e.handle(
             0,
             Input::Listing {
@@ -372,7 +372,7 @@ mod tests {
         // digest ties it to app.tar.
         let mut e = Engine::new(Config::default(), []);
         let provided = BTreeMap::from([(APP.to_string(), PathBuf::from("app.tar"))]);
-        e.handle(0, Input::Inventory(provided));
+        e.handle(0, Input::Inventory(provided.into()));
         let app = record(APP, &[K3S_PIN, CRI_PIN], "sha256:aaaa");
         e.handle(0, Input::OperatorPin { record: app });
         let alias = record(ALIAS, &[K3S_PIN], "sha256:aaaa");

@@ -50,6 +50,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::engine::{FileNames, Provided};
 use crate::escape;
 
 use serde::{Deserialize, Serialize};
@@ -364,20 +365,200 @@ impl CacheChanges {
 pub struct Scanner {
     images_dir: PathBuf,
     options: ReadOptions,
-    /// Reads by identity: a renamed or hard-linked file is not read again.
-    cache: HashMap<CacheKey, CachedRead>,
+    /// Every cached file (not junk) of the last scan, in its order (or of the imported cache
+    /// before the first scan): path, names, identity, and whether the caller's store holds it.
+    table: Table,
     /// Reads of junk (small files that provide nothing, see [`JUNK_MAX_SIZE`]), by a 64-bit
     /// hash of their [`CacheKey`]: 16 bytes a file, no path, the error text shared.
     junk: HashMap<u64, JunkRead>,
     /// The error texts of junk files, each once.
     junk_texts: Texts,
-    /// Path -> identity of every cached file of the last scan (or of the imported cache
-    /// before the first one). Junk is not here: it is not stored.
-    scanned: BTreeMap<PathBuf, CacheKey>,
-    /// Path -> identity as the caller's store holds it (imported, then as of the last
-    /// [`Scanner::cache_changes`]); `None` for a stored entry that is not trusted.
-    persisted: BTreeMap<PathBuf, Option<CacheKey>>,
+    /// Paths the caller's store holds that are no longer in `table` (gone, changed into
+    /// junk, or stored by another build): to forget at the next [`Scanner::cache_changes`].
+    forget: Vec<PathBuf>,
     files_read: u64,
+}
+
+/// A file's identity packed in 40 bytes ([`FileIdentity`]'s `i128` would align it to 48).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_high: i64,
+    mtime_low: u64,
+}
+
+impl Stamp {
+    fn of(identity: FileIdentity) -> Stamp {
+        Stamp {
+            dev: identity.dev,
+            ino: identity.ino,
+            size: identity.size,
+            mtime_high: (identity.mtime_ns >> 64) as i64,
+            mtime_low: identity.mtime_ns as u64,
+        }
+    }
+
+    fn identity(self) -> FileIdentity {
+        FileIdentity {
+            dev: self.dev,
+            ino: self.ino,
+            size: self.size,
+            mtime_ns: (i128::from(self.mtime_high) << 64) | i128::from(self.mtime_low),
+        }
+    }
+}
+
+/// What the scanner keeps of a cached file besides its path and names (which are in the
+/// table's [`FileNames`]).
+#[derive(Debug, Clone)]
+struct Known {
+    stamp: Stamp,
+    /// Without the path (see [`FileEntry::error`]).
+    error: Option<Box<str>>,
+    /// With the layout the content showed; the cache key's kind is its [`suffix_kind`].
+    kind: FileKind,
+    /// The caller's store holds this path with this read.
+    stored: bool,
+}
+
+/// The cached files: paths and names in one shared buffer (the engine's [`Provided`] index
+/// points into it too), the rest beside it, and two sorted indexes instead of maps: about
+/// 100 bytes a file besides its path and names, in a handful of allocations.
+#[derive(Debug, Default)]
+struct Table {
+    files: Arc<FileNames>,
+    known: Vec<Known>,
+    /// File indexes by path (bytes).
+    by_path: Box<[u32]>,
+    /// File indexes by stamp: a renamed or hard-linked file is found by its identity.
+    by_stamp: Box<[u32]>,
+}
+
+impl Table {
+    fn path(&self, index: u32) -> &Path {
+        self.files.path(index)
+    }
+
+    fn key(&self, index: u32) -> (Stamp, FileKind) {
+        let known = &self.known[index as usize];
+        (known.stamp, suffix_kind(known.kind))
+    }
+
+    /// The file found at `path`.
+    fn find_path(&self, path: &Path) -> Option<u32> {
+        let path = path.as_os_str().as_bytes();
+        let at = self
+            .by_path
+            .binary_search_by(|i| self.path(*i).as_os_str().as_bytes().cmp(path))
+            .ok()?;
+        Some(self.by_path[at])
+    }
+
+    /// A file with this identity and suffix kind, under any path.
+    fn find_stamp(&self, stamp: Stamp, kind: FileKind) -> Option<u32> {
+        let first = self
+            .by_stamp
+            .partition_point(|i| self.known[*i as usize].stamp < stamp);
+        self.by_stamp[first..]
+            .iter()
+            .take_while(|i| self.known[**i as usize].stamp == stamp)
+            .copied()
+            .find(|i| suffix_kind(self.known[*i as usize].kind) == kind)
+    }
+
+    /// The read of file `index`.
+    fn read(&self, index: u32) -> CachedRead {
+        read_of(&self.files, &self.known, index)
+    }
+}
+
+/// The read of file `index` of a table.
+fn read_of(files: &FileNames, known: &[Known], index: u32) -> CachedRead {
+    let known = &known[index as usize];
+    CachedRead {
+        kind: known.kind,
+        names: files.names(index).map(str::to_string).collect(),
+        error: known.error.as_deref().map(str::to_string),
+    }
+}
+
+/// A [`Table`] being filled by a scan (or from the caller's store).
+#[derive(Default)]
+struct TableBuilder {
+    files: FileNames,
+    known: Vec<Known>,
+    /// Files read afresh in this scan, by key: a second hard link to one is not read again.
+    fresh: HashMap<(Stamp, FileKind), u32>,
+}
+
+impl TableBuilder {
+    /// Room for `files` files and `text` bytes of paths and names.
+    fn with_capacity(files: usize, text: usize) -> TableBuilder {
+        TableBuilder {
+            files: FileNames::with_capacity(files, text),
+            known: Vec::with_capacity(files),
+            fresh: HashMap::new(),
+        }
+    }
+
+    /// Adds a file; not kept if the table's text is full (4 GiB): it is read again next time.
+    fn push(&mut self, path: &Path, read: &CachedRead, stamp: Stamp, stored: bool) -> Option<u32> {
+        let index = self
+            .files
+            .push(path, read.names.iter().map(String::as_str))?;
+        self.known.push(Known {
+            stamp,
+            error: read.error.as_deref().map(Box::from),
+            kind: read.kind,
+            stored,
+        });
+        Some(index)
+    }
+
+    /// Adds a file as another table knows it.
+    fn push_known<'a>(
+        &mut self,
+        path: &Path,
+        names: impl IntoIterator<Item = &'a str>,
+        known: &Known,
+        stored: bool,
+    ) -> Option<u32> {
+        let index = self.files.push(path, names)?;
+        self.known.push(Known {
+            stored,
+            ..known.clone()
+        });
+        Some(index)
+    }
+
+    /// The read of file `index`.
+    fn read(&self, index: u32) -> CachedRead {
+        read_of(&self.files, &self.known, index)
+    }
+
+    fn finish(mut self) -> Table {
+        self.files.shrink_to_fit();
+        self.known.shrink_to_fit();
+        let count = self.known.len() as u32;
+        let mut by_path: Vec<u32> = (0..count).collect();
+        by_path.sort_unstable_by(|a, b| {
+            self.files
+                .path(*a)
+                .as_os_str()
+                .as_bytes()
+                .cmp(self.files.path(*b).as_os_str().as_bytes())
+        });
+        let mut by_stamp: Vec<u32> = (0..count).collect();
+        by_stamp.sort_unstable_by_key(|i| self.known[*i as usize].stamp);
+        Table {
+            files: Arc::new(self.files),
+            known: self.known,
+            by_path: by_path.into_boxed_slice(),
+            by_stamp: by_stamp.into_boxed_slice(),
+        }
+    }
 }
 
 /// The cache's key: the identity, and the kind by suffix because a rename can change the
@@ -476,7 +657,7 @@ pub struct CacheStats {
     pub reads: usize,
     /// Junk files remembered compactly (no path, shared error text).
     pub junk: usize,
-    /// Paths held (what was scanned and what the caller's store holds): never junk.
+    /// Paths held (of cached files, and of stored records to forget): never junk.
     pub paths: usize,
     /// Distinct error texts of junk files (at most 1,024).
     pub junk_texts: usize,
@@ -500,14 +681,6 @@ fn is_junk(identity: &FileIdentity, read: &CachedRead) -> bool {
     read.names.is_empty() && identity.size < JUNK_MAX_SIZE
 }
 
-/// What one scan builds up, to replace the scanner's maps at its end.
-#[derive(Default)]
-struct NextScan {
-    cache: HashMap<CacheKey, CachedRead>,
-    junk: HashMap<u64, JunkRead>,
-    scanned: BTreeMap<PathBuf, CacheKey>,
-}
-
 impl Scanner {
     /// A scanner of `images_dir` (normally `/var/lib/rancher/k3s/agent/images`) with an
     /// empty cache.
@@ -515,11 +688,10 @@ impl Scanner {
         Scanner {
             images_dir: images_dir.into(),
             options: ReadOptions::default(),
-            cache: HashMap::new(),
+            table: Table::default(),
             junk: HashMap::new(),
             junk_texts: Texts::default(),
-            scanned: BTreeMap::new(),
-            persisted: BTreeMap::new(),
+            forget: Vec::new(),
             files_read: 0,
         }
     }
@@ -530,26 +702,25 @@ impl Scanner {
     /// entries of junk files (stored by an earlier version), which are kept in memory only.
     pub fn with_cache(mut self, entries: impl IntoIterator<Item = CachedFile>) -> Self {
         let reader = reader_name();
+        let mut table = TableBuilder::default();
         for entry in entries {
             if entry.reader != reader {
-                self.persisted.insert(entry.path, None);
+                self.forget.push(entry.path);
                 continue;
             }
-            let key = CacheKey {
-                identity: entry.identity,
-                kind: suffix_kind(entry.kind),
+            let read = CachedRead {
+                kind: entry.kind,
+                names: entry.names,
+                error: entry.error,
             };
-            self.cache.insert(
-                key.clone(),
-                CachedRead {
-                    kind: entry.kind,
-                    names: entry.names,
-                    error: entry.error,
-                },
-            );
-            self.scanned.insert(entry.path.clone(), key.clone());
-            self.persisted.insert(entry.path, Some(key));
+            if table
+                .push(&entry.path, &read, Stamp::of(entry.identity), true)
+                .is_none()
+            {
+                self.forget.push(entry.path);
+            }
         }
+        self.table = table.finish();
         self
     }
 
@@ -559,33 +730,26 @@ impl Scanner {
     pub fn cache_changes(&mut self) -> CacheChanges {
         let mut changes = CacheChanges::default();
         let reader = reader_name();
-        for (path, key) in &self.scanned {
-            let stored = self.persisted.get(path).and_then(Option::as_ref);
-            if stored == Some(key) {
+        for index in 0..self.table.known.len() as u32 {
+            let known = &mut self.table.known[index as usize];
+            if known.stored {
                 continue;
             }
-            if let Some(read) = self.cache.get(key) {
-                changes.updated.push(CachedFile {
-                    path: path.clone(),
-                    reader: reader.clone(),
-                    identity: key.identity,
-                    kind: read.kind,
-                    names: read.names.clone(),
-                    error: read.error.clone(),
-                });
-            }
+            known.stored = true;
+            changes.updated.push(CachedFile {
+                path: self.table.files.path(index).to_path_buf(),
+                reader: reader.clone(),
+                identity: known.stamp.identity(),
+                kind: known.kind,
+                names: self.table.files.names(index).map(str::to_string).collect(),
+                error: known.error.as_deref().map(str::to_string),
+            });
         }
-        changes.removed = self
-            .persisted
-            .keys()
-            .filter(|path| !self.scanned.contains_key(*path))
-            .cloned()
-            .collect();
-        self.persisted = self
-            .scanned
-            .iter()
-            .map(|(path, key)| (path.clone(), Some(key.clone())))
-            .collect();
+        let mut removed = std::mem::take(&mut self.forget);
+        removed.retain(|path| self.table.find_path(path).is_none());
+        removed.sort_unstable();
+        removed.dedup();
+        changes.removed = removed;
         changes
     }
 
@@ -607,41 +771,40 @@ impl Scanner {
         self.files_read
     }
 
+    /// The names the last scan found provided, each with the first file in import order that
+    /// provides it: an index over the scanner's own table, not a copy of it. Before the first
+    /// [`Scanner::scan`], the names of the imported cache (in the store's order).
+    pub fn provided(&self) -> Provided {
+        Provided::new(self.table.files.clone())
+    }
+
     /// What this scanner keeps between scans.
     pub fn cache_stats(&self) -> CacheStats {
         use std::mem::size_of;
-        let path_bytes = |p: &PathBuf| p.as_os_str().len() + size_of::<PathBuf>();
-        let reads: usize = self
-            .cache
-            .values()
-            .map(|r| {
-                size_of::<CacheKey>()
-                    + size_of::<CachedRead>()
-                    + r.names
-                        .iter()
-                        .map(|n| n.len() + size_of::<String>())
-                        .sum::<usize>()
-                    + r.error.as_ref().map_or(0, String::len)
-            })
+        let table = &self.table;
+        let errors: usize = table
+            .known
+            .iter()
+            .filter_map(|k| k.error.as_ref())
+            .map(|e| e.len())
             .sum();
-        let scanned: usize = self
-            .scanned
-            .keys()
-            .map(|p| path_bytes(p) + size_of::<CacheKey>())
-            .sum();
-        let persisted: usize = self
-            .persisted
-            .keys()
-            .map(|p| path_bytes(p) + size_of::<Option<CacheKey>>())
+        let reads = table.files.heap_bytes()
+            + table.known.capacity() * size_of::<Known>()
+            + errors
+            + (table.by_path.len() + table.by_stamp.len()) * size_of::<u32>();
+        let forget: usize = self
+            .forget
+            .iter()
+            .map(|p| p.as_os_str().len() + size_of::<PathBuf>())
             .sum();
         let junk = self.junk.capacity() * (size_of::<(u64, JunkRead)>() + 1);
         let texts: usize = self.junk_texts.texts.iter().map(|t| 2 * t.len() + 64).sum();
         CacheStats {
-            reads: self.cache.len(),
+            reads: table.known.len(),
             junk: self.junk.len(),
-            paths: self.scanned.len() + self.persisted.len(),
+            paths: table.known.len() + self.forget.len(),
             junk_texts: self.junk_texts.texts.len(),
-            approx_bytes: reads + scanned + persisted + junk + texts,
+            approx_bytes: reads + forget + junk + texts,
         }
     }
 
@@ -651,17 +814,33 @@ impl Scanner {
     /// only if the open file is a regular one: a fifo, socket or device swapped in since the
     /// walk is reported in [`Inventory::skipped`].
     pub fn scan(&mut self) -> Result<Inventory, InventoryError> {
+        self.scan_files(true)
+    }
+
+    /// [`Scanner::scan`], keeping in the inventory only the files with an error (and the
+    /// paths skipped): what the daemon reports. The names found are in
+    /// [`Scanner::provided`]. Saves an entry, a path and a copy of the names per good file:
+    /// with 30,000 archives, about 7 MB for the scan's length.
+    pub fn scan_problems(&mut self) -> Result<Inventory, InventoryError> {
+        self.scan_files(false)
+    }
+
+    fn scan_files(&mut self, all: bool) -> Result<Inventory, InventoryError> {
         let listing = walk(&self.images_dir)?;
-        let mut next = NextScan::default();
-        let mut files = Vec::with_capacity(listing.files.len());
+        let old = std::mem::take(&mut self.table);
+        let mut pass = Pass {
+            next: TableBuilder::with_capacity(listing.files.len(), old.files.text_len()),
+            junk: HashMap::new(),
+            files: Vec::with_capacity(if all { listing.files.len() } else { 0 }),
+            all,
+        };
         let mut skipped = listing.skipped;
         for found in listing.files {
             let key = CacheKey {
                 identity: found.identity,
                 kind: found.kind,
             };
-            if let Some(entry) = self.cached(&key, &found.path, &mut next) {
-                files.push(entry);
+            if self.cached(&key, &found.path, &old, &mut pass) {
                 continue;
             }
             self.files_read += 1;
@@ -673,9 +852,14 @@ impl Scanner {
                         identity,
                         kind: found.kind,
                     };
-                    files.push(self.keep(key, found.path, read, &mut next));
+                    if let Some(index) = self.keep(&key, &found.path, &read, false, &mut pass) {
+                        pass.next
+                            .fresh
+                            .insert((Stamp::of(identity), found.kind), index);
+                    }
+                    pass.report(found.path, read);
                 }
-                FileRead::Failed(read) => files.push(entry(found.path, read)),
+                FileRead::Failed(read) => pass.report(found.path, read),
                 FileRead::NotRegular(reason) => skipped.push(SkippedPath {
                     path: found.path,
                     reason,
@@ -683,46 +867,85 @@ impl Scanner {
                 FileRead::Gone => {}
             }
         }
-        // Entries of files that are gone (or changed) are dropped here.
-        self.cache = next.cache;
-        self.junk = next.junk;
-        self.scanned = next.scanned;
+        // Entries of files that are gone (or changed) are dropped here; the store forgets
+        // the paths it held that this scan did not keep.
+        let next = pass.next.finish();
+        for index in 0..old.known.len() as u32 {
+            if old.known[index as usize].stored && next.find_path(old.path(index)).is_none() {
+                self.forget.push(old.path(index).to_path_buf());
+            }
+        }
+        drop(old);
+        self.table = next;
+        self.junk = pass.junk;
         self.junk_texts.compact(&mut self.junk);
-        Ok(Inventory { files, skipped })
+        Ok(Inventory {
+            files: pass.files,
+            skipped,
+        })
     }
 
-    /// The cached read of `key`, if any, kept for the next scan.
-    fn cached(&mut self, key: &CacheKey, path: &Path, next: &mut NextScan) -> Option<FileEntry> {
+    /// Whether `key` at `path` was read before (by this scan or the last one): if so its
+    /// read is kept for the next scan and reported.
+    fn cached(&mut self, key: &CacheKey, path: &Path, old: &Table, pass: &mut Pass) -> bool {
         let hash = key.hash64();
-        if let Some(junk) = self.junk.get(&hash).or_else(|| next.junk.get(&hash)) {
+        if let Some(junk) = self.junk.get(&hash).or_else(|| pass.junk.get(&hash)) {
             let junk = *junk;
-            next.junk.insert(hash, junk);
-            return Some(FileEntry {
+            pass.junk.insert(hash, junk);
+            pass.report_entry(FileEntry {
                 path: path.to_path_buf(),
                 kind: junk.kind,
                 names: Vec::new(),
                 error: self.junk_texts.get(junk.text).map(|e| with_path(path, e)),
             });
+            return true;
         }
-        let read = self
-            .cache
-            .remove(key)
-            .or_else(|| next.cache.get(key).cloned())?;
-        Some(self.keep(key.clone(), path.to_path_buf(), read, next))
+        let stamp = Stamp::of(key.identity);
+        let wanted = (stamp, key.kind);
+        // Unchanged at the same path: the store's record stays as it is. Else renamed, or
+        // another link to a file read before.
+        let (index, stored) = match old.find_path(path).filter(|i| old.key(*i) == wanted) {
+            Some(index) => (Some(index), old.known[index as usize].stored),
+            None => (old.find_stamp(stamp, key.kind), false),
+        };
+        let Some(index) = index else {
+            // A second link to a file this scan read.
+            let Some(&index) = pass.next.fresh.get(&wanted) else {
+                return false;
+            };
+            let read = pass.next.read(index);
+            self.keep(key, path, &read, false, pass);
+            pass.report(path.to_path_buf(), read);
+            return true;
+        };
+        let known = &old.known[index as usize];
+        let nameless = old.files.names(index).len() == 0;
+        if !pass.all && known.error.is_none() && !(nameless && key.identity.size < JUNK_MAX_SIZE) {
+            // Kept as it is, and not reported: no copy of the names.
+            let _ = pass
+                .next
+                .push_known(path, old.files.names(index), known, stored);
+            return true;
+        }
+        let read = old.read(index);
+        self.keep(key, path, &read, stored, pass);
+        pass.report(path.to_path_buf(), read);
+        true
     }
 
-    /// Keeps `read` for the next scan: junk compactly, anything else in full (and for the
-    /// caller's store).
+    /// Keeps `read` for the next scan: junk compactly, anything else in the table (and for
+    /// the caller's store, unless it holds it already). The table's index, if it went there.
     fn keep(
         &mut self,
-        key: CacheKey,
-        path: PathBuf,
-        read: CachedRead,
-        next: &mut NextScan,
-    ) -> FileEntry {
-        if is_junk(&key.identity, &read) {
+        key: &CacheKey,
+        path: &Path,
+        read: &CachedRead,
+        stored: bool,
+        pass: &mut Pass,
+    ) -> Option<u32> {
+        if is_junk(&key.identity, read) {
             if let Some(text) = self.junk_texts.id(read.error.as_deref()) {
-                next.junk.insert(
+                pass.junk.insert(
                     key.hash64(),
                     JunkRead {
                         kind: read.kind,
@@ -730,11 +953,32 @@ impl Scanner {
                     },
                 );
             }
-            return entry(path, read);
+            return None;
         }
-        next.cache.insert(key.clone(), read.clone());
-        next.scanned.insert(path.clone(), key);
-        entry(path, read)
+        pass.next.push(path, read, Stamp::of(key.identity), stored)
+    }
+}
+
+/// What one scan builds: the next table and junk cache, and the inventory's entries.
+struct Pass {
+    next: TableBuilder,
+    junk: HashMap<u64, JunkRead>,
+    files: Vec<FileEntry>,
+    /// Every file goes in `files`, not only those with an error.
+    all: bool,
+}
+
+impl Pass {
+    fn report(&mut self, path: PathBuf, read: CachedRead) {
+        if self.all || read.error.is_some() {
+            self.files.push(entry(path, read));
+        }
+    }
+
+    fn report_entry(&mut self, entry: FileEntry) {
+        if self.all || entry.error.is_some() {
+            self.files.push(entry);
+        }
     }
 }
 

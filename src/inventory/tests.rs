@@ -658,7 +658,7 @@ fn cache_reads_unchanged_files_once() {
     assert_eq!(scanner.files_read(), 4);
     assert_eq!(third.files.len(), 2);
     assert_eq!(third.files[0].names, ["a2"]);
-    assert_eq!(scanner.cache.len(), 2);
+    assert_eq!(scanner.cache_stats().reads, 2);
 
     // a rename keeps the identity: not read again
     fs::rename(root.join("b.tar.gz"), root.join("renamed.tar.gz")).unwrap();
@@ -781,6 +781,66 @@ fn persisted_cache_carries_over_to_a_new_scanner() {
         changes.removed,
         [root.join("c.txt"), root.join("d.tar.zst")]
     );
+}
+
+/// The daemon's name index ([`Scanner::provided`]) is the inventory's, first file in import
+/// order winning, through renames, hard links, removals and restarts.
+#[test]
+fn the_scanners_name_index_is_the_inventorys() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let index = |scanner: &Scanner| -> BTreeMap<String, PathBuf> {
+        scanner
+            .provided()
+            .iter()
+            .map(|(n, p)| (n.to_string(), p.to_path_buf()))
+            .collect()
+    };
+    write(root, "b.txt", b"shared:1\nb:1\n");
+    write(root, "a.txt", b"shared:1\na:1\n");
+    write(root, "sub/c.txt", b"shared:1\nc:1\n");
+    write(root, "odd \u{7f}\n.txt", b"odd:1\n");
+    fs::hard_link(root.join("a.txt"), root.join("z-link.txt")).unwrap();
+    let mut scanner = Scanner::new(root);
+    let inventory = scanner.scan().unwrap();
+    assert_eq!(index(&scanner), inventory.provided());
+    assert_eq!(
+        inventory.provided()["docker.io/library/shared:1"],
+        root.join("a.txt")
+    );
+    assert_eq!(scanner.files_read(), 4, "the second link is not read again");
+    let changes = scanner.cache_changes();
+    assert_eq!(changes.updated.len(), 5);
+
+    // gone in one scan, back (changed) in the next, before the store hears of either
+    fs::remove_file(root.join("a.txt")).unwrap();
+    let inventory = scanner.scan().unwrap();
+    assert_eq!(index(&scanner), inventory.provided());
+    assert_eq!(
+        inventory.provided()["docker.io/library/shared:1"],
+        root.join("b.txt")
+    );
+    write(root, "a.txt", b"a:2\n");
+    touch(&root.join("a.txt"), 3_000);
+    let inventory = scanner.scan().unwrap();
+    assert_eq!(index(&scanner), inventory.provided());
+    let changes = scanner.cache_changes();
+    assert!(changes.removed.is_empty(), "{changes:?}");
+    assert_eq!(changes.updated.len(), 1);
+    assert_eq!(changes.updated[0].names, ["docker.io/library/a:2"]);
+
+    // a restart from the store reads nothing, and indexes the same
+    let mut saved = stored(&scanner.cache_changes());
+    assert!(saved.is_empty());
+    let mut all = Scanner::new(root);
+    all.scan().unwrap();
+    saved = stored(&all.cache_changes());
+    let mut restarted = Scanner::new(root).with_cache(saved);
+    let again = restarted.scan().unwrap();
+    assert_eq!(restarted.files_read(), 0);
+    assert_eq!(again, inventory);
+    assert_eq!(index(&restarted), inventory.provided());
+    assert!(restarted.cache_changes().is_empty());
 }
 
 #[test]
