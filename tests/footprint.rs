@@ -6,45 +6,17 @@
 //! The figure is printed; the test fails when it grows past the budget. The count is global to
 //! the process, so this binary holds this one test.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use pinkeeper::engine::{
     Config, Engine, ImageRecord, Input, Labels, ListCause, Output, CRI_PIN, K3S_PIN, PINNED,
 };
 
-struct Counting;
-
-/// Bytes allocated and not freed, by every thread of this test binary.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is kept.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: the caller's contract is passed on.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const IMAGES: usize = 5_000;
 
@@ -87,7 +59,7 @@ fn node() -> (Input, Vec<ImageRecord>) {
 
 #[test]
 fn heap_bytes_per_intent() {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let engine = {
         let (inventory, images) = node();
         let mut engine = Engine::new(Config::default(), []);
@@ -96,7 +68,7 @@ fn heap_bytes_per_intent() {
         drop(engine.handle(1, Input::Listing { images, cause }));
         engine
     };
-    let kept = LIVE.load(Ordering::Relaxed) - before;
+    let kept = counting::live() - before;
     // The same listing again (a verification, a reconnect): nothing changed, so the engine
     // saves nothing and keeps the strings it holds. Replacing them with equal copies would put
     // them among the listing's short-lived allocations, where the heap cannot give the pages

@@ -7,42 +7,13 @@
 //! The figure is printed; the test fails when it grows past the budget. The count is global to
 //! the process, so this binary holds this one test.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use pinkeeper::inventory::Scanner;
 
-struct Counting;
-
-/// Bytes allocated and not freed, by every thread of this test binary.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is kept.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller's contract is passed on.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: the caller's contract is passed on.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const FILES: usize = 5_000;
 
@@ -61,7 +32,7 @@ fn heap_bytes_per_file_of_the_images_directory() {
     }
     let text = text as isize;
 
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let mut scanner = Scanner::new(dir.path());
     let problems = scanner.scan_problems().unwrap();
     assert!(problems.files.is_empty() && problems.skipped.is_empty());
@@ -75,7 +46,7 @@ fn heap_bytes_per_file_of_the_images_directory() {
     let changes = scanner.cache_changes();
     assert_eq!(changes.updated.len(), FILES);
     drop(changes);
-    let kept = LIVE.load(Ordering::Relaxed) - before;
+    let kept = counting::live() - before;
     let per_file = (kept - text) / FILES as isize;
     eprintln!(
         "inventory: {kept} heap bytes for {FILES} files, {text} of them paths and names \
@@ -94,7 +65,7 @@ fn heap_bytes_per_file_of_the_images_directory() {
     let provided = scanner.provided();
     assert!(scanner.cache_changes().is_empty());
     assert_eq!(scanner.files_read(), FILES as u64);
-    let again = LIVE.load(Ordering::Relaxed) - before;
+    let again = counting::live() - before;
     eprintln!("inventory: {again} heap bytes after a second scan");
     // (A few hundred bytes of the process's own may be set up lazily meanwhile.)
     assert!(
