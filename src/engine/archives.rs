@@ -24,7 +24,7 @@ impl Engine {
     pub(super) fn source_with(&mut self, name: &str, digest: Option<&str>) -> Option<PathBuf> {
         let provided = self.provided.as_ref()?;
         if let Some(path) = provided.get(name) {
-            return Some(path.to_path_buf());
+            return Some(path.into_owned());
         }
         let digest = match digest {
             Some(d) => d,
@@ -43,7 +43,7 @@ impl Engine {
                 .iter()
                 .filter_map(|(n, path)| {
                     let d = intents.get(n)?.digest.clone()?;
-                    Some((d, path.to_path_buf()))
+                    Some((d, path.into_owned()))
                 })
                 .collect()
         });

@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Why an intent is released when its CRI pin is removed outside the sweep.
 const UNPIN: &str = "its CRI pin was removed, and not by K3s's startup sweep (an operator's unpin)";
@@ -525,7 +525,7 @@ impl Engine {
             .provided
             .as_ref()
             .and_then(|p| p.get(name))
-            .map(Path::to_path_buf)
+            .map(Cow::into_owned)
         else {
             return;
         };

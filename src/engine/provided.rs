@@ -3,6 +3,7 @@
 //! once), and a name index over it ([`Provided`]). With 30,000 archives a map of owned
 //! strings took ~5 MB in 90,000 allocations; this takes ~3 MB in a handful.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -25,20 +26,26 @@ struct File {
 }
 
 /// Files and the image names each provides, in the order they were added, every byte in one
-/// buffer. Offsets are 32-bit: a file that would take the buffer past 4 GiB is not added
-/// ([`FileNames::push`] says so), and its names then count as provided by no file, so
-/// pinkeeper restores their pins itself rather than leave them to K3s.
+/// buffer, paths under the root (the images directory) without it. Offsets are 32-bit: a file
+/// that would take the buffer past 4 GiB is not added ([`FileNames::push`] says so), and its
+/// names then count as provided by no file, so pinkeeper restores their pins itself rather
+/// than leave them to K3s.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FileNames {
+    /// A path under it is kept relative; any other is kept whole after a NUL byte (which no
+    /// path holds).
+    root: PathBuf,
     bytes: Vec<u8>,
     files: Vec<File>,
     names: Vec<Span>,
 }
 
 impl FileNames {
-    /// Room for `files` files (of one name each) and `text` bytes of paths and names.
-    pub fn with_capacity(files: usize, text: usize) -> FileNames {
+    /// Room for `files` files (of one name each) and `text` bytes of paths and names; paths
+    /// under `root` are kept without it.
+    pub fn new(root: &Path, files: usize, text: usize) -> FileNames {
         FileNames {
+            root: root.to_path_buf(),
             bytes: Vec::with_capacity(text),
             files: Vec::with_capacity(files),
             names: Vec::with_capacity(files),
@@ -55,7 +62,8 @@ impl FileNames {
         let index = u32::try_from(self.files.len()).ok()?;
         let (bytes, spans) = (self.bytes.len(), self.names.len());
         let added = (|| {
-            let path = self.span_of(path.as_os_str().as_bytes())?;
+            let path = self.encode(path);
+            let path = self.span_of(&path)?;
             let names_start = u32::try_from(self.names.len()).ok()?;
             for name in names {
                 let span = self.span_of(name.as_bytes())?;
@@ -118,11 +126,38 @@ impl FileNames {
         std::str::from_utf8(self.bytes(span)).unwrap_or_default()
     }
 
+    /// `path` as this buffer keeps it: relative to the root if under it, else whole after a
+    /// NUL byte. Ordered and compared as bytes, like [`FileNames::encoded_path`].
+    pub fn encode<'a>(&self, path: &'a Path) -> Cow<'a, [u8]> {
+        if !self.root.as_os_str().is_empty() {
+            if let Ok(relative) = path.strip_prefix(&self.root) {
+                let relative = relative.as_os_str().as_bytes();
+                // Only where joining gives back the same bytes (no doubled or trailing `/`).
+                if !relative.is_empty()
+                    && relative[0] != 0
+                    && self.root.join(OsStr::from_bytes(relative)).as_os_str() == path.as_os_str()
+                {
+                    return Cow::Borrowed(relative);
+                }
+            }
+        }
+        let mut whole = Vec::with_capacity(path.as_os_str().len() + 1);
+        whole.push(0);
+        whole.extend_from_slice(path.as_os_str().as_bytes());
+        Cow::Owned(whole)
+    }
+
+    /// The path of file `index` as kept (see [`FileNames::encode`]).
+    pub fn encoded_path(&self, index: u32) -> &[u8] {
+        self.bytes(self.files[index as usize].path)
+    }
+
     /// The path of file `index` (`index` < [`FileNames::len`]).
-    pub fn path(&self, index: u32) -> &Path {
-        Path::new(OsStr::from_bytes(
-            self.bytes(self.files[index as usize].path),
-        ))
+    pub fn path(&self, index: u32) -> Cow<'_, Path> {
+        match self.encoded_path(index) {
+            [0, whole @ ..] => Cow::Borrowed(Path::new(OsStr::from_bytes(whole))),
+            relative => Cow::Owned(self.root.join(OsStr::from_bytes(relative))),
+        }
     }
 
     /// The names of file `index`, in the order they were added.
@@ -140,7 +175,8 @@ impl FileNames {
 
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.bytes.capacity()
+        self.root.as_os_str().len()
+            + self.bytes.capacity()
             + self.files.capacity() * std::mem::size_of::<File>()
             + self.names.capacity() * std::mem::size_of::<Span>()
     }
@@ -182,7 +218,7 @@ impl Provided {
     }
 
     /// The file that provides `name`.
-    pub fn get(&self, name: &str) -> Option<&Path> {
+    pub fn get(&self, name: &str) -> Option<Cow<'_, Path>> {
         let names = &self.files.names;
         let at = self
             .by_name
@@ -197,7 +233,7 @@ impl Provided {
     }
 
     /// Every provided name with its file, by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Path)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Cow<'_, Path>)> + '_ {
         self.by_name.iter().map(|(name, file)| {
             (
                 self.files.text(self.files.names[*name as usize]),
@@ -267,10 +303,11 @@ mod tests {
         files.push(Path::new("odd\n\u{7f}.tar"), ["w"]).unwrap();
         let provided = Provided::new(Arc::new(files));
         assert_eq!(provided.len(), 4);
-        assert_eq!(provided.get("x"), Some(Path::new("b.tar")));
-        assert_eq!(provided.get("y"), Some(Path::new("b.tar")));
-        assert_eq!(provided.get("z"), Some(Path::new("a.tar")));
-        assert_eq!(provided.get("w"), Some(Path::new("odd\n\u{7f}.tar")));
+        let get = |name| provided.get(name).map(Cow::into_owned);
+        assert_eq!(get("x"), Some(PathBuf::from("b.tar")));
+        assert_eq!(get("y"), Some(PathBuf::from("b.tar")));
+        assert_eq!(get("z"), Some(PathBuf::from("a.tar")));
+        assert_eq!(get("w"), Some(PathBuf::from("odd\n\u{7f}.tar")));
         assert_eq!(provided.get("v"), None);
         assert_eq!(provided.get(""), None);
         let names: Vec<&str> = provided.iter().map(|(n, _)| n).collect();
@@ -284,7 +321,33 @@ mod tests {
         let index = files.push(path, ["n"]).unwrap();
         assert_eq!(files.path(index), path);
         assert_eq!(files.names(index).collect::<Vec<_>>(), ["n"]);
-        assert_eq!(Provided::new(Arc::new(files)).get("n"), Some(path));
+        assert_eq!(
+            Provided::new(Arc::new(files)).get("n").as_deref(),
+            Some(path)
+        );
+    }
+
+    #[test]
+    fn paths_under_the_root_are_kept_without_it_and_come_back_whole() {
+        let root = Path::new("/var/lib/rancher/k3s/agent/images");
+        let mut files = FileNames::new(root, 0, 0);
+        let paths = [
+            root.join("a.tar"),
+            root.join("sub/b.tar"),
+            PathBuf::from("/elsewhere/c.tar"),
+            PathBuf::from("/var/lib/rancher/k3s/agent/images//d.tar"),
+            PathBuf::from("relative.tar"),
+            root.to_path_buf(),
+        ];
+        for path in &paths {
+            let index = files.push(path, ["n"]).unwrap();
+            assert_eq!(files.path(index).as_os_str(), path.as_os_str());
+        }
+        assert_eq!(files.encoded_path(0), b"a.tar");
+        assert_eq!(files.encoded_path(1), b"sub/b.tar");
+        assert_eq!(files.encoded_path(2), b"\0/elsewhere/c.tar");
+        assert_eq!(files.encode(&paths[1]), &b"sub/b.tar"[..]);
+        assert_eq!(files.text_len(), 5 + 9 + 17 + 41 + 13 + 34 + 6);
     }
 
     #[test]

@@ -379,45 +379,17 @@ pub struct Scanner {
     files_read: u64,
 }
 
-/// A file's identity packed in 40 bytes ([`FileIdentity`]'s `i128` would align it to 48).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_high: i64,
-    mtime_low: u64,
-}
-
-impl Stamp {
-    fn of(identity: FileIdentity) -> Stamp {
-        Stamp {
-            dev: identity.dev,
-            ino: identity.ino,
-            size: identity.size,
-            mtime_high: (identity.mtime_ns >> 64) as i64,
-            mtime_low: identity.mtime_ns as u64,
-        }
-    }
-
-    fn identity(self) -> FileIdentity {
-        FileIdentity {
-            dev: self.dev,
-            ino: self.ino,
-            size: self.size,
-            mtime_ns: (i128::from(self.mtime_high) << 64) | i128::from(self.mtime_low),
-        }
-    }
-}
-
 /// What the scanner keeps of a cached file besides its path and names (which are in the
-/// table's [`FileNames`]).
-#[derive(Debug, Clone)]
+/// table's [`FileNames`]): 16 bytes.
+#[derive(Debug, Clone, Copy)]
 struct Known {
-    stamp: Stamp,
-    /// Without the path (see [`FileEntry::error`]).
-    error: Option<Box<str>>,
-    /// With the layout the content showed; the cache key's kind is its [`suffix_kind`].
+    /// [`CacheKey::hash64`] of the identity and kind by suffix it was read with. Two keys
+    /// with the same hash (odds of about 1 in 2^64 per lookup) would show a changed file as
+    /// its old read until it changes again, as for junk.
+    key: u64,
+    /// Index into the table's `errors`; [`NO_TEXT`] for none.
+    error: u32,
+    /// With the layout the content showed.
     kind: FileKind,
     /// The caller's store holds this path with this read.
     stored: bool,
@@ -425,62 +397,55 @@ struct Known {
 
 /// The cached files: paths and names in one shared buffer (the engine's [`Provided`] index
 /// points into it too), the rest beside it, and two sorted indexes instead of maps: about
-/// 100 bytes a file besides its path and names, in a handful of allocations.
+/// 60 bytes a file besides its path and names, in a handful of allocations.
 #[derive(Debug, Default)]
 struct Table {
     files: Arc<FileNames>,
     known: Vec<Known>,
-    /// File indexes by path (bytes).
+    /// The error texts of cached files (large broken ones: few), without the path.
+    errors: Vec<Box<str>>,
+    /// The full identity of files the caller's store does not hold yet (to hand out in
+    /// [`Scanner::cache_changes`]), by file index.
+    unstored: Vec<(u32, FileIdentity)>,
+    /// File indexes by path (the buffer's bytes).
     by_path: Box<[u32]>,
-    /// File indexes by stamp: a renamed or hard-linked file is found by its identity.
-    by_stamp: Box<[u32]>,
+    /// File indexes by key: a renamed or hard-linked file is found by its identity.
+    by_key: Box<[u32]>,
 }
 
 impl Table {
-    fn path(&self, index: u32) -> &Path {
-        self.files.path(index)
-    }
-
-    fn key(&self, index: u32) -> (Stamp, FileKind) {
-        let known = &self.known[index as usize];
-        (known.stamp, suffix_kind(known.kind))
-    }
-
     /// The file found at `path`.
     fn find_path(&self, path: &Path) -> Option<u32> {
-        let path = path.as_os_str().as_bytes();
+        let path = self.files.encode(path);
         let at = self
             .by_path
-            .binary_search_by(|i| self.path(*i).as_os_str().as_bytes().cmp(path))
+            .binary_search_by(|i| self.files.encoded_path(*i).cmp(&path))
             .ok()?;
         Some(self.by_path[at])
     }
 
-    /// A file with this identity and suffix kind, under any path.
-    fn find_stamp(&self, stamp: Stamp, kind: FileKind) -> Option<u32> {
-        let first = self
-            .by_stamp
-            .partition_point(|i| self.known[*i as usize].stamp < stamp);
-        self.by_stamp[first..]
-            .iter()
-            .take_while(|i| self.known[**i as usize].stamp == stamp)
-            .copied()
-            .find(|i| suffix_kind(self.known[*i as usize].kind) == kind)
+    /// A file read with this key, under any path.
+    fn find_key(&self, key: u64) -> Option<u32> {
+        let at = self
+            .by_key
+            .binary_search_by_key(&key, |i| self.known[*i as usize].key)
+            .ok()?;
+        Some(self.by_key[at])
     }
 
     /// The read of file `index`.
     fn read(&self, index: u32) -> CachedRead {
-        read_of(&self.files, &self.known, index)
+        read_of(&self.files, &self.known, &self.errors, index)
     }
 }
 
 /// The read of file `index` of a table.
-fn read_of(files: &FileNames, known: &[Known], index: u32) -> CachedRead {
-    let known = &known[index as usize];
+fn read_of(files: &FileNames, known: &[Known], errors: &[Box<str>], index: u32) -> CachedRead {
+    let known = known[index as usize];
     CachedRead {
         kind: known.kind,
         names: files.names(index).map(str::to_string).collect(),
-        error: known.error.as_deref().map(str::to_string),
+        error: errors.get(known.error as usize).map(|e| e.to_string()),
     }
 }
 
@@ -489,74 +454,79 @@ fn read_of(files: &FileNames, known: &[Known], index: u32) -> CachedRead {
 struct TableBuilder {
     files: FileNames,
     known: Vec<Known>,
+    errors: Vec<Box<str>>,
+    unstored: Vec<(u32, FileIdentity)>,
     /// Files read afresh in this scan, by key: a second hard link to one is not read again.
-    fresh: HashMap<(Stamp, FileKind), u32>,
+    fresh: HashMap<u64, u32>,
 }
 
 impl TableBuilder {
-    /// Room for `files` files and `text` bytes of paths and names.
-    fn with_capacity(files: usize, text: usize) -> TableBuilder {
+    /// Room for `files` files and `text` bytes of paths and names, paths kept relative to
+    /// `root`.
+    fn new(root: &Path, files: usize, text: usize) -> TableBuilder {
         TableBuilder {
-            files: FileNames::with_capacity(files, text),
+            files: FileNames::new(root, files, text),
             known: Vec::with_capacity(files),
+            errors: Vec::new(),
+            unstored: Vec::new(),
             fresh: HashMap::new(),
         }
     }
 
-    /// Adds a file; not kept if the table's text is full (4 GiB): it is read again next time.
-    fn push(&mut self, path: &Path, read: &CachedRead, stamp: Stamp, stored: bool) -> Option<u32> {
-        let index = self
-            .files
-            .push(path, read.names.iter().map(String::as_str))?;
-        self.known.push(Known {
-            stamp,
-            error: read.error.as_deref().map(Box::from),
-            kind: read.kind,
-            stored,
-        });
-        Some(index)
-    }
-
-    /// Adds a file as another table knows it.
-    fn push_known<'a>(
+    /// Adds a file read with `key`; not kept if the table's text is full (4 GiB): it is read
+    /// again next time.
+    fn push<'a>(
         &mut self,
         path: &Path,
         names: impl IntoIterator<Item = &'a str>,
-        known: &Known,
+        (kind, error): (FileKind, Option<&str>),
+        key: &CacheKey,
         stored: bool,
     ) -> Option<u32> {
         let index = self.files.push(path, names)?;
+        let error = match error {
+            Some(text) => {
+                self.errors.push(Box::from(text));
+                // Fewer errors than files, whose count `push` keeps within u32.
+                (self.errors.len() - 1) as u32
+            }
+            None => NO_TEXT,
+        };
+        if !stored {
+            self.unstored.push((index, key.identity));
+        }
         self.known.push(Known {
+            key: key.hash64(),
+            error,
+            kind,
             stored,
-            ..known.clone()
         });
         Some(index)
     }
 
     /// The read of file `index`.
     fn read(&self, index: u32) -> CachedRead {
-        read_of(&self.files, &self.known, index)
+        read_of(&self.files, &self.known, &self.errors, index)
     }
 
     fn finish(mut self) -> Table {
         self.files.shrink_to_fit();
         self.known.shrink_to_fit();
+        self.errors.shrink_to_fit();
+        self.unstored.shrink_to_fit();
         let count = self.known.len() as u32;
         let mut by_path: Vec<u32> = (0..count).collect();
-        by_path.sort_unstable_by(|a, b| {
-            self.files
-                .path(*a)
-                .as_os_str()
-                .as_bytes()
-                .cmp(self.files.path(*b).as_os_str().as_bytes())
-        });
-        let mut by_stamp: Vec<u32> = (0..count).collect();
-        by_stamp.sort_unstable_by_key(|i| self.known[*i as usize].stamp);
+        by_path
+            .sort_unstable_by(|a, b| self.files.encoded_path(*a).cmp(self.files.encoded_path(*b)));
+        let mut by_key: Vec<u32> = (0..count).collect();
+        by_key.sort_unstable_by_key(|i| self.known[*i as usize].key);
         Table {
             files: Arc::new(self.files),
             known: self.known,
+            errors: self.errors,
+            unstored: self.unstored,
             by_path: by_path.into_boxed_slice(),
-            by_stamp: by_stamp.into_boxed_slice(),
+            by_key: by_key.into_boxed_slice(),
         }
     }
 }
@@ -702,21 +672,19 @@ impl Scanner {
     /// entries of junk files (stored by an earlier version), which are kept in memory only.
     pub fn with_cache(mut self, entries: impl IntoIterator<Item = CachedFile>) -> Self {
         let reader = reader_name();
-        let mut table = TableBuilder::default();
+        let mut table = TableBuilder::new(&self.images_dir, 0, 0);
         for entry in entries {
             if entry.reader != reader {
                 self.forget.push(entry.path);
                 continue;
             }
-            let read = CachedRead {
-                kind: entry.kind,
-                names: entry.names,
-                error: entry.error,
+            let key = CacheKey {
+                identity: entry.identity,
+                kind: suffix_kind(entry.kind),
             };
-            if table
-                .push(&entry.path, &read, Stamp::of(entry.identity), true)
-                .is_none()
-            {
+            let names = entry.names.iter().map(String::as_str);
+            let read = (entry.kind, entry.error.as_deref());
+            if table.push(&entry.path, names, read, &key, true).is_none() {
                 self.forget.push(entry.path);
             }
         }
@@ -730,19 +698,18 @@ impl Scanner {
     pub fn cache_changes(&mut self) -> CacheChanges {
         let mut changes = CacheChanges::default();
         let reader = reader_name();
-        for index in 0..self.table.known.len() as u32 {
-            let known = &mut self.table.known[index as usize];
-            if known.stored {
-                continue;
-            }
+        let table = &mut self.table;
+        for (index, identity) in std::mem::take(&mut table.unstored) {
+            let known = &mut table.known[index as usize];
             known.stored = true;
+            let read = read_of(&table.files, &table.known, &table.errors, index);
             changes.updated.push(CachedFile {
-                path: self.table.files.path(index).to_path_buf(),
+                path: table.files.path(index).into_owned(),
                 reader: reader.clone(),
-                identity: known.stamp.identity(),
-                kind: known.kind,
-                names: self.table.files.names(index).map(str::to_string).collect(),
-                error: known.error.as_deref().map(str::to_string),
+                identity,
+                kind: read.kind,
+                names: read.names,
+                error: read.error,
             });
         }
         let mut removed = std::mem::take(&mut self.forget);
@@ -783,15 +750,15 @@ impl Scanner {
         use std::mem::size_of;
         let table = &self.table;
         let errors: usize = table
-            .known
+            .errors
             .iter()
-            .filter_map(|k| k.error.as_ref())
-            .map(|e| e.len())
+            .map(|e| e.len() + size_of::<Box<str>>())
             .sum();
         let reads = table.files.heap_bytes()
             + table.known.capacity() * size_of::<Known>()
             + errors
-            + (table.by_path.len() + table.by_stamp.len()) * size_of::<u32>();
+            + table.unstored.capacity() * size_of::<(u32, FileIdentity)>()
+            + (table.by_path.len() + table.by_key.len()) * size_of::<u32>();
         let forget: usize = self
             .forget
             .iter()
@@ -829,7 +796,7 @@ impl Scanner {
         let listing = walk(&self.images_dir)?;
         let old = std::mem::take(&mut self.table);
         let mut pass = Pass {
-            next: TableBuilder::with_capacity(listing.files.len(), old.files.text_len()),
+            next: TableBuilder::new(&self.images_dir, listing.files.len(), old.files.text_len()),
             junk: HashMap::new(),
             files: Vec::with_capacity(if all { listing.files.len() } else { 0 }),
             all,
@@ -853,9 +820,7 @@ impl Scanner {
                         kind: found.kind,
                     };
                     if let Some(index) = self.keep(&key, &found.path, &read, false, &mut pass) {
-                        pass.next
-                            .fresh
-                            .insert((Stamp::of(identity), found.kind), index);
+                        pass.next.fresh.insert(key.hash64(), index);
                     }
                     pass.report(found.path, read);
                 }
@@ -871,8 +836,11 @@ impl Scanner {
         // the paths it held that this scan did not keep.
         let next = pass.next.finish();
         for index in 0..old.known.len() as u32 {
-            if old.known[index as usize].stored && next.find_path(old.path(index)).is_none() {
-                self.forget.push(old.path(index).to_path_buf());
+            if old.known[index as usize].stored {
+                let path = old.files.path(index);
+                if next.find_path(&path).is_none() {
+                    self.forget.push(path.into_owned());
+                }
             }
         }
         drop(old);
@@ -900,17 +868,18 @@ impl Scanner {
             });
             return true;
         }
-        let stamp = Stamp::of(key.identity);
-        let wanted = (stamp, key.kind);
         // Unchanged at the same path: the store's record stays as it is. Else renamed, or
         // another link to a file read before.
-        let (index, stored) = match old.find_path(path).filter(|i| old.key(*i) == wanted) {
+        let (index, stored) = match old
+            .find_path(path)
+            .filter(|i| old.known[*i as usize].key == hash)
+        {
             Some(index) => (Some(index), old.known[index as usize].stored),
-            None => (old.find_stamp(stamp, key.kind), false),
+            None => (old.find_key(hash), false),
         };
         let Some(index) = index else {
             // A second link to a file this scan read.
-            let Some(&index) = pass.next.fresh.get(&wanted) else {
+            let Some(&index) = pass.next.fresh.get(&hash) else {
                 return false;
             };
             let read = pass.next.read(index);
@@ -918,13 +887,12 @@ impl Scanner {
             pass.report(path.to_path_buf(), read);
             return true;
         };
-        let known = &old.known[index as usize];
+        let known = old.known[index as usize];
         let nameless = old.files.names(index).len() == 0;
-        if !pass.all && known.error.is_none() && !(nameless && key.identity.size < JUNK_MAX_SIZE) {
+        if !pass.all && known.error == NO_TEXT && !(nameless && key.identity.size < JUNK_MAX_SIZE) {
             // Kept as it is, and not reported: no copy of the names.
-            let _ = pass
-                .next
-                .push_known(path, old.files.names(index), known, stored);
+            let names = old.files.names(index);
+            let _ = pass.next.push(path, names, (known.kind, None), key, stored);
             return true;
         }
         let read = old.read(index);
@@ -955,7 +923,9 @@ impl Scanner {
             }
             return None;
         }
-        pass.next.push(path, read, Stamp::of(key.identity), stored)
+        let names = read.names.iter().map(String::as_str);
+        let read = (read.kind, read.error.as_deref());
+        pass.next.push(path, names, read, key, stored)
     }
 }
 
