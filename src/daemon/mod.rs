@@ -199,7 +199,7 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     );
     let _http = http.map(tokio_util::task::AbortOnDropHandle::new);
     // Files read by an earlier run and unchanged since are not read again.
-    let scanner = Scanner::new(&settings.images_dir).with_cache(started.contents.cached);
+    let scanner = Scanner::new(&settings.images_dir).with_stored(started.contents.cached);
     info!(
         ledger = %crate::escape::path(&ledger_path),
         intents = intents.iter().filter(|i| i.state != engine::IntentState::Released).count(),

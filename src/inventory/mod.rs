@@ -450,7 +450,7 @@ fn read_of(files: &FileNames, known: &[Known], errors: &[Box<str>], index: u32) 
 }
 
 /// A [`Table`] being filled by a scan (or from the caller's store).
-#[derive(Default)]
+#[derive(Debug, Default, Clone)]
 struct TableBuilder {
     files: FileNames,
     known: Vec<Known>,
@@ -620,6 +620,56 @@ impl Texts {
     }
 }
 
+/// A cache kept elsewhere (the ledger's), taken in a record at a time for
+/// [`Scanner::with_stored`]: each record goes into the scanner's table as it is read, so that
+/// the records are never held as a list (with 30,000 archives, a list of them was the 12 MB
+/// peak of a restart).
+#[derive(Debug, Default, Clone)]
+pub struct StoredCache {
+    /// Paths kept whole (no root yet): it lasts until the first scan.
+    table: TableBuilder,
+    /// Records not trusted (another build's, or past the table's size).
+    forget: Vec<PathBuf>,
+    /// This build's reader (see [`reader_name`]), once known.
+    reader: String,
+}
+
+impl StoredCache {
+    /// Takes in one stored record.
+    pub fn add(&mut self, entry: CachedFile) {
+        if self.reader.is_empty() {
+            self.reader = reader_name();
+        }
+        if entry.reader != self.reader {
+            self.forget.push(entry.path);
+            return;
+        }
+        let key = CacheKey {
+            identity: entry.identity,
+            kind: suffix_kind(entry.kind),
+        };
+        let names = entry.names.iter().map(String::as_str);
+        let read = (entry.kind, entry.error.as_deref());
+        if self
+            .table
+            .push(&entry.path, names, read, &key, true)
+            .is_none()
+        {
+            self.forget.push(entry.path);
+        }
+    }
+
+    /// How many records were taken in.
+    pub fn len(&self) -> usize {
+        self.table.known.len() + self.forget.len()
+    }
+
+    /// None.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What a [`Scanner`] holds between scans, for tests and for the daemon's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -670,25 +720,18 @@ impl Scanner {
     /// a file whose identity is unchanged is not read again. Entries made by another build
     /// of pinkeeper are not used, and are reported as to be replaced or removed; so are
     /// entries of junk files (stored by an earlier version), which are kept in memory only.
-    pub fn with_cache(mut self, entries: impl IntoIterator<Item = CachedFile>) -> Self {
-        let reader = reader_name();
-        let mut table = TableBuilder::new(&self.images_dir, 0, 0);
+    pub fn with_cache(self, entries: impl IntoIterator<Item = CachedFile>) -> Self {
+        let mut stored = StoredCache::default();
         for entry in entries {
-            if entry.reader != reader {
-                self.forget.push(entry.path);
-                continue;
-            }
-            let key = CacheKey {
-                identity: entry.identity,
-                kind: suffix_kind(entry.kind),
-            };
-            let names = entry.names.iter().map(String::as_str);
-            let read = (entry.kind, entry.error.as_deref());
-            if table.push(&entry.path, names, read, &key, true).is_none() {
-                self.forget.push(entry.path);
-            }
+            stored.add(entry);
         }
-        self.table = table.finish();
+        self.with_stored(stored)
+    }
+
+    /// [`Scanner::with_cache`], from records taken in one by one.
+    pub fn with_stored(mut self, stored: StoredCache) -> Self {
+        self.table = stored.table.finish();
+        self.forget.extend(stored.forget);
         self
     }
 

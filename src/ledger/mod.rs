@@ -23,7 +23,7 @@ use redb::{
 
 use crate::engine::{HistoryEntry, Intent};
 use crate::escape;
-use crate::inventory::CachedFile;
+use crate::inventory::{CachedFile, StoredCache};
 
 pub mod journal;
 mod writer;
@@ -122,7 +122,7 @@ pub struct Contents {
     /// Every intent that could be decoded, released ones included.
     pub intents: Vec<Intent>,
     /// The images directory's read cache.
-    pub cached: Vec<CachedFile>,
+    pub cached: StoredCache,
     /// Intent records that could not be decoded (named in [`Contents::problem`]).
     pub undecodable: Vec<String>,
 }
@@ -503,9 +503,11 @@ impl Ledger {
     /// The cached reads of the images directory's files. A record that cannot be decoded
     /// (written by another version) is left out: that file is simply read again.
     pub fn cached_files(&self) -> Result<Vec<CachedFile>, LedgerError> {
-        let mut contents = Contents::default();
-        guarded(&self.path, || self.read_contents(&mut contents))?;
-        Ok(contents.cached)
+        let mut files = Vec::new();
+        guarded(&self.path, || {
+            self.read(|txn| read_files(txn, &mut |file| files.push(file)))
+        })?;
+        Ok(files)
     }
 
     /// History entries, newest first, optionally of one image, at most `limit`.
@@ -717,13 +719,22 @@ fn read_tables(
             }
         }
     }
-    if has(FILES.name())? {
+    read_files(txn, &mut |file| into.cached.add(file))
+}
+
+/// The cached reads, a record at a time (a record of another version is left out: that file
+/// is read again).
+fn read_files(
+    txn: &redb::ReadTransaction,
+    into: &mut dyn FnMut(CachedFile),
+) -> Result<(), Box<dyn std::error::Error>> {
+    if txn.list_tables()?.any(|t| t.name() == FILES.name()) {
         let table = txn.open_table(FILES)?;
         for row in table.iter()? {
             let (k, v) = row?;
             if let Ok(mut file) = serde_json::from_slice::<CachedFile>(v.value()) {
                 file.path = PathBuf::from(OsStr::from_bytes(k.value()));
-                into.cached.push(file);
+                into(file);
             }
         }
     }

@@ -198,7 +198,7 @@ pub(super) fn check_containerd(
     }
 }
 
-pub(super) fn check_images_dir(dir: &Path, cached: Vec<CachedFile>) -> Check {
+pub(super) fn check_images_dir(dir: &Path, cached: StoredCache) -> Check {
     const NAME: &str = "images-dir";
     let shown = dir.display();
     let set_it = "if K3s runs with --data-dir DIR, pass DIR/agent/images with --images-dir \
@@ -237,7 +237,7 @@ pub(super) fn check_images_dir(dir: &Path, cached: Vec<CachedFile>) -> Check {
         }
     }
     // The ledger's cache of earlier reads spares reading every unchanged archive again.
-    let inventory = match Scanner::new(dir).with_cache(cached).scan() {
+    let inventory = match Scanner::new(dir).with_stored(cached).scan() {
         Ok(inventory) => inventory,
         Err(e) => {
             return Check::new(NAME, Status::Fail, e.to_string())

@@ -26,7 +26,7 @@ pub(super) enum LedgerRead {
     Read {
         path: PathBuf,
         intents: Vec<Intent>,
-        cached: Vec<CachedFile>,
+        cached: Box<StoredCache>,
     },
 }
 
@@ -66,7 +66,7 @@ pub(super) fn read_ledger(state_dir: &Path) -> LedgerRead {
                 path,
             },
             None => LedgerRead::Read {
-                cached: contents.cached,
+                cached: Box::new(contents.cached),
                 intents: contents.intents,
                 path,
             },

@@ -28,7 +28,7 @@ use crate::cli::node::NodeArgs;
 use crate::config::{ConfigError, Overrides, Program, Settings};
 use crate::containerd::Containerd;
 use crate::engine::{self, cri_pinned, ImageRecord, Intent, IntentState, Risk, CRI_PIN, PINNED};
-use crate::inventory::{CachedFile, Scanner};
+use crate::inventory::{Scanner, StoredCache};
 use crate::ledger::{Ledger, LedgerError, FILE_NAME};
 
 /// How long the containerd probe (connect, then Version) may take: a doctor must answer fast,
@@ -141,8 +141,8 @@ async fn examine_on(
         Err(_) => read_ledger(&settings.state_dir),
     };
     let cached = match &ledger {
-        LedgerRead::Read { cached, .. } => cached.clone(),
-        _ => Vec::new(),
+        LedgerRead::Read { cached, .. } => (**cached).clone(),
+        _ => StoredCache::default(),
     };
     let images_dir = check_images_dir(&settings.images_dir, cached);
     let ledger_check = check_ledger(settings, &ledger);
