@@ -836,45 +836,29 @@ impl Scanner {
     }
 
     fn scan_files(&mut self, all: bool) -> Result<Inventory, InventoryError> {
-        let listing = walk(&self.images_dir)?;
         let old = std::mem::take(&mut self.table);
+        // The last scan's size is the best guess of this one's.
         let mut pass = Pass {
-            next: TableBuilder::new(&self.images_dir, listing.files.len(), old.files.text_len()),
+            next: TableBuilder::new(&self.images_dir, old.known.len(), old.files.text_len()),
             junk: HashMap::new(),
-            files: Vec::with_capacity(if all { listing.files.len() } else { 0 }),
+            files: Vec::new(),
             all,
         };
-        let mut skipped = listing.skipped;
-        for found in listing.files {
-            let key = CacheKey {
-                identity: found.identity,
-                kind: found.kind,
-            };
-            if self.cached(&key, &found.path, &old, &mut pass) {
-                continue;
+        let mut unopened = Vec::new();
+        // Each file is taken as the walk finds it, in K3s's order: no list of them is held.
+        let root = self.images_dir.clone();
+        let walked = walk(&root, &mut |found| {
+            self.take(found, &old, &mut pass, &mut unopened);
+        });
+        let mut skipped = match walked {
+            Ok(skipped) => skipped,
+            Err(e) => {
+                // Nothing was found: the cache stays as it was.
+                self.table = old;
+                return Err(e);
             }
-            self.files_read += 1;
-            let open_path = found.target.as_deref().unwrap_or(&found.path);
-            match read_file(open_path, found.kind, self.options) {
-                FileRead::Read { identity, read } => {
-                    // The open file's identity: it may have changed since the walk.
-                    let key = CacheKey {
-                        identity,
-                        kind: found.kind,
-                    };
-                    if let Some(index) = self.keep(&key, &found.path, &read, false, &mut pass) {
-                        pass.next.fresh.insert(key.hash64(), index);
-                    }
-                    pass.report(found.path, read);
-                }
-                FileRead::Failed(read) => pass.report(found.path, read),
-                FileRead::NotRegular(reason) => skipped.push(SkippedPath {
-                    path: found.path,
-                    reason,
-                }),
-                FileRead::Gone => {}
-            }
-        }
+        };
+        skipped.extend(unopened);
         // Entries of files that are gone (or changed) are dropped here; the store forgets
         // the paths it held that this scan did not keep.
         let next = pass.next.finish();
@@ -894,6 +878,45 @@ impl Scanner {
             files: pass.files,
             skipped,
         })
+    }
+
+    /// One file the walk found: its cached read, or a read of it; a file that is no longer a
+    /// regular one when opened goes in `unopened`.
+    fn take(
+        &mut self,
+        found: Found,
+        old: &Table,
+        pass: &mut Pass,
+        unopened: &mut Vec<SkippedPath>,
+    ) {
+        let key = CacheKey {
+            identity: found.identity,
+            kind: found.kind,
+        };
+        if self.cached(&key, &found.path, old, pass) {
+            return;
+        }
+        self.files_read += 1;
+        let open_path = found.target.as_deref().unwrap_or(&found.path);
+        match read_file(open_path, found.kind, self.options) {
+            FileRead::Read { identity, read } => {
+                // The open file's identity: it may have changed since the walk.
+                let key = CacheKey {
+                    identity,
+                    kind: found.kind,
+                };
+                if let Some(index) = self.keep(&key, &found.path, &read, false, pass) {
+                    pass.next.fresh.insert(key.hash64(), index);
+                }
+                pass.report(found.path, read);
+            }
+            FileRead::Failed(read) => pass.report(found.path, read),
+            FileRead::NotRegular(reason) => unopened.push(SkippedPath {
+                path: found.path,
+                reason,
+            }),
+            FileRead::Gone => {}
+        }
     }
 
     /// Whether `key` at `path` was read before (by this scan or the last one): if so its

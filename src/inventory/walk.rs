@@ -13,14 +13,15 @@ pub(super) struct Found {
     pub(super) identity: FileIdentity,
 }
 
-#[derive(Default)]
-pub(super) struct Listing {
-    pub(super) files: Vec<Found>,
-    pub(super) skipped: Vec<SkippedPath>,
+/// Where the walk puts what it finds.
+struct Listing<'a> {
+    /// Each file, as it is found.
+    on_file: &'a mut dyn FnMut(Found),
+    skipped: Vec<SkippedPath>,
 }
 
-impl Listing {
-    pub(super) fn skip(&mut self, path: PathBuf, reason: impl Into<String>) {
+impl Listing<'_> {
+    fn skip(&mut self, path: PathBuf, reason: impl Into<String>) {
         self.skipped.push(SkippedPath {
             path,
             reason: reason.into(),
@@ -28,15 +29,24 @@ impl Listing {
     }
 }
 
-pub(super) fn walk(root: &Path) -> Result<Listing, InventoryError> {
+/// Walks `root`, giving `on_file` each file K3s would import as it is found (in K3s's order);
+/// returns what was passed over. An error only when the directory itself cannot be listed,
+/// before any file is given.
+pub(super) fn walk(
+    root: &Path,
+    on_file: &mut dyn FnMut(Found),
+) -> Result<Vec<SkippedPath>, InventoryError> {
     let unreadable = |source| InventoryError::Unreadable {
         path: root.to_path_buf(),
         source,
     };
-    let mut listing = Listing::default();
+    let mut listing = Listing {
+        on_file,
+        skipped: Vec::new(),
+    };
     let root_meta = match fs::metadata(root) {
         Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing.skipped),
         Err(e) => return Err(unreadable(e)),
     };
     if !root_meta.is_dir() {
@@ -44,7 +54,7 @@ pub(super) fn walk(root: &Path) -> Result<Listing, InventoryError> {
             root.to_path_buf(),
             "the images path is not a directory; K3s imports nothing from it",
         );
-        return Ok(listing);
+        return Ok(listing.skipped);
     }
     let canonical_root = fs::canonicalize(root).map_err(unreadable)?;
     let mut visited = HashSet::from([(root_meta.dev(), root_meta.ino())]);
@@ -73,7 +83,7 @@ pub(super) fn walk(root: &Path) -> Result<Listing, InventoryError> {
             );
         }
     }
-    Ok(listing)
+    Ok(listing.skipped)
 }
 
 pub(super) fn list_dir(dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
@@ -86,12 +96,12 @@ pub(super) fn list_dir(dir: &Path) -> io::Result<Vec<std::ffi::OsString>> {
     Ok(names)
 }
 
-pub(super) fn visit(
+fn visit(
     path: PathBuf,
     canonical_root: &Path,
     visited: &mut HashSet<(u64, u64)>,
     queue: &mut VecDeque<PathBuf>,
-    listing: &mut Listing,
+    listing: &mut Listing<'_>,
 ) {
     let kind = classify(&path);
     let link_meta = match fs::symlink_metadata(&path) {
@@ -157,7 +167,7 @@ pub(super) fn visit(
         listing.skip(path, NOT_REGULAR);
         return;
     }
-    listing.files.push(Found {
+    (listing.on_file)(Found {
         path,
         target,
         kind,
