@@ -293,7 +293,9 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
 impl Daemon {
     async fn serve(&mut self) {
         // The directory is read while pinkeeper connects; no archive is called gone unread
-        // (the engine takes every archive as present until the first inventory).
+        // (the engine takes every archive as present until the first inventory). Watched
+        // first: a change from then on is signalled, anything before is in this read.
+        self.watch_images_dir(true);
         self.start_scan();
         loop {
             let client = self.wait_for_containerd().await;
@@ -312,7 +314,7 @@ impl Daemon {
 
     /// Connects with capped, jittered backoff; returns once subscribed is possible.
     async fn wait_for_containerd(&mut self) -> Containerd {
-        self.watch_images_dir();
+        self.watch_images_dir(false);
         let socket = self.settings.containerd_socket.clone();
         let mut backoff = Backoff::default();
         let mut reported = false;

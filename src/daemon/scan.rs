@@ -68,6 +68,8 @@ impl Daemon {
         self.scans_started += 1;
         let mut problems = std::mem::take(&mut self.problems);
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let read_before = scanner.files_read();
             let result = scanner.scan_problems().map(|inventory| {
                 let report = problems.observe(&inventory);
                 // An index over the scanner's table: the names and paths are not copied.
@@ -79,6 +81,12 @@ impl Daemon {
                     // A scan of many files allocates per file what it does not keep.
                     crate::memory::release_freed();
                 }
+                debug!(
+                    names = provided.len(),
+                    files_read = scanner.files_read() - read_before,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "read the images directory"
+                );
                 (provided, report)
             });
             let cached = scanner.cache_changes();
@@ -177,10 +185,16 @@ impl Daemon {
     }
 
     /// Starts watching the images directory, or checks the watch (re-added if it was lost).
-    pub(super) fn watch_images_dir(&mut self) {
+    /// `read_follows`: the caller starts a scan next, so arming the watch is no change.
+    pub(super) fn watch_images_dir(&mut self, read_follows: bool) {
+        let start = if read_follows {
+            Watcher::start_before_read
+        } else {
+            Watcher::start
+        };
         match &self.watch {
             Some(watch) if watch.is_alive() => watch.rearm(),
-            _ => match Watcher::start(&self.settings.images_dir) {
+            _ => match start(&self.settings.images_dir) {
                 Ok(watch) => self.watch = Some(watch),
                 Err(e) => warn!(
                     dir = %self.settings.images_dir.display(),
