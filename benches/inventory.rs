@@ -9,10 +9,11 @@
 //! cargo bench --bench inventory -- hostile DIR  write the hostile directories (see below) into DIR
 //! ```
 //!
-//! `retained IMAGES_DIR` does what the daemon does with a scan (scan, hand the cache changes to
-//! the ledger, observe the problems, drop the inventory, give freed memory back) twice, and
-//! prints what the scanner keeps and the process's RSS after each (`PINKEEPER_BENCH_NO_TRIM=1`:
-//! without giving the memory back).
+//! `retained IMAGES_DIR` does what the daemon does with a scan (scan keeping the broken files
+//! only, hand the cache changes to the ledger, observe the problems, keep the name index the
+//! engine keeps, drop the rest, give freed memory back) twice, and prints what the scanner
+//! keeps and the process's RSS after each (`PINKEEPER_BENCH_NO_TRIM=1`: without giving the
+//! memory back).
 //!
 //! `hostile DIR` writes what issue 9 measured pinkeeper against, one images directory each, for
 //! timing `pinkeeper inventory --images-dir DIR/CASE` by hand (`scripts/bench-inventory.sh
@@ -94,13 +95,16 @@ fn scan(dir: &Path) -> io::Result<()> {
 fn retained(dir: &Path) -> io::Result<()> {
     let mut scanner = Scanner::new(dir);
     let mut problems = pinkeeper::inventory::Problems::new();
+    // What the engine holds: the last scan's name index.
+    let mut provided;
     for round in 1..=2 {
         let started = Instant::now();
-        let inventory = scanner.scan().map_err(io::Error::other)?;
+        let inventory = scanner.scan_problems().map_err(io::Error::other)?;
         let changes = scanner.cache_changes();
         let report = problems.observe(&inventory);
+        provided = scanner.provided();
         let elapsed = started.elapsed();
-        let (files, lines) = (inventory.files.len(), report.lines().len());
+        let (broken, lines) = (inventory.files.len(), report.lines().len());
         drop((inventory, report));
         let stored = changes.updated.len();
         drop(changes);
@@ -116,8 +120,9 @@ fn retained(dir: &Path) -> io::Result<()> {
                 .unwrap_or_default()
         };
         println!(
-            "scan {round}: {files} files in {:.2} s, {} read so far, {stored} stored, {lines} log \
-             lines; kept {:?}; VmRSS {} KiB, VmHWM {} KiB",
+            "scan {round}: {} names and {broken} broken files in {:.2} s, {} read so far, {stored} \
+             stored, {lines} log lines; kept {:?}; VmRSS {} KiB, VmHWM {} KiB",
+            provided.len(),
             elapsed.as_secs_f64(),
             scanner.files_read(),
             scanner.cache_stats(),

@@ -18,6 +18,9 @@ use crate::ledger::OwnedChange;
 /// A scan of an unchanged directory takes milliseconds; a longer one (gigabytes of new
 /// archives) is applied when it ends, and the engine restores then what it shows gone.
 pub(super) const SCAN_WAIT: Duration = Duration::from_secs(1);
+/// Read cache records handed to the ledger at once during a scan (see
+/// [`Scanner::scan_problems_storing`]).
+const CACHE_BATCH: usize = 1024;
 /// How long the start-up verification waits for its read of the images directory (a hung
 /// network filesystem) before it checks with the last inventory.
 const SCAN_STUCK: Duration = Duration::from_secs(30);
@@ -67,10 +70,17 @@ impl Daemon {
         self.rescan_wanted = false;
         self.scans_started += 1;
         let mut problems = std::mem::take(&mut self.problems);
+        let ledger = self.exec.journal.feed();
         self.scan_task = Some(tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let read_before = scanner.files_read();
-            let result = scanner.scan_problems().map(|inventory| {
+            // The read cache goes to the ledger in the background as the scan goes (it is a
+            // cache: losing a batch to a crash only means reading those files again).
+            let mut store = |changes| {
+                let _ = ledger.write(OwnedChange::from_cache_changes(changes));
+            };
+            let scanned = scanner.scan_problems_storing(CACHE_BATCH, &mut store);
+            let result = scanned.map(|inventory| {
                 let report = problems.observe(&inventory);
                 // An index over the scanner's table: the names and paths are not copied.
                 let provided = scanner.provided();

@@ -449,6 +449,30 @@ fn read_of(files: &FileNames, known: &[Known], errors: &[Box<str>], index: u32) 
     }
 }
 
+/// The records to store of the files `unstored` (which then count as stored).
+fn records(
+    files: &FileNames,
+    known: &mut [Known],
+    errors: &[Box<str>],
+    unstored: Vec<(u32, FileIdentity)>,
+    reader: &str,
+) -> Vec<CachedFile> {
+    let mut records = Vec::with_capacity(unstored.len());
+    for (index, identity) in unstored {
+        known[index as usize].stored = true;
+        let read = read_of(files, known, errors, index);
+        records.push(CachedFile {
+            path: files.path(index).into_owned(),
+            reader: reader.to_string(),
+            identity,
+            kind: read.kind,
+            names: read.names,
+            error: read.error,
+        });
+    }
+    records
+}
+
 /// A [`Table`] being filled by a scan (or from the caller's store).
 #[derive(Debug, Default, Clone)]
 struct TableBuilder {
@@ -742,19 +766,14 @@ impl Scanner {
         let mut changes = CacheChanges::default();
         let reader = reader_name();
         let table = &mut self.table;
-        for (index, identity) in std::mem::take(&mut table.unstored) {
-            let known = &mut table.known[index as usize];
-            known.stored = true;
-            let read = read_of(&table.files, &table.known, &table.errors, index);
-            changes.updated.push(CachedFile {
-                path: table.files.path(index).into_owned(),
-                reader: reader.clone(),
-                identity,
-                kind: read.kind,
-                names: read.names,
-                error: read.error,
-            });
-        }
+        let unstored = std::mem::take(&mut table.unstored);
+        changes.updated = records(
+            &table.files,
+            &mut table.known,
+            &table.errors,
+            unstored,
+            &reader,
+        );
         let mut removed = std::mem::take(&mut self.forget);
         removed.retain(|path| self.table.find_path(path).is_none());
         removed.sort_unstable();
@@ -824,7 +843,7 @@ impl Scanner {
     /// only if the open file is a regular one: a fifo, socket or device swapped in since the
     /// walk is reported in [`Inventory::skipped`].
     pub fn scan(&mut self) -> Result<Inventory, InventoryError> {
-        self.scan_files(true)
+        self.scan_files(true, None)
     }
 
     /// [`Scanner::scan`], keeping in the inventory only the files with an error (and the
@@ -832,10 +851,26 @@ impl Scanner {
     /// [`Scanner::provided`]. Saves an entry, a path and a copy of the names per good file:
     /// with 30,000 archives, about 7 MB for the scan's length.
     pub fn scan_problems(&mut self) -> Result<Inventory, InventoryError> {
-        self.scan_files(false)
+        self.scan_files(false, None)
     }
 
-    fn scan_files(&mut self, all: bool) -> Result<Inventory, InventoryError> {
+    /// [`Scanner::scan_problems`], handing `store` the records of files read so far every
+    /// `every` new reads (what [`Scanner::cache_changes`] would hand out later): a long first
+    /// read of a large directory, stopped half-way, keeps what it read, and its records are
+    /// never all held at once.
+    pub fn scan_problems_storing(
+        &mut self,
+        every: usize,
+        store: &mut dyn FnMut(CacheChanges),
+    ) -> Result<Inventory, InventoryError> {
+        self.scan_files(false, Some((every.max(1), store)))
+    }
+
+    fn scan_files(
+        &mut self,
+        all: bool,
+        mut store: Option<(usize, &mut dyn FnMut(CacheChanges))>,
+    ) -> Result<Inventory, InventoryError> {
         let old = std::mem::take(&mut self.table);
         // The last scan's size is the best guess of this one's.
         let mut pass = Pass {
@@ -847,8 +882,26 @@ impl Scanner {
         let mut unopened = Vec::new();
         // Each file is taken as the walk finds it, in K3s's order: no list of them is held.
         let root = self.images_dir.clone();
+        let reader = reader_name();
         let walked = walk(&root, &mut |found| {
             self.take(found, &old, &mut pass, &mut unopened);
+            if let Some((every, store)) = store.as_mut() {
+                if pass.next.unstored.len() >= *every {
+                    let next = &mut pass.next;
+                    let unstored = std::mem::take(&mut next.unstored);
+                    let updated = records(
+                        &next.files,
+                        &mut next.known,
+                        &next.errors,
+                        unstored,
+                        &reader,
+                    );
+                    store(CacheChanges {
+                        updated,
+                        removed: Vec::new(),
+                    });
+                }
+            }
         });
         let mut skipped = match walked {
             Ok(skipped) => skipped,

@@ -843,6 +843,47 @@ fn the_scanners_name_index_is_the_inventorys() {
     assert!(restarted.cache_changes().is_empty());
 }
 
+/// A scan hands out its records as it goes: all of them, each once, and a restart from them
+/// reads nothing.
+#[test]
+fn a_scan_stores_its_records_as_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for i in 0..5 {
+        write(root, &format!("l{i}.txt"), format!("app{i}:1\n").as_bytes());
+    }
+    write(root, "junk.tar", b"");
+    let mut scanner = Scanner::new(root);
+    let mut batches = Vec::new();
+    let inventory = scanner
+        .scan_problems_storing(2, &mut |changes| batches.push(changes))
+        .unwrap();
+    assert_eq!(
+        inventory.files.len(),
+        1,
+        "the junk file only: {inventory:?}"
+    );
+    assert_eq!(batches.len(), 2);
+    assert!(batches
+        .iter()
+        .all(|b| b.updated.len() == 2 && b.removed.is_empty()));
+    let last = scanner.cache_changes();
+    assert_eq!(last.updated.len(), 1);
+    let mut all: Vec<CachedFile> = batches.iter().flat_map(stored).collect();
+    all.extend(stored(&last));
+    let mut paths: Vec<PathBuf> = all.iter().map(|f| f.path.clone()).collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), 5);
+    assert!(scanner.cache_changes().is_empty());
+
+    let mut restarted = Scanner::new(root).with_cache(all);
+    let again = restarted.scan().unwrap();
+    assert_eq!(restarted.files_read(), 1, "the junk file only");
+    assert_eq!(again.provided(), scanner.scan().unwrap().provided());
+    assert!(restarted.cache_changes().is_empty());
+}
+
 #[test]
 fn a_file_that_cannot_be_opened_is_not_cached() {
     use std::os::unix::fs::PermissionsExt;

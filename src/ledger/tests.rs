@@ -44,7 +44,7 @@ fn survives_reopen_and_keeps_history_order() {
     assert_eq!(ledger.next_seq, 2);
 }
 
-fn cached(path: &Path, names: &[&str]) -> CachedFile {
+pub(crate) fn cached(path: &Path, names: &[&str]) -> CachedFile {
     use crate::inventory::{Compression, FileIdentity, FileKind, Layout};
     CachedFile {
         path: path.to_path_buf(),

@@ -169,9 +169,35 @@ enum Job {
 /// [`Health`] says so. The daemon keeps protecting from what it holds in memory meanwhile.
 #[derive(Debug)]
 pub struct Writer {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    /// The queue; `None` once closed. Shared with [`Feed`]s, which hold no sender of their
+    /// own: closing is never held up by one.
+    jobs: Jobs,
     thread: Option<std::thread::JoinHandle<()>>,
     health: SharedHealth,
+}
+
+type Jobs = std::sync::Arc<std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>>;
+
+/// Queues batches from another thread (a scan of the images directory, on the blocking
+/// pool); once the writer is closed, a write fails and is dropped.
+#[derive(Debug, Clone)]
+pub struct Feed(Jobs);
+
+impl Feed {
+    /// Queues a batch; it is committed soon, with whatever else is queued.
+    pub fn write(&self, changes: Vec<OwnedChange>) -> Result<(), String> {
+        send_job(&self.0, Job::Write(changes, None))
+    }
+}
+
+fn send_job(jobs: &Jobs, job: Job) -> Result<(), String> {
+    // A panic while holding the lock leaves the sender as it was: still usable.
+    let jobs = jobs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let jobs = jobs.as_ref().ok_or("the ledger writer is closed")?;
+    jobs.send(job)
+        .map_err(|_| "the ledger writer stopped".to_string())
 }
 
 /// Told how long each commit took, on the writer thread (the daemon's metrics).
@@ -393,7 +419,7 @@ impl Writer {
                 reason: format!("cannot start the ledger writer thread: {e}"),
             })?;
         Ok(Writer {
-            jobs: Some(jobs),
+            jobs: std::sync::Arc::new(std::sync::Mutex::new(Some(jobs))),
             thread: Some(thread),
             health,
         })
@@ -442,15 +468,21 @@ impl Writer {
     }
 
     fn job(&self, job: Job) -> Result<(), String> {
-        let jobs = self.jobs.as_ref().ok_or("the ledger writer is closed")?;
-        jobs.send(job)
-            .map_err(|_| "the ledger writer stopped".to_string())
+        send_job(&self.jobs, job)
+    }
+
+    /// A handle for queueing batches from another thread.
+    pub fn feed(&self) -> Feed {
+        Feed(self.jobs.clone())
     }
 
     /// Commits everything queued (one last attempt if the ledger cannot be written) and stops
     /// the thread; returns the problem if changes could not be written.
     pub fn close(&mut self) -> Result<(), LedgerError> {
-        self.jobs = None;
+        *self
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 return Err(LedgerError::Io {
@@ -501,6 +533,27 @@ mod tests {
         )
         .unwrap();
         (writer, commits)
+    }
+
+    #[tokio::test]
+    async fn a_feed_writes_from_another_thread_and_never_holds_up_closing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, _) = counted(dir.path());
+        let feed = writer.feed();
+        let file = crate::ledger::tests::cached(&dir.path().join("a.tar"), &["a"]);
+        std::thread::spawn({
+            let feed = feed.clone();
+            let file = file.clone();
+            move || feed.write(vec![OwnedChange::CacheFile(Box::new(file))])
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        // Closing commits what was queued, although `feed` is still held.
+        writer.close().unwrap();
+        assert!(feed.write(Vec::new()).is_err(), "closed");
+        let ledger = Ledger::open(dir.path()).unwrap();
+        assert_eq!(ledger.cached_files().unwrap(), vec![file]);
     }
 
     #[tokio::test]
