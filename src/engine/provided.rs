@@ -1,7 +1,8 @@
 //! What the images directory provides, compactly: each file's path and names in one buffer
 //! ([`FileNames`], which the inventory's scanner also keeps as its cache, so a name is held
-//! once), and a name index over it ([`Provided`]). With 30,000 archives a map of owned
-//! strings took ~5 MB in 90,000 allocations; this takes ~3 MB in a handful.
+//! once), and a name index over it ([`Provided`]). The scanner's table and this index take 99
+//! heap bytes a file where maps of owned strings took 735 (`tests/footprint_inventory.rs`),
+//! in a handful of allocations instead of several per file.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

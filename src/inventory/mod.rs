@@ -688,7 +688,7 @@ impl StoredCache {
         self.table.known.len() + self.forget.len()
     }
 
-    /// None.
+    /// No record was taken in.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
