@@ -41,6 +41,8 @@ use read::*;
 use walk::*;
 
 #[cfg(test)]
+mod cache_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
