@@ -39,7 +39,7 @@ use serde::Deserialize;
 use crate::daemon::executor::{run_ready, Executor, FixedClock};
 use crate::engine::{
     Config, Engine, EventKind, HistoryEntry, ImageEvent, ImageRecord, Input, Intent, IntentState,
-    Labels, ListCause, Millis, Now, Output,
+    Labels, ListCause, Millis, Name, Now, Output,
 };
 use crate::ledger::MemoryLedger;
 use crate::store::{ImageStore, MemoryEvents, MemoryStore};
@@ -110,7 +110,7 @@ impl Replay {
     }
 
     /// The ledger's records, as the engine saved them.
-    pub fn ledger(&self) -> &BTreeMap<String, Intent> {
+    pub fn ledger(&self) -> &BTreeMap<Name, Intent> {
         &self.exec.journal.intents
     }
 
@@ -338,7 +338,7 @@ impl Replay {
             }
         }
         for (name, want) in &expect.intents {
-            let got = self.ledger().get(name).map(|i| i.state);
+            let got = self.ledger().get(name.as_str()).map(|i| i.state);
             if got != *want {
                 problems.push(format!("intent of {name}: want {want:?}, got {got:?}"));
             }

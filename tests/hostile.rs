@@ -223,7 +223,7 @@ async fn a_full_disk_under_the_state_dir_does_not_stop_protection(version: Versi
     .await?;
     node.kill_pinkeeper()?;
     let on_disk = pinkeeper::ledger::Ledger::open(&node.state_dir())?.intents()?;
-    let mut names: Vec<String> = on_disk.into_iter().map(|i| i.name).collect();
+    let mut names: Vec<String> = on_disk.into_iter().map(|i| i.name.into()).collect();
     names.sort();
     let mut want = pinned.clone();
     want.sort();

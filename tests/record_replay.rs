@@ -188,7 +188,7 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
     let live_intents: BTreeMap<String, IntentState> = ledger
         .intents()?
         .into_iter()
-        .map(|i| (i.name, i.state))
+        .map(|i| (i.name.into(), i.state))
         .collect();
     drop(ledger);
     // The scenario did what it is meant to: web and its alias restored, helm released. On a
@@ -229,7 +229,7 @@ async fn a_recording_replays_to_the_daemons_decisions(version: Version) -> Resul
     let replayed_intents: BTreeMap<String, IntentState> = replay
         .ledger()
         .values()
-        .map(|i| (i.name.clone(), i.state))
+        .map(|i| (i.name.to_string(), i.state))
         .collect();
     let decisions: Vec<String> = replay
         .decisions

@@ -21,7 +21,7 @@ fn check_invariants(path: &Path, replay: &Replay) {
         if let Output::Pin { name, .. } = output {
             // Only images with a recorded intent are ever pinned.
             assert!(
-                replay.ledger().contains_key(name),
+                replay.ledger().contains_key(name.as_str()),
                 "{}: pinned {name} without an intent",
                 path.display()
             );

@@ -813,7 +813,7 @@ impl Sim {
             .intents()
             .filter(|i| i.state != IntentState::Released && owned(i))
             .filter(|i| !ledger.intents.get(&i.name).is_some_and(owned))
-            .map(|i| i.name.clone())
+            .map(|i| i.name.to_string())
             .collect();
         self.ledger = Some(ledger);
         for name in forgotten {
@@ -1048,9 +1048,12 @@ impl Sim {
                 .intents
                 .values()
                 .filter(|i| i.state != IntentState::Released)
-                .filter(|i| !self.let_go.contains(&i.name) && !self.amnesia.contains(&i.name))
-                .filter(|i| self.stale.get(&i.name) != Some(*i))
-                .map(|i| i.name.clone())
+                .filter(|i| {
+                    !self.let_go.contains(i.name.as_str())
+                        && !self.amnesia.contains(i.name.as_str())
+                })
+                .filter(|i| self.stale.get(i.name.as_str()) != Some(*i))
+                .map(|i| i.name.to_string())
                 .collect()
         });
         self.must_hold.extend(committed);
@@ -1098,7 +1101,7 @@ impl Sim {
         let images = self.store.images();
         let ledger = &node.exec.journal;
         for name in &self.must_hold {
-            match ledger.intents.get(name) {
+            match ledger.intents.get(name.as_str()) {
                 Some(i) if i.state != IntentState::Released => {}
                 other => {
                     return Err(format!(
@@ -1113,7 +1116,7 @@ impl Sim {
             if intent.state == IntentState::Released {
                 continue;
             }
-            if let Some(record) = images.get(&intent.name) {
+            if let Some(record) = images.get(intent.name.as_str()) {
                 if !cri_pinned(&record.labels) {
                     return Err(format!(
                         "{} is held and not pinned {} ms after the faults healed: {:?}",

@@ -382,8 +382,12 @@ fn intent_info(view: &IntentView) -> pb::IntentInfo {
         }
     };
     pb::IntentInfo {
-        name: i.name.clone(),
-        digest: i.digest.clone().unwrap_or_default(),
+        name: i.name.to_string(),
+        digest: i
+            .digest
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         state: state.into(),
         archive: view.archive.as_str().into(),
         source: source.unwrap_or_default(),

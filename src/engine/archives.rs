@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use super::{Action, Engine, IntentState, Now, Output, Provided};
+use super::{Action, Digest, Engine, IntentState, Name, Now, Output, Provided};
 
 impl Engine {
     /// Whether a file of the images directory provides `name`. True while no inventory is
@@ -27,14 +27,14 @@ impl Engine {
             return Some(path.into_owned());
         }
         let digest = match digest {
-            Some(d) => d,
-            None => self.intents.get(name)?.digest.as_deref()?,
+            Some(d) => Digest::new(d),
+            None => self.intents.get(name)?.digest.clone()?,
         };
         // Only K3s's own digest alias (`<repo>@<digest>`, FACTS.md section 2, import item 4)
         // belongs to the archive and is re-pinned by K3s with it. Any other name that only
         // shares the digest (another tag, an operator's `ctr tag`) is pinned by nobody after
         // the sweep: it is restored at once, not after the start-up settles.
-        if name.rsplit_once('@').is_none_or(|(_, d)| d != digest) {
+        if name.rsplit_once('@').is_none_or(|(_, d)| !digest.is(d)) {
             return None;
         }
         let intents = &self.intents;
@@ -47,13 +47,13 @@ impl Engine {
                 })
                 .collect()
         });
-        by_digest.get(digest).cloned()
+        by_digest.get(&digest).cloned()
     }
 
     pub(super) fn on_inventory(&mut self, now: Now, provided: Provided, out: &mut Vec<Output>) {
         // Held intents a file provided until now (none before the first inventory).
-        let was_provided: BTreeSet<String> = if self.provided.is_some() {
-            let held: Vec<String> = self
+        let was_provided: BTreeSet<Name> = if self.provided.is_some() {
+            let held: Vec<Name> = self
                 .intents
                 .values()
                 .filter(|i| i.state == IntentState::Held)
@@ -71,7 +71,7 @@ impl Engine {
         // not read yet): those whose archive this inventory shows gone are restored now, not
         // at the verification. (Intents swept before a restart of pinkeeper wait for the
         // listing, which shows whether their record is still there.)
-        let left_to_k3s: Vec<String> = match &self.episode {
+        let left_to_k3s: Vec<Name> = match &self.episode {
             Some(ep) => self
                 .awaiting_k3s
                 .iter()
@@ -85,14 +85,14 @@ impl Engine {
                 self.settle(&name, now, out);
             }
         }
-        let names: Vec<String> = self.intents.keys().cloned().collect();
+        let names: Vec<Name> = self.intents.keys().cloned().collect();
         for name in names {
             if let Some(source) = self.source_of(&name) {
                 self.update_intent(&name, out, |i| i.source = Some(source));
             } else if was_provided.contains(&name) {
                 // Deleted while K3s runs: K3s unpins nothing now, its next start's sweep
                 // will (FACTS.md section 2, item 7). The pin stays; `source` keeps the file.
-                let file = self.intents[&name].source.as_ref().map_or_else(
+                let file = self.intents[name.as_str()].source.as_ref().map_or_else(
                     || "its archive".to_string(),
                     |f| crate::escape::path(f).to_string(),
                 );

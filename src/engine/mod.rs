@@ -41,7 +41,7 @@ struct Episode {
     /// after it (`daemon::Daemon::resync` drops those published before it, but an event is
     /// published a little after its change), so a sweep and K3s's re-pin can be read twice,
     /// or an older pin read after the sweep that removed it.
-    swept: BTreeMap<String, Swept>,
+    swept: BTreeMap<Name, Swept>,
 }
 
 /// An image swept in an [`Episode`].
@@ -61,15 +61,15 @@ enum Outcome {
 }
 
 impl Episode {
-    fn sweep(&mut self, name: &str) {
-        match self.swept.get_mut(name) {
+    fn sweep(&mut self, name: &Name) {
+        match self.swept.get_mut(name.as_str()) {
             Some(entry) => entry.open = true,
             None => {
                 let entry = Swept {
                     open: true,
                     outcome: None,
                 };
-                self.swept.insert(name.to_string(), entry);
+                self.swept.insert(name.clone(), entry);
             }
         }
     }
@@ -115,33 +115,33 @@ impl Episode {
 pub struct Engine {
     config: Config,
     /// Every intent, released ones included, by image name.
-    intents: BTreeMap<String, Intent>,
+    intents: BTreeMap<Name, Intent>,
     /// Image name -> providing file, from the last inventory; `None` before the first one,
     /// when no archive can be called gone.
     provided: Option<Provided>,
     /// Digest -> providing file for the provided names whose digest is known: K3s's aliases
     /// (`repo@digest`, extra registries) share the target of the image they alias, so they
     /// belong to the same archive. Rebuilt lazily.
-    provided_digests: Option<HashMap<String, PathBuf>>,
+    provided_digests: Option<HashMap<Digest, PathBuf>>,
     /// Digest -> K3s's aliases (`name@digest`) of that digest whose file was not known when
     /// their digest was: the answers to concurrent Gets come in any order, so an alias can
     /// learn its digest before the name it aliases does. They learn their file when that name
     /// learns its digest ([`Engine::tie_aliases`]); stale entries are checked then.
-    untied_aliases: HashMap<String, BTreeSet<String>>,
+    untied_aliases: HashMap<Digest, BTreeSet<Name>>,
     /// Names whose record was deleted, with the time their intent is released unless a create
     /// comes first (alias churn). `None` once that time has come and a Get is asked whether
     /// the record is really gone: its create may be delivered late (seeds 213520, 700118).
-    deleted: BTreeMap<String, Option<Millis>>,
+    deleted: BTreeMap<Name, Option<Millis>>,
     /// Pins written and not yet answered, with why: never write the same pin twice at once.
-    pins_in_flight: BTreeMap<String, RestoreReason>,
+    pins_in_flight: BTreeMap<Name, RestoreReason>,
     /// Intents whose CRI pin an event says was removed (not by the sweep): released once a Get
     /// confirms it.
-    unpins_to_confirm: BTreeSet<String>,
+    unpins_to_confirm: BTreeSet<Name>,
     /// Held intents an event showed losing K3s's label but keeping the CRI pin, which K3s never
     /// does: most likely a late delivery of pinkeeper's own restore. A Get tells.
-    labels_to_confirm: BTreeSet<String>,
+    labels_to_confirm: BTreeSet<Name>,
     /// Swept images whose archive is still present: K3s should re-pin them; checked at verify.
-    awaiting_k3s: BTreeSet<String>,
+    awaiting_k3s: BTreeSet<Name>,
     /// When the verification of a start-up is due.
     verify_due: Option<Millis>,
     /// Latest time a verification may be put off to.
@@ -155,11 +155,11 @@ pub struct Engine {
     verifying: bool,
     episode: Option<Episode>,
     /// Released intents to forget, by when ([`Engine::forget_at`]): the earliest is the head.
-    forget: BTreeSet<(Millis, String)>,
+    forget: BTreeSet<(Millis, Name)>,
     /// Released intent -> the monotonic time its retention ends (set at its release, or at the
     /// first input for those read from the ledger); forgotten then unless its labels carry a
     /// pin ([`Engine::forget_at`]).
-    retained_until: HashMap<String, Millis>,
+    retained_until: HashMap<Name, Millis>,
     /// Released intents read from the ledger have no `retained_until` yet: the first input
     /// gives the clocks to derive it ([`Engine::anchor`]).
     anchor_pending: bool,
@@ -168,7 +168,7 @@ pub struct Engine {
 impl Engine {
     /// Starts from the intents in the ledger.
     pub fn new(config: Config, intents: impl IntoIterator<Item = Intent>) -> Self {
-        let intents: BTreeMap<String, Intent> = intents
+        let intents: BTreeMap<Name, Intent> = intents
             .into_iter()
             .map(|mut i| {
                 if let Some(labels) = i.legacy_labels.take() {
@@ -211,6 +211,14 @@ impl Engine {
             .values()
             .any(|i| i.state == IntentState::Released);
         engine
+    }
+
+    /// The shared [`Name`] of `name`: the intent's own when there is one (a reference count,
+    /// not a copy: a repair of 100,000 names each in several sets at once).
+    fn shared(&self, name: &str) -> Name {
+        self.intents
+            .get_key_value(name)
+            .map_or_else(|| Name::from(name), |(k, _)| k.clone())
     }
 
     /// The intents, released ones included.
@@ -280,7 +288,7 @@ impl Engine {
                 self.on_fetched(now, &name, record, &mut out)
             }
             Input::FetchFailed { name } => {
-                if let Some(at @ None) = self.deleted.get_mut(&name) {
+                if let Some(at @ None) = self.deleted.get_mut(name.as_str()) {
                     *at = Some(now.mono + self.config.churn_window);
                 }
                 // A verification of its own lists every image; the next connection's listing
@@ -335,14 +343,16 @@ impl Engine {
             self.awaiting_k3s.remove(name);
             self.pin(name, RestoreReason::NotRepinned, out);
         } else {
-            self.awaiting_k3s.insert(name.to_string());
+            let name = self.shared(name);
+            self.awaiting_k3s.insert(name);
             self.schedule_verify(now.mono);
         }
     }
 
     fn pin(&mut self, name: &str, reason: RestoreReason, out: &mut Vec<Output>) {
         if !self.pins_in_flight.contains_key(name) {
-            self.pins_in_flight.insert(name.to_string(), reason);
+            let shared = self.shared(name);
+            self.pins_in_flight.insert(shared, reason);
             if let Some(ep) = self.episode.as_mut() {
                 if reason != RestoreReason::Operator {
                     ep.settle(name, Outcome::Restored(reason));
@@ -382,9 +392,10 @@ impl Engine {
         let previous = self.intents.get(name);
         let pins = self.pins(&labels);
         let mut intent = Intent {
-            name: name.to_string(),
+            name: self.shared(name),
             digest: digest
-                .clone()
+                .as_deref()
+                .map(Digest::new)
                 .or_else(|| previous.and_then(|p| p.digest.clone())),
             source: previous.and_then(|p| p.source.clone()),
             pins,
@@ -398,7 +409,7 @@ impl Engine {
             k3s_pinned: pins.program || previous.is_some_and(|p| p.k3s_pinned),
         };
         let before = self.forget_key(name);
-        self.intents.insert(name.to_string(), intent.clone());
+        self.intents.insert(intent.name.clone(), intent.clone());
         self.reindex(name, before);
         self.retained_until.remove(name);
         self.provided_digests = None;
@@ -512,12 +523,10 @@ impl Engine {
         let Some(digest) = intent.digest.clone() else {
             return;
         };
-        if name.rsplit_once('@').is_some_and(|(_, d)| d == digest) {
+        if name.rsplit_once('@').is_some_and(|(_, d)| digest.is(d)) {
             if intent.source.is_none() {
-                self.untied_aliases
-                    .entry(digest)
-                    .or_default()
-                    .insert(name.to_string());
+                let name = intent.name.clone();
+                self.untied_aliases.entry(digest).or_default().insert(name);
             }
             return;
         }
@@ -535,7 +544,7 @@ impl Engine {
         for alias in aliases {
             let untied = self
                 .intents
-                .get(&alias)
+                .get(alias.as_str())
                 .is_some_and(|i| i.source.is_none() && i.digest.as_ref() == Some(&digest));
             if untied {
                 let source = source.clone();
@@ -567,7 +576,7 @@ impl Engine {
         result: Result<(), ApplyError>,
         out: &mut Vec<Output>,
     ) {
-        let Some(reason) = self.pins_in_flight.remove(&name) else {
+        let Some((name, reason)) = self.pins_in_flight.remove_entry(name.as_str()) else {
             return;
         };
         match result {
@@ -604,7 +613,7 @@ impl Engine {
 
     fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
         self.forget_due(now.mono, out);
-        let due: Vec<String> = self
+        let due: Vec<Name> = self
             .deleted
             .iter()
             .filter(|(_, at)| at.is_some_and(|at| at <= now.mono))
@@ -614,7 +623,7 @@ impl Engine {
             // Released once a Get says the record is gone: a create delivered late (slow
             // delivery) would otherwise leave a re-imported image unprotected.
             self.deleted.insert(name.clone(), None);
-            out.push(Output::Fetch { name });
+            out.push(Output::Fetch { name: name.into() });
         }
         if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight && !self.away
         {
@@ -643,10 +652,10 @@ impl Engine {
     ) {
         for image in images {
             // A listing is as good as a Get.
-            self.labels_to_confirm.remove(&image.name);
+            self.labels_to_confirm.remove(image.name.as_str());
             // A record deleted and there again is read as any listed record: K3s may have
             // imported it again and swept it since, unseen (seed 700118).
-            self.deleted.remove(&image.name);
+            self.deleted.remove(image.name.as_str());
             self.observe(now, &image.name, image.labels, Some(image.digest), out);
             // Moved, not copied: a listing of 100,000 names would hold them twice.
             seen.insert(image.name);
@@ -659,7 +668,7 @@ impl Engine {
         // the churn window unless created again (K3s may be in the middle of re-tagging).
         let mut gone = Vec::new();
         for intent in self.intents.values() {
-            if seen.contains(&intent.name) {
+            if seen.contains(intent.name.as_str()) {
                 continue;
             }
             if intent.state != IntentState::Released {
@@ -673,18 +682,18 @@ impl Engine {
             self.record_gone(&name, out);
         }
         // Swept intents that were waiting (for K3s, or from before pinkeeper restarted).
-        let waiting: Vec<String> = self.awaiting_k3s.iter().cloned().collect();
+        let waiting: Vec<Name> = self.awaiting_k3s.iter().cloned().collect();
         for name in waiting {
             let unpinned = self
                 .intents
-                .get(&name)
+                .get(name.as_str())
                 .is_some_and(|i| i.state != IntentState::Released && !i.pins.cri);
-            if unpinned && seen.contains(&name) {
+            if unpinned && seen.contains(name.as_str()) {
                 self.settle(&name, now, out);
-            } else if !(unpinned && self.deleted.contains_key(&name)) {
+            } else if !(unpinned && self.deleted.contains_key(name.as_str())) {
                 // A record deleted meanwhile keeps waiting: released if it stays gone, settled
                 // if K3s imports it again (and sweeps it, unseen). Seed 27270.
-                self.awaiting_k3s.remove(&name);
+                self.awaiting_k3s.remove(name.as_str());
             }
         }
         if self.verifying && self.verify_due.is_none() {
@@ -697,19 +706,23 @@ impl Engine {
 }
 
 mod archives;
+mod digest;
 mod feed;
 mod labels;
 mod model;
+mod name;
 mod operator;
 mod provided;
 mod reading;
 mod retention;
 mod views;
 
+pub use digest::Digest;
 use feed::ListingFeed;
 pub use feed::{Outputs, LISTING_PART};
 pub use labels::Labels;
 pub use model::*;
+pub use name::Name;
 pub use operator::UnpinPlan;
 pub use provided::{FileNames, Provided};
 pub use views::{risk, ArchiveState, IntentView, Risk, Summary, Tally};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::Provided;
+use super::{Digest, Name, Provided};
 
 /// Milliseconds, as given by the caller: of the wall clock (since the Unix epoch) or of a
 /// monotonic clock (any origin), as each use says. The engine never reads a clock.
@@ -374,10 +374,10 @@ pub enum Origin {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
     /// The image name.
-    pub name: String,
+    pub name: Name,
     /// Target digest, from `Images.Get` or a listing.
     #[serde(default)]
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
     /// The file of the images directory that provides (or last provided) the image: any
     /// bytes, stored losslessly (a string when UTF-8).
     #[serde(default, with = "crate::escape::path_bytes::option")]

@@ -4,7 +4,7 @@
 //! [`Input::OperatorUnpin`](super::Input::OperatorUnpin) per target.
 
 use super::{
-    cri_pinned, Action, Engine, ImageRecord, Intent, IntentState, Now, Origin, Output,
+    cri_pinned, Action, Digest, Engine, ImageRecord, Intent, IntentState, Now, Origin, Output,
     RestoreReason, CRI_PIN, OPERATOR_UNPIN,
 };
 
@@ -30,9 +30,11 @@ impl Engine {
     /// a listing for [`Engine::unpin_plan`] only when there is one (no digest, no other name
     /// can be told to share the image).
     pub fn image_digest(&self, name: &str, record: Option<&ImageRecord>) -> Option<String> {
-        record
-            .and_then(|r| r.digest.clone())
-            .or_else(|| self.intents.get(name).and_then(|i| i.digest.clone()))
+        record.and_then(|r| r.digest.clone()).or_else(|| {
+            self.intents
+                .get(name)
+                .and_then(|i| i.digest.as_ref().map(ToString::to_string))
+        })
     }
 
     /// Decides what `pinkeeper unpin NAME [--all-names]` does, before anything is done.
@@ -81,7 +83,7 @@ impl Engine {
             // hold is released with its record's digest.
             let held = self
                 .intents
-                .get(target)
+                .get(target.as_str())
                 .is_some_and(|i| i.state != IntentState::Released);
             let digest = record.digest.as_deref().filter(|_| !held);
             if let Some(file) = self.source_with(target, digest) {
@@ -121,14 +123,14 @@ impl Engine {
         let name = record.name.clone();
         let pins = self.pins(&record.labels);
         let pinned = pins.cri;
-        self.deleted.remove(&name);
-        self.unpins_to_confirm.remove(&name);
+        self.deleted.remove(name.as_str());
+        self.unpins_to_confirm.remove(name.as_str());
         if self.holds(&name) {
             self.update_intent(&name, out, |i| {
                 i.origin = Origin::Operator;
                 i.pins = pins;
                 if record.digest.is_some() {
-                    i.digest = record.digest;
+                    i.digest = record.digest.as_deref().map(Digest::new);
                 }
             });
             self.history(
@@ -149,7 +151,7 @@ impl Engine {
             );
         }
         if !pinned {
-            self.awaiting_k3s.remove(&name);
+            self.awaiting_k3s.remove(name.as_str());
             self.pin(&name, RestoreReason::Operator, out);
         }
     }
@@ -178,9 +180,11 @@ impl Engine {
             let source = self.source_of(name);
             let previous = self.intents.get(name);
             let intent = Intent {
-                name: name.to_string(),
+                name: self.shared(name),
                 digest: record
                     .digest
+                    .as_deref()
+                    .map(Digest::new)
                     .or_else(|| previous.and_then(|p| p.digest.clone())),
                 source: source.or_else(|| previous.and_then(|p| p.source.clone())),
                 pins: after_pins,
@@ -195,7 +199,7 @@ impl Engine {
             };
             let before = self.forget_key(name);
             self.retain(name, now);
-            self.intents.insert(name.to_string(), intent.clone());
+            self.intents.insert(intent.name.clone(), intent.clone());
             self.reindex(name, before);
             self.provided_digests = None;
             out.push(Output::Save {

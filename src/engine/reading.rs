@@ -17,10 +17,10 @@ impl Engine {
         let pins = self.pins(&event.labels);
         let changes_pins = match event.kind {
             EventKind::Delete => self.holds(&event.name),
-            EventKind::Create if self.deleted.contains_key(&event.name) => true,
+            EventKind::Create if self.deleted.contains_key(event.name.as_str()) => true,
             _ => self
                 .intents
-                .get(&event.name)
+                .get(event.name.as_str())
                 .map_or(pins.any(), |i| i.pins != pins),
         };
         if changes_pins {
@@ -30,8 +30,9 @@ impl Engine {
             EventKind::Delete => {
                 if self.holds(&event.name) {
                     // Released at `churn_window` unless K3s creates it again (forceCreateTag).
+                    let name = self.shared(&event.name);
                     self.deleted
-                        .entry(event.name.clone())
+                        .entry(name)
                         .or_insert(Some(now.mono + self.config.churn_window));
                     // A delete may be delivered after the create that followed it (FACTS.md
                     // section 3): a Get tells.
@@ -41,7 +42,7 @@ impl Engine {
                 }
             }
             EventKind::Create => {
-                let recreated = self.deleted.remove(&event.name).is_some();
+                let recreated = self.deleted.remove(event.name.as_str()).is_some();
                 if recreated && !self.pins(&event.labels).any() {
                     // K3s re-creates its aliases with both pins; this is someone else's record.
                     self.release(
@@ -135,7 +136,7 @@ impl Engine {
                 // the record as a listing would instead of confirming an unpin. Found by the
                 // simulation (seeds 1766, 2753, 7607).
                 self.unpins_to_confirm.remove(name);
-                self.labels_to_confirm.insert(name.to_string());
+                self.labels_to_confirm.insert(self.shared(name));
                 self.update_intent(name, out, |i| {
                     i.pins = new;
                     i.state = IntentState::Held;
@@ -167,7 +168,7 @@ impl Engine {
             // restore (CRI pin only) delivered after K3s pinned the image again looks exactly
             // like it. Believed, it would make the next sweep read as an operator's unpin; the
             // record itself says which it is.
-            if self.labels_to_confirm.insert(name.to_string()) {
+            if self.labels_to_confirm.insert(self.shared(name)) {
                 out.push(Output::Fetch {
                     name: name.to_string(),
                 });
@@ -208,12 +209,12 @@ impl Engine {
             && old.cri
             && !old.program
             && !was_swept
-            && (k3s_pinned || self.digest_pinned_by_k3s(digest.as_deref()));
+            && (k3s_pinned || self.digest_pinned_by_k3s(digest.as_ref()));
         if new.program || (old.cri && !old.program && !missed_sweep) {
             // An event may be a late or duplicate delivery (FACTS.md section 3): a live one is
             // confirmed with a Get before the intent is released.
             if live {
-                self.unpins_to_confirm.insert(name.to_string());
+                self.unpins_to_confirm.insert(self.shared(name));
                 out.push(Output::Fetch {
                     name: name.to_string(),
                 });
@@ -234,12 +235,13 @@ impl Engine {
                 "both pins were removed while pinkeeper was not watching (a missed K3s sweep)"
             };
             self.history(now, name, Action::Swept, how, out);
+            let shared = self.shared(name);
             let ep = self.episode.get_or_insert_with(|| Episode {
                 started: now.wall,
                 seen_live: live,
                 ..Episode::default()
             });
-            ep.sweep(name);
+            ep.sweep(&shared);
             // The episode ends with a verification, whatever the archives.
             self.schedule_verify(now.mono);
             self.settle(name, now, out);
@@ -264,18 +266,18 @@ impl Engine {
         let known = self
             .intents
             .get(name)
-            .is_some_and(|i| i.digest.as_deref() == Some(digest));
+            .is_some_and(|i| i.digest.as_ref().is_some_and(|d| d.is(digest)));
         if !known && self.holds(name) {
-            self.update_intent(name, out, |i| i.digest = Some(digest.to_string()));
+            self.update_intent(name, out, |i| i.digest = Some(Digest::new(digest)));
         }
     }
 
     /// Whether K3s has pinned another name of the image with this digest.
-    fn digest_pinned_by_k3s(&self, digest: Option<&str>) -> bool {
+    fn digest_pinned_by_k3s(&self, digest: Option<&Digest>) -> bool {
         digest.is_some_and(|d| {
             self.intents
                 .values()
-                .filter(|i| i.digest.as_deref() == Some(d))
+                .filter(|i| i.digest.as_ref() == Some(d))
                 .any(|i| i.k3s_pinned || i.pins.program)
         })
     }

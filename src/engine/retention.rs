@@ -3,7 +3,7 @@
 //!
 //! [`Config::retention`]: super::Config::retention
 
-use super::{Engine, Intent, IntentState, Millis, Now, Output};
+use super::{Engine, Intent, IntentState, Millis, Name, Now, Output};
 
 impl Engine {
     /// Starts the retention of the released intents read from the ledger, at the first input:
@@ -14,7 +14,7 @@ impl Engine {
     pub(super) fn anchor(&mut self, now: Now) {
         self.anchor_pending = false;
         let retention = self.config.retention;
-        let released: Vec<(String, Millis)> = self
+        let released: Vec<(Name, Millis)> = self
             .intents
             .values()
             .filter(|i| i.state == IntentState::Released)
@@ -34,7 +34,8 @@ impl Engine {
     /// so that [`Engine::reindex`] sees the new time.
     pub(super) fn retain(&mut self, name: &str, now: Now) {
         let until = now.mono.saturating_add(self.config.retention);
-        self.retained_until.insert(name.to_string(), until);
+        let name = self.shared(name);
+        self.retained_until.insert(name, until);
     }
 
     /// When a released intent is forgotten (monotonic): the retention after its release, and
@@ -47,18 +48,19 @@ impl Engine {
         if intent.state != IntentState::Released || intent.pins.any() {
             return None;
         }
-        self.retained_until.get(&intent.name).copied()
+        self.retained_until.get(intent.name.as_str()).copied()
     }
 
     /// Keeps [`Engine::forget`] in step after the intent `name` changed from `before`.
     pub(super) fn reindex(&mut self, name: &str, before: Option<Millis>) {
         let after = self.intents.get(name).and_then(|i| self.forget_at(i));
         if before != after {
+            let name = self.shared(name);
             if let Some(at) = before {
-                self.forget.remove(&(at, name.to_string()));
+                self.forget.remove(&(at, name.clone()));
             }
             if let Some(at) = after {
-                self.forget.insert((at, name.to_string()));
+                self.forget.insert((at, name));
             }
         }
     }
@@ -100,7 +102,7 @@ impl Engine {
             self.unpins_to_confirm.remove(&name);
             self.labels_to_confirm.remove(&name);
             self.provided_digests = None;
-            out.push(Output::Forget { name });
+            out.push(Output::Forget { name: name.into() });
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Engine, Intent, IntentState, DELETED};
+use super::{Engine, Intent, IntentState, Name, DELETED};
 
 /// Where the archive of an intent stands (`pinkeeper list`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,7 +159,7 @@ impl Engine {
     /// The intents `keep` accepts, with what pinkeeper knows of them now: only those are
     /// copied and have their archive looked up.
     pub fn views_of(&mut self, keep: impl Fn(&Intent) -> bool) -> Vec<IntentView> {
-        let names: Vec<String> = self
+        let names: Vec<Name> = self
             .intents
             .values()
             .filter(|i| keep(i))
@@ -182,7 +182,7 @@ impl Engine {
                 continue;
             }
             if at_risk(intent.state, intent.pins.cri, self.exists(name, intent)) {
-                summary.at_risk.push(name.clone());
+                summary.at_risk.push(name.to_string());
             }
             if intent.source.is_some() {
                 had_archive.push(name.clone());

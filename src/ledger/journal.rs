@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::{OwnedChange, Writer};
-use crate::engine::{HistoryEntry, Intent};
+use crate::engine::{HistoryEntry, Intent, Name};
 
 /// Where the engine's ledger changes go.
 #[allow(async_fn_in_trait)]
@@ -69,7 +69,7 @@ type Injector = Box<dyn FnMut() -> WriteFault>;
 #[derive(Default)]
 pub struct MemoryLedger {
     /// Durable intents, by name.
-    pub intents: BTreeMap<String, Intent>,
+    pub intents: BTreeMap<Name, Intent>,
     /// Durable history, in order.
     pub history: Vec<HistoryEntry>,
     /// Written and not yet durable.
@@ -118,7 +118,7 @@ impl MemoryLedger {
                 self.intents.insert(intent.name.clone(), *intent);
             }
             OwnedChange::Forget(name) => {
-                self.intents.remove(&name);
+                self.intents.remove(name.as_str());
             }
             OwnedChange::History(h) => self.history.push(h),
             OwnedChange::CacheFile(_) | OwnedChange::ForgetFile(_) => {}

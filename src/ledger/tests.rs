@@ -6,7 +6,7 @@ use crate::engine::{Action, IntentState, Origin};
 /// A held intent for `name`, as the ledger's tests (here and in `writer.rs`) store it.
 pub(super) fn intent(name: &str) -> Intent {
     Intent {
-        name: name.to_string(),
+        name: name.into(),
         digest: Some("sha256:abc".into()),
         source: None,
         pins: Default::default(),

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use super::{guarded, Change, Ledger, LedgerError, FILE_NAME, WRITE_LINGER};
-use crate::engine::{HistoryEntry, Intent};
+use crate::engine::{HistoryEntry, Intent, Name};
 use crate::inventory::CachedFile;
 
 /// An owned change, for [`Writer`].
@@ -90,7 +90,7 @@ const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 /// kept: the cache is only a cache, a stale entry is read again.
 #[derive(Debug, Default)]
 struct Pending {
-    saves: BTreeMap<String, Box<Intent>>,
+    saves: BTreeMap<Name, Box<Intent>>,
     forgets: BTreeSet<String>,
     history: VecDeque<HistoryEntry>,
     files: Vec<OwnedChange>,
@@ -101,11 +101,11 @@ impl Pending {
     fn add(&mut self, change: OwnedChange) {
         match change {
             OwnedChange::Save(intent) => {
-                self.forgets.remove(&intent.name);
+                self.forgets.remove(intent.name.as_str());
                 self.saves.insert(intent.name.clone(), intent);
             }
             OwnedChange::Forget(name) => {
-                self.saves.remove(&name);
+                self.saves.remove(name.as_str());
                 self.forgets.insert(name);
             }
             OwnedChange::History(entry) => {

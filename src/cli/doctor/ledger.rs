@@ -183,8 +183,8 @@ pub(super) fn at_risk(intents: &[Intent], images: &[ImageRecord]) -> AtRisk {
         let record = by_name.get(intent.name.as_str());
         let pinned_now = record.is_some_and(|r| cri_pinned(&r.labels));
         match engine::risk(intent.state, pinned_now, record.is_some()) {
-            Some(Risk::Gone) => risk.gone.push(intent.name.clone()),
-            Some(Risk::Unpinned) => risk.unpinned.push(intent.name.clone()),
+            Some(Risk::Gone) => risk.gone.push(intent.name.to_string()),
+            Some(Risk::Unpinned) => risk.unpinned.push(intent.name.to_string()),
             None => {}
         }
     }

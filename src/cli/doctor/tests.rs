@@ -282,7 +282,7 @@ fn program_check_follows_the_configured_program() {
 
 fn intent(name: &str, state: IntentState) -> Intent {
     Intent {
-        name: name.to_string(),
+        name: name.into(),
         digest: Some("sha256:abc".into()),
         source: None,
         pins: Default::default(),

@@ -215,7 +215,7 @@ fn the_tally_counts_what_the_views_say() {
     };
     let intent = |name: &str, state, pins: &[&str]| Intent {
         name: name.into(),
-        digest: Some(format!("sha256:{name}")),
+        digest: Some(format!("sha256:{name}").into()),
         source: None,
         // Written as a ledger before 0.x wrote it: read into pins by the engine.
         pins: Default::default(),

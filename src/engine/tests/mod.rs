@@ -81,7 +81,7 @@ fn records_intents_with_digest_from_listing() {
     let e = engine_with_two();
     let app = e.intent(APP).unwrap();
     assert_eq!(app.state, IntentState::Held);
-    assert_eq!(app.digest.as_deref(), Some("sha256:aaaa"));
+    assert!(app.digest.as_ref().is_some_and(|d| d.is("sha256:aaaa")));
     assert_eq!(app.source, Some(PathBuf::from("app.tar")));
     // The alias belongs to the archive of the image it aliases (same digest).
     assert_eq!(
@@ -442,7 +442,7 @@ fn the_summary_says_what_the_views_say() {
     let at_risk: Vec<String> = views
         .iter()
         .filter(|v| v.at_risk())
-        .map(|v| v.intent.name.clone())
+        .map(|v| v.intent.name.to_string())
         .collect();
     assert_eq!(summary.at_risk, at_risk);
     assert_eq!(summary.at_risk, vec![APP.to_string()]);
