@@ -52,7 +52,7 @@ fn inventory(entries: &[(&str, &str)]) -> Input {
 fn pins(out: &[Output]) -> Vec<(String, RestoreReason)> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Pin { name, reason } => Some((name.clone(), *reason)),
+            Output::Pin { name, reason } => Some((name.to_string(), *reason)),
             _ => None,
         })
         .collect()
@@ -97,6 +97,27 @@ fn a_new_intent_asks_for_its_digest_and_is_saved_as_new() {
     let out = e.handle(5, update(APP, both()));
     assert!(matches!(&out[0], Output::Save { new: true, intent } if intent.name == APP));
     assert!(out.contains(&Output::Fetch { name: APP.into() }));
+}
+
+#[test]
+fn an_import_costs_one_get_and_a_recreated_record_one_more() {
+    let fetches = |out: &[Output]| {
+        out.iter()
+            .filter(|o| matches!(o, Output::Fetch { name } if name == APP))
+            .count()
+    };
+    let mut e = Engine::new(Config::default(), []);
+    // Recorded by its create: the digest is asked for once (it was twice: the record's Get
+    // and the create's own, for a target that may have changed).
+    assert_eq!(
+        fetches(&e.handle(5, event(EventKind::Create, APP, both()))),
+        1
+    );
+    // Created again over a held intent (K3s's forceCreateTag): its target may be new.
+    assert_eq!(
+        fetches(&e.handle(6, event(EventKind::Create, APP, both()))),
+        1
+    );
 }
 
 #[test]
@@ -182,7 +203,7 @@ fn images_nobody_pinned_get_no_intent() {
 fn history(out: &[Output], action: Action) -> Vec<String> {
     out.iter()
         .filter_map(|o| match o {
-            Output::History(h) if h.action == action => Some(h.name.clone()),
+            Output::History(h) if h.action == action => Some(h.name.to_string()),
             _ => None,
         })
         .collect()
@@ -503,7 +524,7 @@ fn an_inventory_that_shows_an_archive_gone_restores_a_swept_image_at_once() {
 fn forgotten(out: &[Output]) -> Vec<String> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Forget { name } => Some(name.clone()),
+            Output::Forget { name } => Some(name.to_string()),
             _ => None,
         })
         .collect()
@@ -516,7 +537,7 @@ pub(super) fn tick_gone<N: Into<Now> + Copy>(e: &mut Engine, now: N) -> Vec<Outp
     let asked: Vec<String> = out
         .iter()
         .filter_map(|o| match o {
-            Output::Fetch { name } => Some(name.clone()),
+            Output::Fetch { name } => Some(name.to_string()),
             _ => None,
         })
         .collect();
