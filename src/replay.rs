@@ -72,7 +72,7 @@ pub struct Replay {
     /// The wall clock less the monotonic one: 0 unless a story steps the wall clock.
     pub wall_offset: i64,
     /// Pins written so far (name, time).
-    pub pins_written: Vec<(String, Millis)>,
+    pub pins_written: Vec<(Name, Millis)>,
 }
 
 impl Replay {

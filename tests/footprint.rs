@@ -21,7 +21,7 @@ static ALLOCATOR: counting::Counting = counting::Counting;
 const IMAGES: usize = 5_000;
 
 /// Heap bytes the engine keeps per intent once it has read the directory and a listing.
-const BUDGET_PER_INTENT: isize = 850;
+const BUDGET_PER_INTENT: isize = 720;
 
 fn node() -> (Input, Vec<ImageRecord>) {
     let mut provided = Vec::new();

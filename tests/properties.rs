@@ -327,7 +327,7 @@ impl Model {
     fn sync_pins(&mut self) {
         let written: Vec<String> = self.replay.pins_written[self.pins_synced..]
             .iter()
-            .map(|(name, _)| name.clone())
+            .map(|(name, _)| name.to_string())
             .collect();
         self.pins_synced = self.replay.pins_written.len();
         for name in written {
@@ -842,7 +842,7 @@ impl Model {
             }
         }
         for (name, at) in &self.replay.pins_written {
-            if !self.fate.get(name).is_some_and(|f| f.ever_pinned) {
+            if !self.fate.get(name.as_str()).is_some_and(|f| f.ever_pinned) {
                 return Err(format!(
                     "pinkeeper pinned {name} at t={at}, which never carried a pin"
                 ));

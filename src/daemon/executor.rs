@@ -19,7 +19,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::engine::{
-    Action, ApplyError, Engine, HistoryEntry, ImageRecord, Input, ListCause, Now, Output,
+    Action, ApplyError, Engine, HistoryEntry, ImageRecord, Input, ListCause, Name, Now, Output,
     RestoreReason, SweepSummary,
 };
 use crate::ledger::{Journal, OwnedChange};
@@ -225,7 +225,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         report.not_durable.as_deref().unwrap_or("unknown error")
                     );
                     warn!(image = %name, "not unpinned: {why}");
-                    report.unpin_failures.push((name, why));
+                    report.unpin_failures.push((name.into(), why));
                 }
             }
             // Pins first: an image of a gone archive stays unpinned for as short a time as
@@ -285,14 +285,14 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                     }
                 }
                 inputs.push_back(Input::Pinned {
-                    name: name.clone(),
+                    name: name.to_string(),
                     result,
                 });
                 name
             }
             Done::Fetched(name, Ok(record)) => {
                 inputs.push_back(Input::Fetched {
-                    name: name.clone(),
+                    name: name.to_string(),
                     record,
                 });
                 name
@@ -300,7 +300,9 @@ impl<J: Journal, C: Clock> Executor<J, C> {
             // A listing settles it instead (the engine asks for one).
             Done::Fetched(name, Err(e)) => {
                 debug!("{e}");
-                inputs.push_back(Input::FetchFailed { name: name.clone() });
+                inputs.push_back(Input::FetchFailed {
+                    name: name.to_string(),
+                });
                 name
             }
             Done::Unpinned(name, result) => {
@@ -310,7 +312,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                     }
                     Err(ApplyError::Failed(why)) => {
                         warn!(image = %name, "could not remove the pin: {why}");
-                        report.unpin_failures.push((name.clone(), why));
+                        report.unpin_failures.push((name.to_string(), why));
                     }
                 }
                 name
@@ -423,13 +425,13 @@ impl Inbox for NoInbox {
 /// A call the engine asked for.
 #[derive(Debug)]
 enum Call {
-    Pin(String, RestoreReason),
-    Get(String),
-    Unpin(String),
+    Pin(Name, RestoreReason),
+    Get(Name),
+    Unpin(Name),
 }
 
 impl Call {
-    fn name(&self) -> &str {
+    fn name(&self) -> &Name {
         match self {
             Call::Pin(name, _) | Call::Get(name) | Call::Unpin(name) => name,
         }
@@ -438,9 +440,9 @@ impl Call {
 
 /// A call's outcome.
 enum Done {
-    Pinned(String, RestoreReason, Result<(), ApplyError>),
-    Fetched(String, Result<Option<ImageRecord>, StoreError>),
-    Unpinned(String, Result<(), ApplyError>),
+    Pinned(Name, RestoreReason, Result<(), ApplyError>),
+    Fetched(Name, Result<Option<ImageRecord>, StoreError>),
+    Unpinned(Name, Result<(), ApplyError>),
 }
 
 /// The calls of one [`Executor::process_with`]: waiting to start (pins first), in flight (at
@@ -453,8 +455,8 @@ struct Calls {
     /// Names with a Get waiting to start. One Get per name serves every reason it was asked
     /// for before it starts: its answer is read as the record's state then (K3s's alias
     /// churn, a delete and a create of one name, asks once).
-    fetching: HashSet<String>,
-    in_flight: HashSet<String>,
+    fetching: HashSet<Name>,
+    in_flight: HashSet<Name>,
     held: HashMap<String, Vec<Input>>,
 }
 
@@ -483,7 +485,7 @@ impl Calls {
         if let Call::Get(name) = &call {
             self.fetching.remove(name);
         }
-        self.in_flight.insert(call.name().to_string());
+        self.in_flight.insert(call.name().clone());
         Some(call)
     }
 
@@ -491,7 +493,7 @@ impl Calls {
     /// call's outcome ([`Calls::done`]).
     fn hold(&mut self, input: Input) -> Option<Input> {
         match &input {
-            Input::Event(event) if self.in_flight.contains(&event.name) => {
+            Input::Event(event) if self.in_flight.contains(event.name.as_str()) => {
                 self.held.entry(event.name.clone()).or_default().push(input);
                 None
             }

@@ -141,7 +141,7 @@ impl Daemon {
                 .into_iter()
                 .map(|h| pb::HistoryEntry {
                     at_ms: h.at,
-                    name: h.name,
+                    name: h.name.into(),
                     action: h.action.into(),
                     detail: h.detail.into_owned(),
                 })
@@ -176,7 +176,7 @@ impl Daemon {
                 .into_iter()
                 .map(|h| pb::Decision {
                     action: h.action.into(),
-                    name: h.name,
+                    name: h.name.into(),
                     detail: h.detail.into_owned(),
                 })
                 .collect()
@@ -350,7 +350,7 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
         .into_iter()
         .map(|h| pb::Decision {
             action: h.action.into(),
-            name: h.name,
+            name: h.name.into(),
             detail: h.detail.into_owned(),
         })
         .collect();

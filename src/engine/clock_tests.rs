@@ -113,7 +113,7 @@ fn burst(e: &mut Engine, now: impl Fn(Millis) -> Now) {
 fn pins(out: &[Output]) -> Vec<String> {
     out.iter()
         .filter_map(|o| match o {
-            Output::Pin { name, .. } => Some(name.clone()),
+            Output::Pin { name, .. } => Some(name.to_string()),
             _ => None,
         })
         .collect()
@@ -179,12 +179,7 @@ fn retention_runs_on_the_monotonic_clock() {
     let out = e.handle(at(gone + retention - 1, later), Input::Tick);
     assert_eq!(out, []);
     let out = e.handle(at(gone + retention, 0), Input::Tick);
-    assert_eq!(
-        out,
-        [Output::Forget {
-            name: ALIAS.to_string()
-        }]
-    );
+    assert_eq!(out, [Output::Forget { name: ALIAS.into() }]);
 }
 
 fn released(name: &str, since: Millis) -> Intent {
@@ -226,7 +221,7 @@ fn retention_of_intents_read_from_the_ledger_is_clamped_at_the_first_input() {
     let forgotten: Vec<String> = out
         .iter()
         .filter_map(|o| match o {
-            Output::Forget { name } => Some(name.clone()),
+            Output::Forget { name } => Some(name.to_string()),
             _ => None,
         })
         .collect();

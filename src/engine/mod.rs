@@ -359,7 +359,7 @@ impl Engine {
                 }
             }
             out.push(Output::Pin {
-                name: name.to_string(),
+                name: self.shared(name),
                 reason,
             });
         }
@@ -437,7 +437,7 @@ impl Engine {
         out.push(Output::Commit);
         if digest.is_none() {
             out.push(Output::Fetch {
-                name: name.to_string(),
+                name: self.shared(name),
             });
         }
     }
@@ -563,7 +563,7 @@ impl Engine {
     ) {
         out.push(Output::History(HistoryEntry {
             at: now.wall,
-            name: name.to_string(),
+            name: self.shared(name),
             action,
             detail: detail.into(),
         }));
@@ -623,7 +623,7 @@ impl Engine {
             // Released once a Get says the record is gone: a create delivered late (slow
             // delivery) would otherwise leave a re-imported image unprotected.
             self.deleted.insert(name.clone(), None);
-            out.push(Output::Fetch { name: name.into() });
+            out.push(Output::Fetch { name });
         }
         if self.verify_due.is_some_and(|at| at <= now.mono) && !self.verify_in_flight && !self.away
         {

@@ -214,7 +214,7 @@ impl Engine {
         out.push(Output::Commit);
         if pinned {
             out.push(Output::Unpin {
-                name: name.to_string(),
+                name: self.shared(name),
             });
         }
     }

@@ -36,7 +36,9 @@ impl Engine {
                         .or_insert(Some(now.mono + self.config.churn_window));
                     // A delete may be delivered after the create that followed it (FACTS.md
                     // section 3): a Get tells.
-                    out.push(Output::Fetch { name: event.name });
+                    out.push(Output::Fetch {
+                        name: self.shared(&event.name),
+                    });
                 } else {
                     self.record_gone(&event.name, out);
                 }
@@ -57,7 +59,9 @@ impl Engine {
                 let new_target = self.observe(now, &event.name, event.labels, None, out);
                 if new_target {
                     // A (re)created record may have a new target: events carry no digest.
-                    out.push(Output::Fetch { name: event.name });
+                    out.push(Output::Fetch {
+                        name: self.shared(&event.name),
+                    });
                 }
             }
             EventKind::Update => {
@@ -117,7 +121,7 @@ impl Engine {
                         && self.labels_to_confirm.insert(name.into()) =>
                 {
                     out.push(Output::Fetch {
-                        name: name.to_string(),
+                        name: self.shared(name),
                     });
                 }
                 Some(old) if new.cri && !old.cri && live => {}
@@ -170,7 +174,7 @@ impl Engine {
             // record itself says which it is.
             if self.labels_to_confirm.insert(self.shared(name)) {
                 out.push(Output::Fetch {
-                    name: name.to_string(),
+                    name: self.shared(name),
                 });
             }
             return true;
@@ -216,7 +220,7 @@ impl Engine {
             if live {
                 self.unpins_to_confirm.insert(self.shared(name));
                 out.push(Output::Fetch {
-                    name: name.to_string(),
+                    name: self.shared(name),
                 });
             } else {
                 self.release(now, name, UNPIN, Some(labels), out);

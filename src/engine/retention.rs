@@ -102,7 +102,7 @@ impl Engine {
             self.unpins_to_confirm.remove(&name);
             self.labels_to_confirm.remove(&name);
             self.provided_digests = None;
-            out.push(Output::Forget { name: name.into() });
+            out.push(Output::Forget { name });
         }
     }
 }

@@ -19,7 +19,7 @@ pub enum OwnedChange {
     /// history entries, and a change is as large as its largest kind).
     Save(Box<Intent>),
     /// Delete an intent's record (its history stays).
-    Forget(String),
+    Forget(Name),
     /// Append to the history.
     History(HistoryEntry),
     /// Insert or replace the cached read of a file of the images directory.
@@ -91,7 +91,7 @@ const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 #[derive(Debug, Default)]
 struct Pending {
     saves: BTreeMap<Name, Box<Intent>>,
-    forgets: BTreeSet<String>,
+    forgets: BTreeSet<Name>,
     history: VecDeque<HistoryEntry>,
     files: Vec<OwnedChange>,
     history_dropped: u64,
