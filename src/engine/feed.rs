@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::{Engine, ImageRecord, Now, Output};
+use super::{Engine, ImageRecord, Name, Now, Output};
 
 /// How many records of a listing are applied before their outputs are given
 /// ([`Engine::outputs`]): each makes up to three outputs (a pin, a history line, a record).
@@ -24,7 +24,8 @@ pub(super) struct ListingFeed {
     /// The records left, last first: taken from the end, and the buffer given back as they
     /// go (a listing of 100,000 records is 7 MB of them).
     left: Vec<ImageRecord>,
-    pub(super) seen: BTreeSet<String>,
+    /// The names of intents listed so far.
+    pub(super) seen: BTreeSet<Name>,
 }
 
 impl ListingFeed {

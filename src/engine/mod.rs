@@ -647,7 +647,7 @@ impl Engine {
         &mut self,
         now: Now,
         images: impl Iterator<Item = ImageRecord>,
-        seen: &mut BTreeSet<String>,
+        seen: &mut BTreeSet<Name>,
         out: &mut Vec<Output>,
     ) {
         for image in images {
@@ -657,13 +657,17 @@ impl Engine {
             // imported it again and swept it since, unseen (seed 700118).
             self.deleted.remove(image.name.as_str());
             self.observe(now, &image.name, image.labels, Some(image.digest), out);
-            // Moved, not copied: a listing of 100,000 names would hold them twice.
-            seen.insert(image.name);
+            // Only the names of intents are looked for at the end: those are kept, as the
+            // intent's own `Name` (a reference count), and the listing's string is dropped
+            // here. A listing of 100,000 names held them all as strings until its end.
+            if let Some((name, _)) = self.intents.get_key_value(image.name.as_str()) {
+                seen.insert(name.clone());
+            }
         }
     }
 
     /// Once every record of a listing is applied: what was not listed.
-    fn end_listing(&mut self, now: Now, seen: BTreeSet<String>, out: &mut Vec<Output>) {
+    fn end_listing(&mut self, now: Now, seen: BTreeSet<Name>, out: &mut Vec<Output>) {
         // Records that are gone were deleted while pinkeeper was not watching. Released after
         // the churn window unless created again (K3s may be in the middle of re-tagging).
         let mut gone = Vec::new();

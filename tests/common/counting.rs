@@ -9,15 +9,35 @@ pub struct Counting;
 /// Bytes allocated and not freed, by every thread of the test binary.
 pub static LIVE: AtomicIsize = AtomicIsize::new(0);
 
+/// The most bytes live at once since the last [`reset_peak`].
+pub static PEAK: AtomicIsize = AtomicIsize::new(0);
+
 /// The bytes live now.
 pub fn live() -> isize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// The most bytes live at once since the last call of [`reset_peak`].
+#[allow(dead_code)]
+pub fn peak() -> isize {
+    PEAK.load(Ordering::Relaxed)
+}
+
+/// Starts [`peak`] again from the bytes live now.
+#[allow(dead_code)]
+pub fn reset_peak() {
+    PEAK.store(live(), Ordering::Relaxed);
+}
+
+fn grew(by: isize) {
+    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
 // SAFETY: every call is forwarded to the system allocator unchanged; only a counter is kept.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        grew(layout.size() as isize);
         // SAFETY: the caller's contract is passed on.
         unsafe { System.alloc(layout) }
     }
@@ -29,10 +49,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
+        grew(new_size as isize - layout.size() as isize);
         // SAFETY: the caller's contract is passed on.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
