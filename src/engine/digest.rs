@@ -110,9 +110,13 @@ impl fmt::Display for Digest {
     }
 }
 
+/// As its text's `Debug` (quoted and escaped), as a `String` digest was shown.
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{self}\"")
+        match self {
+            Digest::Sha256(_) => write!(f, "\"{self}\""),
+            Digest::Other(s) => fmt::Debug::fmt(s, f),
+        }
     }
 }
 
@@ -141,6 +145,7 @@ mod tests {
             "sha256:0123",
             "sha512:00",
             "",
+            "sha256:\"\n",
             "sha256:é123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde",
         ];
         assert!(matches!(Digest::new(D), Digest::Sha256(_)));
@@ -151,6 +156,7 @@ mod tests {
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(json, serde_json::to_string(text).unwrap());
             assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
+            assert_eq!(format!("{d:?}"), format!("{text:?}"));
         }
         for text in odd {
             assert!(matches!(Digest::new(text), Digest::Other(_)), "{text}");
