@@ -71,26 +71,8 @@ impl From<String> for Digest {
     }
 }
 
-impl From<&String> for Digest {
-    fn from(s: &String) -> Digest {
-        Digest::new(s)
-    }
-}
-
 impl PartialEq<str> for Digest {
     fn eq(&self, other: &str) -> bool {
-        self.is(other)
-    }
-}
-
-impl PartialEq<&str> for Digest {
-    fn eq(&self, other: &&str) -> bool {
-        self.is(other)
-    }
-}
-
-impl PartialEq<String> for Digest {
-    fn eq(&self, other: &String) -> bool {
         self.is(other)
     }
 }
@@ -152,7 +134,7 @@ mod tests {
         for text in std::iter::once(D).chain(odd) {
             let d = Digest::new(text);
             assert_eq!(d.to_string(), text);
-            assert!(d.is(text) && d == text);
+            assert!(d.is(text) && d == *text);
             let json = serde_json::to_string(&d).unwrap();
             assert_eq!(json, serde_json::to_string(text).unwrap());
             assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);

@@ -55,12 +55,6 @@ impl From<String> for Name {
     }
 }
 
-impl From<&String> for Name {
-    fn from(s: &String) -> Name {
-        Name(Arc::from(s.as_str()))
-    }
-}
-
 impl From<Name> for String {
     fn from(n: Name) -> String {
         n.0.to_string()
