@@ -3,7 +3,9 @@
 # protoc (containerd-client and ttrpc codegen, FACTS.md 5), containerd 1.6 from bookworm (its
 # `containerd` and `ctr` binaries, for the integration tests; the host service is NOT started),
 # the compressors of K3s's archive formats, procps (`kill`, which the tests and the demo run to
-# stop daemons; not in a minimal bookworm), then the unpacked containerd 1.7 and 2.x
+# stop daemons; not in a minimal bookworm), Debian's docker-registry (distribution 2.8: a
+# private registry on loopback that CRI pulls from in tests/policy.rs; its service is NOT
+# started), then the unpacked containerd 1.7 and 2.x
 # (scripts/containerd-cache.sh). Idempotent, and quick when everything is there.
 set -eu
 
@@ -12,7 +14,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # package:command-or-file that proves it is installed
 wanted="protobuf-compiler:/usr/bin/protoc containerd:/usr/bin/containerd containerd:/usr/bin/ctr
 zstd:/usr/bin/zstd lz4:/usr/bin/lz4 bzip2:/usr/bin/bzip2
-ca-certificates:/etc/ssl/certs/ca-certificates.crt procps:/bin/kill"
+ca-certificates:/etc/ssl/certs/ca-certificates.crt procps:/bin/kill
+docker-registry:/usr/bin/docker-registry"
 
 missing=""
 for item in $wanted; do
@@ -56,15 +59,17 @@ if [ -n "$missing" ]; then
     # The package enables its unit for boot; the tests run their own private daemons instead.
     # (deb-systemd-helper refuses to run outside dpkg maintainer scripts; systemctl disable works
     # offline too, and keeps dpkg's state so upgrades do not re-enable the unit.)
-    case " $missing " in
-        *" containerd "*)
-            if command -v systemctl >/dev/null 2>&1; then
-                systemctl disable containerd.service >/dev/null 2>&1 || true
-            else
-                rm -f /etc/systemd/system/multi-user.target.wants/containerd.service
-            fi
-            ;;
-    esac
+    for unit in containerd docker-registry; do
+        case " $missing " in
+            *" $unit "*)
+                if command -v systemctl >/dev/null 2>&1; then
+                    systemctl disable "$unit.service" >/dev/null 2>&1 || true
+                else
+                    rm -f "/etc/systemd/system/multi-user.target.wants/$unit.service"
+                fi
+                ;;
+        esac
+    done
 else
     echo "install-deps: apt packages already installed"
 fi

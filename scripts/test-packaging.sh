@@ -100,8 +100,12 @@ check_units() {
     rm -rf "$root"
     cp -a "$tree" "$root"
     mkdir -p "$root/usr/lib/systemd/system" "$root/etc/systemd/system" "$root/usr/local/bin"
-    # merged /usr, as on bookworm: /lib is /usr/lib.
+    # merged /usr, as on bookworm: /lib is /usr/lib, /bin is /usr/bin.
     [ -e "$root/lib" ] || ln -s usr/lib "$root/lib"
+    mkdir -p "$root/usr/bin"
+    [ -e "$root/bin" ] || ln -s usr/bin "$root/bin"
+    # ExecReload= runs the shell's kill (/bin/sh is essential on every Debian system).
+    [ -e "$root/usr/bin/sh" ] || { printf '#!/bin/sh\nexit 0\n' >"$root/usr/bin/sh"; chmod 755 "$root/usr/bin/sh"; }
     cp -an "$host_units/." "$root/usr/lib/systemd/system/"
     # K3s's installer writes its units to /etc/systemd/system; RKE2's are alike.
     printf '#!/bin/sh\nexit 0\n' >"$root/usr/local/bin/k3s"

@@ -63,6 +63,8 @@ pub struct FileConfig {
     pub metrics_textfile: Option<PathBuf>,
     /// `IP:PORT` (loopback only) to serve metrics on.
     pub metrics_address: Option<String>,
+    /// Images kept by policy: glob patterns (`*`, `?`) over the full image name.
+    pub keep: Option<Vec<String>>,
 }
 
 /// Values given on the command line: the same keys as the file, each overriding it.
@@ -92,6 +94,9 @@ pub struct Settings {
     pub metrics_textfile: Option<PathBuf>,
     /// A loopback address to serve metrics on; off when `None`.
     pub metrics_address: Option<SocketAddr>,
+    /// Images kept by policy (contract rule 9): patterns checked by
+    /// [`crate::engine::check_pattern`]. Read again on SIGHUP.
+    pub keep: Vec<String>,
 }
 
 /// The Kubernetes distribution whose containerd pinkeeper watches. They differ, for pinkeeper,
@@ -387,7 +392,19 @@ impl Settings {
                 &origin("metrics-address", "metrics_address", address_from_flag),
             )?),
         };
+        let keep_from_flag = flags.keep.is_some();
+        let keep = flags.keep.or(file.keep).unwrap_or_default();
+        for pattern in &keep {
+            if let Err(why) = crate::engine::check_pattern(pattern) {
+                return Err(ConfigError::Invalid {
+                    what: origin("keep", "keep", keep_from_flag),
+                    value: pattern.clone(),
+                    expected: why,
+                });
+            }
+        }
         Ok(Settings {
+            keep,
             containerd_socket,
             namespace,
             images_dir,

@@ -14,6 +14,7 @@ pub(crate) mod config;
 pub mod containerd;
 pub mod control;
 pub mod daemon;
+pub mod disk;
 pub mod engine;
 pub(crate) mod escape;
 pub mod inventory;

@@ -59,7 +59,7 @@ fn doctor_json(node: &Node) -> Result<(i32, serde_json::Map<String, Value>)> {
         checks.insert(name.to_string(), check.clone());
     }
     let names: Vec<&str> = checks.keys().map(String::as_str).collect();
-    ensure!(names.len() == 6, "checks: {names:?}");
+    ensure!(names.len() == 8, "checks: {names:?}");
     let worst = if checks.values().any(|c| c["status"] == "fail") {
         "fail"
     } else if checks.values().any(|c| c["status"] == "warn") {
@@ -134,6 +134,22 @@ async fn doctor_checks_a_node_with_pinkeeper_stopped(version: Version) -> Result
         "{checks:#?}"
     );
     ensure!(status(&checks, "at-risk") == "ok", "{checks:#?}");
+    // What kubelet sees, read here from CRI against the ledger: 1.6.20's CRI predates pins;
+    // 1.7 and 2.x report the pins once CRI has caught up with K3s's imports.
+    let kubelet = if version == Version::V1_6 {
+        "warn"
+    } else {
+        "ok"
+    };
+    let checks = common::eventually(&format!("doctor's kubelet check {kubelet}"), || async {
+        let (_, checks) = doctor_json(&node)?;
+        Ok((status(&checks, "kubelet") == kubelet).then_some(checks))
+    })
+    .await?;
+    ensure!(
+        detail(&checks, "kubelet").contains("against the ledger"),
+        "{checks:#?}"
+    );
 
     // web's archive is deleted and K3s restarts while pinkeeper is stopped: the sweep leaves
     // web unpinned, and only the ledger knows it should not be.

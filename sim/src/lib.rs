@@ -16,10 +16,14 @@
 //! directory, list, then follow the stream; a verification reads the directory and lists) is
 //! played by [`Sim::pinkeeper_step`].
 //!
-//! After every step it checks that pinkeeper never wrote K3s's label and never undid an
-//! operator's `pinkeeper unpin`. At the end of each round it heals every fault, lets pinkeeper
-//! connect and the start-up settle (a bounded simulated time), and checks that no committed
-//! intent was lost, that every held intent whose record exists carries the CRI pin, and that
+//! Three seeds in four have `keep` patterns in force (the pulled image, the names under
+//! registry.local), and the config is read again now and then with others (SIGHUP).
+//!
+//! After every step it checks that pinkeeper never wrote K3s's label, never undid an
+//! operator's `pinkeeper unpin`, and never carried out one of a kept image. At the end of each
+//! round it heals every fault, lets pinkeeper connect and the start-up settle (a bounded
+//! simulated time), and checks that no committed intent was lost, that every held intent
+//! whose record exists carries the CRI pin, as does every record a pattern keeps, and that
 //! the ledger and the engine agree.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -74,6 +78,9 @@ const ARCHIVES: [Archive; 3] = [
 /// An image pulled through CRI (no archive), pinned only by an operator.
 const PULLED: &str = "docker.io/library/pulled:1";
 const PULLED_DIGEST: &str = "sha256:dddd";
+/// The `keep` patterns a seed may have in force (contract rule 9): the pulled image, and every
+/// name under registry.local (an archive's image, and the alias K3s re-tags).
+const KEEP: [&str; 2] = ["docker.io/library/pulled:*", "registry.local/*"];
 /// CRI's own bookkeeping label.
 const CRI_MANAGED: &str = "io.cri-containerd.image";
 const NAMESPACE: &str = "k8s.io";
@@ -389,6 +396,11 @@ pub struct Sim {
     amnesia: BTreeSet<String>,
     /// Names an operator unpinned with `pinkeeper unpin` (answered) and nobody pinned since.
     unpinned: BTreeSet<String>,
+    /// Draws the `keep` patterns of a seed and of its reloads, apart from the story's own
+    /// generator.
+    keep_rng: XorShiftRng,
+    /// A broken invariant found inside a step (reported by the next check).
+    broken: Option<String>,
     outcome: Outcome,
     trace: Vec<String>,
     tracing: bool,
@@ -430,9 +442,16 @@ impl Sim {
         store.inject(move |call| lock(&shared).call(call));
         let mut rng = world_rng(seed, 0);
         let offset = rng.random_range(0..60 * 365 * 24 * 3_600_000i64);
+        let mut keep_rng = world_rng(seed, 4);
+        let config = engine::Config {
+            keep: engine::Keep::new(&draw_keep(&mut keep_rng)),
+            ..engine::Config::default()
+        };
         let mut sim = Sim {
             rng,
-            config: engine::Config::default(),
+            config,
+            keep_rng,
+            broken: None,
             store,
             faults,
             ledger: Some(MemoryLedger::default()),
@@ -507,6 +526,7 @@ impl Sim {
             47 if self.node.is_none() => self.damage_ledger(),
             48..=50 => self.flush_ledger(),
             51..=52 => self.containerd_restart(),
+            53 => self.reload_keep(),
             _ => {}
         }
         self.advance_time();
@@ -658,13 +678,48 @@ impl Sim {
         self.note(|| format!("operator: pinkeeper pin {name} -> ok: {ok}"));
     }
 
+    fn kept(&self, name: &str) -> bool {
+        self.config.keep.matching(name).is_some()
+    }
+
+    /// The config is read again (SIGHUP) with other `keep` patterns; a restart reads them too.
+    fn reload_keep(&mut self) {
+        let keep = engine::Keep::new(&draw_keep(&mut self.keep_rng));
+        let before = std::mem::replace(&mut self.config.keep, keep.clone());
+        for name in Self::all_names() {
+            let (was, is) = (before.matching(name).is_some(), self.kept(name));
+            if was && !is {
+                // What a removed pattern alone held may go.
+                self.let_go(name);
+            }
+            if is {
+                // The policy now decides over an operator's earlier unpin.
+                self.unpinned.remove(name);
+            }
+        }
+        let Some(node) = self.node.as_mut() else {
+            return;
+        };
+        let store = node.events.is_some().then_some(&self.store);
+        let call = node.exec.process(store, vec![Input::Keep(keep)]);
+        let Some(report) = run_ready(call) else {
+            return self.crash("in a reload");
+        };
+        self.after(report);
+        let patterns = format!("{:?}", self.config.keep);
+        self.note(|| format!("config reloaded: keep {patterns}"));
+    }
+
     fn operator_unpin(&mut self) {
         let name = self.pick_name();
         if self.node.as_ref().is_none_or(|n| n.events.is_none()) {
             return;
         }
-        // Released on purpose, whatever the answer.
-        self.let_go(name);
+        let kept = self.kept(name);
+        if !kept {
+            // Released on purpose, whatever the answer.
+            self.let_go(name);
+        }
         let Some(node) = self.node.as_mut() else {
             return;
         };
@@ -674,6 +729,11 @@ impl Sim {
         };
         self.after(report);
         let ok = answer.is_ok();
+        if ok && kept {
+            self.broken = Some(format!(
+                "`pinkeeper unpin {name}` was carried out although a keep pattern holds it"
+            ));
+        }
         if ok {
             self.unpinned.insert(name.to_string());
         }
@@ -682,7 +742,10 @@ impl Sim {
 
     fn ctr_unpin(&mut self) {
         let name = self.pick_name();
-        self.let_go(name);
+        if !self.kept(name) {
+            // A kept image's pin is put back: pinkeeper holds it still.
+            self.let_go(name);
+        }
         self.store.set_label(name, CRI_PIN, "");
         self.note(|| format!("operator: ctr removes the CRI pin of {name}"));
     }
@@ -1029,6 +1092,9 @@ impl Sim {
 
     /// What must hold after every step.
     fn check_always(&mut self) -> Result<(), String> {
+        if let Some(broken) = self.broken.take() {
+            return Err(broken);
+        }
         for (name, record) in self.store.images() {
             if record.labels.contains_key(K3S_PIN) && !self.k3s_labelled.contains(&name) {
                 return Err(format!(
@@ -1112,6 +1178,17 @@ impl Sim {
                 }
             }
         }
+        for (name, record) in &images {
+            if self.config.keep.matching(name).is_some() && !cri_pinned(&record.labels) {
+                return Err(format!(
+                    "{name} is kept by policy ({:?}) and not pinned {} ms after the faults \
+                     healed: {:?}",
+                    self.config.keep,
+                    bound(&self.config),
+                    record.labels
+                ));
+            }
+        }
         for intent in node.exec.engine.intents() {
             if intent.state == IntentState::Released {
                 continue;
@@ -1138,6 +1215,11 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// The patterns of a seed's start or of a reload: each of [`KEEP`] with a chance of one half.
+fn draw_keep(rng: &mut XorShiftRng) -> Vec<&'static str> {
+    KEEP.into_iter().filter(|_| rng.random_bool(0.5)).collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

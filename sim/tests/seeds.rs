@@ -25,9 +25,20 @@ use pinkeeper_sim::{run, Options};
 ///   was gone, or by a listing as "created again without a pin".
 /// - 27270: a swept image deleted before the verification stopped waiting, so when K3s
 ///   imported it again and swept it unseen nothing restored it.
+/// - 510: a kept image whose pin failed, with pinkeeper restarted since, was never pinned.
+/// - 16: `ctr`'s unpin of a kept image that carries K3s's label was confirmed and released.
+/// - 2493: a kept image deleted and pulled again within the churn window was released as
+///   "created again without a pin".
+/// - 32249, 4499: a pattern removed before a restart released, after it, what the ledger said
+///   the policy held, undoing a later `pinkeeper pin` the full disk had not recorded.
+/// - 3272: a policy pin never carried out, its pattern removed since, left the intent held
+///   and unpinned.
+/// - 80208: an intent the policy recorded over a name K3s had pinned long before was kept
+///   when its pattern went, held and unpinned.
 const REGRESSIONS: &[u64] = &[
-    4, 19, 29, 32, 102, 280, 842, 883, 1548, 1737, 1766, 2753, 5776, 7607, 15446, 27270, 98762,
-    148119, 202280, 213520, 546224, 700118, 909386, 998246,
+    4, 16, 19, 29, 32, 102, 280, 510, 842, 883, 1548, 1737, 1766, 2493, 2753, 3272, 4499, 5776,
+    7607, 15446, 27270, 32249, 80208, 98762, 148119, 202280, 213520, 546224, 700118, 909386,
+    998246,
 ];
 
 #[test]

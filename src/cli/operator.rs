@@ -290,6 +290,90 @@ fn show_status(s: &pb::StatusResponse) -> String {
     };
     line(&mut out, "at risk", risk);
     line(&mut out, "last reconcile", when(s.last_reconcile_ms));
+    let cri = if s.cri_checked_ms == 0 {
+        "not checked yet (after connecting, each sweep and each reconcile)".to_string()
+    } else if !s.cri_problem.is_empty() {
+        format!(
+            "cannot be read ({}): {}; pinkeeper protects by the label",
+            when(s.cri_checked_ms),
+            s.cri_problem
+        )
+    } else if s.cri_unpinned.is_empty() {
+        format!(
+            "every held image pinned ({}{})",
+            when(s.cri_checked_ms),
+            if s.cri_unlisted == 0 {
+                String::new()
+            } else {
+                format!("; {} not listed by CRI", s.cri_unlisted)
+            }
+        )
+    } else {
+        let shown: Vec<&str> = s.cri_unpinned.iter().take(10).map(String::as_str).collect();
+        format!(
+            "{} held image(s) UNPINNED for kubelet ({}): {}{}; run `pinkeeper doctor`",
+            s.cri_unpinned.len(),
+            when(s.cri_checked_ms),
+            shown.join(", "),
+            if s.cri_unpinned.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        )
+    };
+    line(&mut out, "kubelet (CRI)", cri);
+    let disk = match &s.disk {
+        None if s.disk_problem.is_empty() => "not checked yet".to_string(),
+        None => format!("cannot be worked out: {}", s.disk_problem),
+        Some(d) => {
+            let percent = |b: u64| {
+                if d.imagefs_size_bytes == 0 {
+                    0.0
+                } else {
+                    b as f64 * 100.0 / d.imagefs_size_bytes as f64
+                }
+            };
+            let mut text = format!(
+                "pinned images hold {} ({:.0}% of {}, {:.0}% used of {}); image GC thresholds \
+                 {}% / {}% ({})",
+                crate::disk::human(d.pinned_bytes),
+                percent(d.pinned_bytes),
+                d.imagefs,
+                percent(d.imagefs_used_bytes),
+                crate::disk::human(d.imagefs_size_bytes),
+                d.gc_high_percent,
+                d.gc_low_percent,
+                d.gc_thresholds_from
+            );
+            if !d.thresholds_problem.is_empty() {
+                text.push_str(&format!("; {}", d.thresholds_problem));
+            }
+            if !d.warning.is_empty() {
+                text.push_str(&format!("\n  WARNING: {}", d.warning));
+            }
+            text
+        }
+    };
+    line(&mut out, "disk", disk);
+    let keep = if s.keep.is_empty() {
+        "no pattern (images kept by policy: none)".to_string()
+    } else {
+        s.keep.join(", ")
+    };
+    line(&mut out, "keep", keep);
+    if s.config_reloaded_ms != 0 {
+        let reload = if s.config_reload_error.is_empty() {
+            format!("{}: applied", when(s.config_reloaded_ms))
+        } else {
+            format!(
+                "{}: NOT APPLIED ({}); the settings in force stay",
+                when(s.config_reloaded_ms),
+                s.config_reload_error
+            )
+        };
+        line(&mut out, "config reloaded", reload);
+    }
     let ledger = if s.ledger_problem.is_empty() {
         s.ledger_path.clone()
     } else {
@@ -310,7 +394,7 @@ fn show_list(intents: &[pb::IntentInfo]) -> String {
     if intents.is_empty() {
         return "no intents\n".into();
     }
-    let rows: Vec<[String; 6]> = intents
+    let rows: Vec<[String; 7]> = intents
         .iter()
         .map(|i| {
             let pinned = match (i.exists, i.pinned_now) {
@@ -322,6 +406,12 @@ fn show_list(intents: &[pb::IntentInfo]) -> String {
                 i.name.clone(),
                 i.state.clone(),
                 pinned.to_string(),
+                match i.cri.as_str() {
+                    "" => "-".to_string(),
+                    "unpinned" => "NO".to_string(),
+                    "pinned" => "yes".to_string(),
+                    other => other.to_string(),
+                },
                 i.archive.clone(),
                 if i.last_restored_ms == 0 {
                     "-".to_string()
@@ -341,6 +431,7 @@ fn show_list(intents: &[pb::IntentInfo]) -> String {
             "IMAGE",
             "STATE",
             "PINNED",
+            "CRI",
             "ARCHIVE",
             "LAST RESTORED",
             "WHY",

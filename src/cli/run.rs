@@ -32,6 +32,10 @@ pub(crate) struct RunArgs {
     /// Serve metrics on this loopback address, e.g. 127.0.0.1:9977 [default: off]
     #[arg(long, value_name = "IP:PORT")]
     metrics_address: Option<String>,
+    /// Keep every image whose full name matches this glob (`*`, `?`) pinned, archive or not;
+    /// repeat for more patterns; replaces the config file's `keep` [default: none]
+    #[arg(long = "keep", value_name = "PATTERN")]
+    keep: Vec<String>,
 }
 
 fn init_logging(format: crate::config::LogFormat) {
@@ -83,9 +87,10 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
         log_format: args.log_format,
         metrics_textfile: args.metrics_textfile,
         metrics_address: args.metrics_address,
+        keep: (!args.keep.is_empty()).then_some(args.keep),
         ..Overrides::default()
     };
-    let settings = match args.node.resolve(flags) {
+    let settings = match args.node.resolve(flags.clone()) {
         Ok(s) => s,
         Err(e) => return usage_error(&e),
     };
@@ -97,9 +102,12 @@ pub(crate) fn run(args: RunArgs) -> ExitCode {
     let engine = crate::engine::Config {
         program_label: settings.program.label().to_string(),
         settle: settings.settle_ms,
+        keep: crate::engine::Keep::new(&settings.keep),
         ..Default::default()
     };
-    match runtime.block_on(crate::daemon::run(settings, engine)) {
+    let node = args.node;
+    let reload: crate::daemon::Reload = Box::new(move || node.resolve(flags.clone()));
+    match runtime.block_on(crate::daemon::run(settings, engine, Some(reload))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Logging goes to stderr: one line says it all.

@@ -556,3 +556,48 @@ mod hostile_tests {
         }
     }
 }
+
+#[test]
+fn keep_patterns_come_from_the_file_or_the_flags_and_bad_ones_say_what_to_write() {
+    let path = Path::new("/etc/pinkeeper/config.toml");
+    let s = Settings::resolve(
+        Some((
+            path,
+            file("keep = [\"registry.local/critical/*\", \"*@sha256:*\"]"),
+        )),
+        Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(s.keep, ["registry.local/critical/*", "*@sha256:*"]);
+    // The flags replace the file's list.
+    let flags = Overrides {
+        keep: Some(vec!["docker.io/library/nginx:1.27".into()]),
+        ..Overrides::default()
+    };
+    let s = Settings::resolve(Some((path, file("keep = [\"a.io/x\"]"))), flags).unwrap();
+    assert_eq!(s.keep, ["docker.io/library/nginx:1.27"]);
+    assert!(Settings::resolve(None, Overrides::default())
+        .unwrap()
+        .keep
+        .is_empty());
+    let err = Settings::resolve(
+        Some((path, file("keep = [\"nginx:1.27\"]"))),
+        Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("keep in /etc/pinkeeper/config.toml \"nginx:1.27\"")
+            && err.contains("docker.io/library/nginx:1.27"),
+        "{err}"
+    );
+    let flags = Overrides {
+        keep: Some(vec!["".into()]),
+        ..Overrides::default()
+    };
+    let err = Settings::resolve(None, flags).unwrap_err().to_string();
+    assert!(err.starts_with("--keep"), "{err}");
+    // Not a list: the parser names the key.
+    let err = toml::from_str::<FileConfig>("keep = \"docker.io/*\"").unwrap_err();
+    assert!(err.to_string().contains("keep"), "{err}");
+}

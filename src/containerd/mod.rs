@@ -4,6 +4,7 @@
 //!
 //! Behaviour of containerd this code relies on is in FACTS.md section 3.
 
+pub mod cri;
 mod listing;
 pub mod parts;
 pub mod queue;
@@ -80,6 +81,11 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// The connection, for CRI's services on the same socket ([`cri`]).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// Connects once (fails at once if the socket is missing or refuses).
     pub async fn connect(socket: &Path, namespace: &str) -> Result<Self, ContainerdError> {
         let channel = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(socket))
@@ -179,6 +185,44 @@ impl Containerd {
             "listed a namespace too large for one answer in parts"
         );
         Ok(images)
+    }
+
+    /// Every blob of the content store: its size and the blobs its
+    /// `containerd.io/gc.ref.content.*` labels refer to ([`crate::disk`] counts the bytes pinned
+    /// images hold from them).
+    pub async fn content_blobs(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::disk::Blob>, ContainerdError> {
+        use containerd_client::services::v1::content_client::ContentClient;
+        use containerd_client::services::v1::ListContentRequest;
+        let mut client =
+            ContentClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE);
+        let request = self.request(ListContentRequest {
+            filters: Vec::new(),
+        });
+        let mut stream = client
+            .list(request)
+            .await
+            .map_err(self.call_error("Content.List"))?
+            .into_inner();
+        let mut blobs = std::collections::HashMap::new();
+        while let Some(part) = stream
+            .message()
+            .await
+            .map_err(self.call_error("Content.List"))?
+        {
+            for info in part.info {
+                let refs = info
+                    .labels
+                    .into_iter()
+                    .filter(|(key, _)| key.starts_with(crate::disk::GC_REF_CONTENT))
+                    .map(|(_, digest)| digest)
+                    .collect();
+                let size = u64::try_from(info.size).unwrap_or(0);
+                blobs.insert(info.digest, crate::disk::Blob { size, refs });
+            }
+        }
+        Ok(blobs)
     }
 
     /// One image record, or `None` if it does not exist.

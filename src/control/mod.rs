@@ -110,13 +110,15 @@ pub enum Call {
     History(pb::HistoryRequest),
     /// `Reconcile`.
     Reconcile(pb::ReconcileRequest),
+    /// SIGHUP (not on the socket): read the config again.
+    Reload,
 }
 
 /// The daemon's answer to a [`Call`] of the same kind.
 #[derive(Debug)]
 pub enum Reply {
     /// To `Status`.
-    Status(pb::StatusResponse),
+    Status(Box<pb::StatusResponse>),
     /// To `List`.
     List(pb::ListResponse),
     /// To `Pin`.
@@ -127,6 +129,8 @@ pub enum Reply {
     History(pb::HistoryResponse),
     /// To `Reconcile`.
     Reconcile(pb::ReconcileResponse),
+    /// To a reload: what changed, in words.
+    Reload(String),
 }
 
 /// A call and where its answer goes.
@@ -725,7 +729,7 @@ impl pb::Control for Service {
         _: pb::StatusRequest,
     ) -> ttrpc::Result<pb::StatusResponse> {
         match self.ask(Call::Status).await? {
-            Reply::Status(r) => Ok(r),
+            Reply::Status(r) => Ok(*r),
             _ => Err(mismatch()),
         }
     }

@@ -73,6 +73,10 @@ pub(crate) struct Metrics {
     operator_pins: Counter,
     sweeps_seen: Family<Label, Counter>,
     images_at_risk: Gauge,
+    cri_unpinned: Gauge,
+    pinned_bytes: Gauge,
+    imagefs: Family<[(&'static str, &'static str); 1], Gauge>,
+    gc_threshold: Family<[(&'static str, &'static str); 1], Gauge>,
     containerd_connected: Gauge,
     reconnects: Counter,
     last_reconcile: Gauge<f64, AtomicU64>,
@@ -106,7 +110,7 @@ impl Metrics {
         let pins_restored = Family::<Label, Counter>::default();
         registry.register(
             "pins_restored",
-            "io.cri-containerd.pinned restored by pinkeeper after K3s's sweep, by reason: archive-gone (no file provides the image any more), not-repinned (K3s did not pin it again once the start-up settled)",
+            "io.cri-containerd.pinned restored by pinkeeper after K3s's sweep, by reason: archive-gone (no file provides the image any more), not-repinned (K3s did not pin it again once the start-up settled), policy (a keep pattern of the config matches it: after a sweep, or when it appeared or lost its pin otherwise)",
             pins_restored.clone(),
         );
         let operator_pins = Counter::default();
@@ -126,6 +130,32 @@ impl Metrics {
             "images_at_risk",
             "Images with an intent held that are unpinned or gone right now: kubelet's image GC may delete them",
             images_at_risk.clone(),
+        );
+        let cri_unpinned = Gauge::default();
+        registry.register(
+            "cri_unpinned_intents",
+            "Images with an intent held that CRI (kubelet's view) reported unpinned at its last check, after each sweep's restores; 0 before the first check and while CRI cannot be read",
+            cri_unpinned.clone(),
+        );
+        let pinned_bytes = Gauge::default();
+        registry.register_with_unit(
+            "pinned",
+            "Bytes of containerd's content store the images pinkeeper holds reach, each blob counted once (after connecting, each sweep and each reconcile)",
+            Unit::Bytes,
+            pinned_bytes.clone(),
+        );
+        let imagefs = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        registry.register_with_unit(
+            "imagefs",
+            "The image filesystem kubelet's image GC watches: its size and the bytes used on it",
+            Unit::Bytes,
+            imagefs.clone(),
+        );
+        let gc_threshold = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        registry.register(
+            "image_gc_threshold_percent",
+            "Kubelet's image GC thresholds as pinkeeper found them (K3s's kubelet-arg, kubelet's config drop-ins, else 85 / 80)",
+            gc_threshold.clone(),
         );
         let containerd_connected = Gauge::default();
         registry.register(
@@ -184,7 +214,11 @@ impl Metrics {
         for state in [IntentState::Held, IntentState::Swept, IntentState::Released] {
             let _ = intents.get_or_create(&[("state", state.as_str())]);
         }
-        for reason in [RestoreReason::ArchiveGone, RestoreReason::NotRepinned] {
+        for reason in [
+            RestoreReason::ArchiveGone,
+            RestoreReason::NotRepinned,
+            RestoreReason::Policy,
+        ] {
             let _ = pins_restored.get_or_create(&[("reason", reason.as_str())]);
         }
         for seen in ["live", "after-reconnect"] {
@@ -197,6 +231,10 @@ impl Metrics {
             operator_pins,
             sweeps_seen,
             images_at_risk,
+            cri_unpinned,
+            pinned_bytes,
+            imagefs,
+            gc_threshold,
             containerd_connected,
             reconnects,
             last_reconcile,
@@ -219,7 +257,7 @@ impl Metrics {
     /// A pin was set (`Input::Pinned` with `Ok`).
     pub(crate) fn pinned(&self, reason: RestoreReason) {
         match reason {
-            RestoreReason::ArchiveGone | RestoreReason::NotRepinned => {
+            RestoreReason::ArchiveGone | RestoreReason::NotRepinned | RestoreReason::Policy => {
                 self.pins_restored
                     .get_or_create(&[("reason", reason.as_str())])
                     .inc();
@@ -250,6 +288,33 @@ impl Metrics {
     /// The event stream is gone (or pinkeeper stops).
     pub(crate) fn disconnected(&self) {
         self.containerd_connected.set(0);
+        self.touch();
+    }
+
+    /// CRI's view was read: this many held intents it reports unpinned (0 when it could not
+    /// be read).
+    pub(crate) fn cri_checked(&self, unpinned: usize) {
+        self.cri_unpinned
+            .set(i64::try_from(unpinned).unwrap_or(i64::MAX));
+        self.touch();
+    }
+
+    /// The disk the pins hold was worked out.
+    pub(crate) fn disk_checked(&self, d: &crate::daemon::kubelet::DiskFacts) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.pinned_bytes.set(gauge(d.pinned));
+        self.imagefs
+            .get_or_create(&[("kind", "size")])
+            .set(gauge(d.fs.size));
+        self.imagefs
+            .get_or_create(&[("kind", "used")])
+            .set(gauge(d.fs.used));
+        self.gc_threshold
+            .get_or_create(&[("threshold", "high")])
+            .set(i64::from(d.thresholds.high));
+        self.gc_threshold
+            .get_or_create(&[("threshold", "low")])
+            .set(i64::from(d.thresholds.low));
         self.touch();
     }
 

@@ -12,6 +12,7 @@
 
 pub mod executor;
 mod inbox;
+pub(crate) mod kubelet;
 pub(crate) mod metrics;
 pub(crate) mod notify;
 pub mod operator;
@@ -115,7 +116,17 @@ struct Daemon {
     watchdog: Option<tokio::time::Interval>,
     /// Prometheus metrics: counted and written out (textfile) when something changed.
     metrics: Exporter,
+    /// Resolves the settings again (SIGHUP): the config file and the same flags.
+    reload: Option<Reload>,
+    /// CRI's view (what kubelet sees), as last read, and the read under way.
+    cri: kubelet::CriFacts,
+    cri_task: Option<kubelet::CriTask>,
+    /// When to read CRI's view again while it reports an intent unpinned.
+    cri_recheck_at: Option<tokio::time::Instant>,
 }
+
+/// Resolves the settings again, as `pinkeeper run` did at start: for SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Settings, crate::config::ConfigError> + Send>;
 
 /// What the daemon knows about itself for `pinkeeper status`.
 #[derive(Debug, Default)]
@@ -129,6 +140,9 @@ struct StatusFacts {
     /// When the images directory was last read to its end, and its broken files then.
     images_read: Millis,
     images_broken: usize,
+    /// The last SIGHUP's reading of the config (0: none), and why it did not apply.
+    config_reloaded: Millis,
+    config_reload_error: String,
 }
 
 /// What woke the main loop.
@@ -141,10 +155,16 @@ enum Wake {
     Metrics,
     Scanned(Box<Result<ScanOutcome, tokio::task::JoinError>>),
     VerifyOverdue,
+    CriRecheck,
+    Cri(Box<kubelet::CriDone>),
 }
 
 /// Runs until SIGTERM or SIGINT. Errors are fatal (the ledger cannot be written, ...).
-pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    config: engine::Config,
+    reload: Option<Reload>,
+) -> anyhow::Result<()> {
     // Room for the control socket's connections and the images directory's files.
     control::raise_fd_limit();
     crate::memory::tune();
@@ -168,6 +188,23 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
     // Another pinkeeper on the socket stops this one (it protects the node already); any other
     // failure only costs the operator's API: protection never waits for it.
     let (requests, control) = control::channel();
+    // SIGHUP reads the config again (`systemctl reload pinkeeper`): a call of the daemon's
+    // loop, like an operator's, so it is applied between two batches.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let reloads = requests.clone();
+    let _reloader = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let request = Request {
+                call: control::Call::Reload,
+                reply,
+            };
+            if reloads.send(request).await.is_err() {
+                return;
+            }
+        }
+    }));
     let served = match control::bind(&settings.control_socket) {
         Ok(listener) => control::serve(listener, &settings.control_socket, requests).await,
         Err(e) => Err(e),
@@ -242,6 +279,10 @@ pub async fn run(settings: Settings, config: engine::Config) -> anyhow::Result<(
         watch: None,
         settings,
         metrics: exporter,
+        reload,
+        cri: kubelet::CriFacts::default(),
+        cri_task: None,
+        cri_recheck_at: None,
     };
     if let Some(recovered) = started.recovered {
         let entry = HistoryEntry {
@@ -404,6 +445,8 @@ impl Daemon {
                 _ = shared.wake.notified() => Wake::Events,
                 _ = sleep_until(wakeup) => Wake::Timer,
                 _ = sleep_until(self.verify_wait_until) => Wake::VerifyOverdue,
+                _ = sleep_until(self.cri_recheck_at) => Wake::CriRecheck,
+                done = kubelet::cri_finished(&mut self.cri_task) => Wake::Cri(Box::new(done)),
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
                 done = scan_finished(&mut self.scan_task) => Wake::Scanned(Box::new(done)),
                 Some(request) = self.control.recv() => Wake::Control(request),
@@ -426,6 +469,14 @@ impl Daemon {
                 }
                 Wake::VerifyOverdue => {
                     self.verify_overdue().await;
+                    continue;
+                }
+                Wake::CriRecheck => {
+                    self.start_cri_check();
+                    continue;
+                }
+                Wake::Cri(done) => {
+                    self.cri_checked(*done);
                     continue;
                 }
                 Wake::ImagesDir => {
@@ -517,6 +568,9 @@ impl Daemon {
                 self.after(report);
                 if cause == ListCause::Connected {
                     self.metrics.metrics().reconciled();
+                    // Once a K3s start-up would have swept and settled.
+                    let settle = Duration::from_millis(self.settings.settle_ms);
+                    self.want_cri_check_after(settle + kubelet::AFTER_CONNECT);
                 }
                 // The inbox may have taken the wake-ups of what came meanwhile.
                 if !lock(&shared.queue).is_empty() {
@@ -555,6 +609,8 @@ impl Daemon {
             self.metrics.metrics().sweep_seen(s.seen_live);
             log_sweep(&s);
             self.status.last_sweep = Some(s);
+            // Its restores are done: does kubelet see them?
+            self.want_cri_check();
         }
         if report.verify {
             debug!("start-up settled: reading the images directory, then checking that every intent is pinned");

@@ -24,7 +24,7 @@ impl Daemon {
     /// Answers one call. Errors are the daemon's own (the ledger stopped): fatal.
     pub(super) async fn answer(&mut self, request: Request) {
         let result = match request.call {
-            Call::Status => Ok(Reply::Status(self.status())),
+            Call::Status => Ok(Reply::Status(Box::new(self.status()))),
             Call::List(req) => Ok(Reply::List(self.list_intents(&req))),
             Call::Pin(req) => self.operator_pin(req.name.trim()).await.map(Reply::Pin),
             Call::Unpin(req) => self
@@ -33,6 +33,7 @@ impl Daemon {
                 .map(Reply::Unpin),
             Call::History(req) => self.history(req).await.map(Reply::History),
             Call::Reconcile(req) => self.reconcile(req.dry_run).await.map(Reply::Reconcile),
+            Call::Reload => self.reload().await.map(Reply::Reload),
         };
         // The caller may have given up (timeout, Ctrl-C): nothing to do then.
         let _ = request.reply.send(result);
@@ -75,6 +76,37 @@ impl Daemon {
             images_dir_broken: u32::try_from(facts.images_broken).unwrap_or(u32::MAX),
             images_dir_scans: self.scans_started - u64::from(self.scan_task.is_some()),
             verification_pending: self.exec.engine.verification_pending(),
+            keep: self.settings.keep.clone(),
+            cri_checked_ms: self.cri.checked,
+            cri_problem: self.cri.problem.clone(),
+            cri_unpinned: self
+                .cri
+                .view
+                .unpinned
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            cri_unlisted: u32::try_from(self.cri.view.unlisted.len()).unwrap_or(u32::MAX),
+            disk: self.cri.disk.as_ref().ok().map(|d| pb::DiskInfo {
+                imagefs: d.mountpoint.clone(),
+                imagefs_size_bytes: d.fs.size,
+                imagefs_used_bytes: d.fs.used,
+                pinned_bytes: d.pinned,
+                content_bytes: d.content,
+                gc_high_percent: u32::from(d.thresholds.high),
+                gc_low_percent: u32::from(d.thresholds.low),
+                gc_thresholds_from: d.thresholds.from.clone(),
+                thresholds_problem: d.thresholds_problem.clone(),
+                warning: super::kubelet::disk_warning(d).unwrap_or_default(),
+                largest_pinned: d
+                    .largest
+                    .iter()
+                    .map(|(n, b, why)| format!("{n} ({}, {why})", crate::disk::human(*b)))
+                    .collect(),
+            }),
+            disk_problem: self.cri.disk.as_ref().err().cloned().unwrap_or_default(),
+            config_reloaded_ms: facts.config_reloaded,
+            config_reload_error: facts.config_reload_error.clone(),
         }
     }
 
@@ -90,9 +122,17 @@ impl Daemon {
                     && page.takes(&i.name)
             })
             .iter()
-            .map(intent_info)
+            .map(|view| self.with_cri(intent_info(view)))
             .collect();
         page.answer(intents)
+    }
+
+    /// `info` with CRI's view of it at the last check (empty when CRI could not be read).
+    fn with_cri(&self, mut info: pb::IntentInfo) -> pb::IntentInfo {
+        if self.cri.problem.is_empty() && info.state != IntentState::Released.as_str() {
+            info.cri = self.cri.view.of(&info.name).unwrap_or_default().to_string();
+        }
+        info
     }
 
     fn connected(&self) -> Result<crate::containerd::Containerd, Refusal> {
@@ -122,6 +162,51 @@ impl Daemon {
         let (answer, report) = unpin(&mut self.exec, &client, &namespace, name, all_names).await;
         self.after(report);
         answer
+    }
+
+    /// SIGHUP: reads the config again and applies its `keep` patterns (the other settings
+    /// need a restart, and a change to one is said). A config that does not resolve changes
+    /// nothing: pinkeeper keeps protecting with what it has.
+    async fn reload(&mut self) -> Result<String, Refusal> {
+        let Some(reload) = &self.reload else {
+            return Err(Refusal::invalid("no config to read again"));
+        };
+        let new = reload();
+        self.status.config_reloaded = now_ms();
+        let new = match new {
+            Ok(new) => {
+                self.status.config_reload_error.clear();
+                new
+            }
+            Err(e) => {
+                self.status.config_reload_error = e.to_string();
+                let why =
+                    format!("config not reloaded: {e}; pinkeeper goes on with the settings it has");
+                tracing::error!("{why}");
+                return Err(Refusal::invalid(why));
+            }
+        };
+        let others_changed = crate::config::Settings {
+            keep: self.settings.keep.clone(),
+            ..new.clone()
+        } != self.settings;
+        if others_changed {
+            tracing::warn!(
+                "config reloaded: only `keep` applies at once; restart pinkeeper for the other \
+                 settings that changed"
+            );
+        }
+        if new.keep == self.settings.keep {
+            let said = "config reloaded: the keep patterns are unchanged".to_string();
+            tracing::info!("{said}");
+            return Ok(said);
+        }
+        self.settings.keep = new.keep.clone();
+        let keep = crate::engine::Keep::new(&new.keep);
+        self.process(vec![Input::Keep(keep)]).await;
+        let said = format!("config reloaded: keep {:?}", self.settings.keep);
+        tracing::info!("{said}");
+        Ok(said)
     }
 
     async fn history(&mut self, req: pb::HistoryRequest) -> Result<pb::HistoryResponse, Refusal> {
@@ -280,6 +365,21 @@ pub async fn unpin<J: Journal, C: Clock, S: ImageStore>(
     if plan.targets.is_empty() {
         return (Err(no_such_image(namespace, name)), report);
     }
+    // Contract rule 9: the policy decides for the images it keeps.
+    let kept: Vec<String> = plan
+        .targets
+        .iter()
+        .filter_map(|(t, _)| exec.engine.kept_by(t).map(|p| format!("{t} by {p:?}")))
+        .collect();
+    if !kept.is_empty() {
+        let refusal = Refusal::failed(format!(
+            "not unpinned: a keep pattern of pinkeeper's config holds {}; remove the pattern \
+             from `keep` (/etc/pinkeeper/config.toml by default) and run `systemctl reload \
+             pinkeeper`, which releases what it alone held",
+            kept.join(", ")
+        ));
+        return (Err(refusal), report);
+    }
     let mut names = Vec::new();
     for (target, record) in plan.targets {
         names.push(target.clone());
@@ -366,6 +466,26 @@ fn dry_run_decisions(engine: &Engine, now: Now, images: Vec<ImageRecord>) -> Vec
     decisions
 }
 
+/// Why an intent exists, in words (`pinkeeper list`'s WHY, the disk report's largest images).
+pub(super) fn why(view: &IntentView) -> String {
+    let i = &view.intent;
+    let source = i
+        .source
+        .as_ref()
+        .map(|p| crate::escape::path(p).to_string());
+    match (i.origin, &source) {
+        _ if view.kept_by.is_some() => {
+            format!("policy: {}", view.kept_by.as_deref().unwrap_or_default())
+        }
+        (Origin::Policy, _) => "kept by a keep pattern since removed".to_string(),
+        (Origin::Operator, _) => "pinned by an operator (pinkeeper pin)".to_string(),
+        (Origin::SeenPinned, Some(file)) => format!("seen pinned; imported by K3s from {file}"),
+        (Origin::SeenPinned, None) => {
+            "seen pinned (not from a file of the images directory)".into()
+        }
+    }
+}
+
 /// The API's view of an intent.
 fn intent_info(view: &IntentView) -> pb::IntentInfo {
     let i = &view.intent;
@@ -374,13 +494,7 @@ fn intent_info(view: &IntentView) -> pb::IntentInfo {
         .source
         .as_ref()
         .map(|p| crate::escape::path(p).to_string());
-    let why = match (i.origin, &source) {
-        (Origin::Operator, _) => "pinned by an operator (pinkeeper pin)".to_string(),
-        (Origin::SeenPinned, Some(file)) => format!("seen pinned; imported by K3s from {file}"),
-        (Origin::SeenPinned, None) => {
-            "seen pinned (not from a file of the images directory)".into()
-        }
-    };
+    let why = why(view);
     pb::IntentInfo {
         name: i.name.to_string(),
         digest: i
@@ -398,6 +512,8 @@ fn intent_info(view: &IntentView) -> pb::IntentInfo {
         restores: i.restores,
         last_restored_ms: i.last_restored.unwrap_or(0),
         released_because: i.released_because.clone().unwrap_or_default(),
+        // Filled in by the daemon from its last check ([`Daemon::with_cri`]).
+        cri: String::new(),
     }
 }
 

@@ -160,6 +160,9 @@ pub struct Engine {
     /// first input for those read from the ledger); forgotten then unless its labels carry a
     /// pin ([`Engine::forget_at`]).
     retained_until: HashMap<Name, Millis>,
+    /// Intents the policy held that the patterns of a reload no longer match: released when
+    /// next seen ([`Engine::on_keep`]).
+    unkept: BTreeSet<Name>,
     /// Released intents read from the ledger have no `retained_until` yet: the first input
     /// gives the clocks to derive it ([`Engine::anchor`]).
     anchor_pending: bool,
@@ -202,6 +205,7 @@ impl Engine {
             episode: None,
             forget: BTreeSet::new(),
             retained_until: HashMap::new(),
+            unkept: BTreeSet::new(),
             anchor_pending: false,
         };
         // Their retention is derived at the first input, which `next_wakeup` asks for at once
@@ -234,6 +238,12 @@ impl Engine {
     /// Whether a start-up verification is due or asked for and not yet applied.
     pub fn verification_pending(&self) -> bool {
         self.verify_due.is_some() || self.verify_in_flight
+    }
+
+    /// The `keep` pattern that holds `name` (contract rule 9), if any: the first in the
+    /// config's order that matches.
+    pub fn kept_by(&self, name: &str) -> Option<&str> {
+        self.config.keep.matching(name)
     }
 
     /// The engine's configuration.
@@ -311,6 +321,7 @@ impl Engine {
                 self.away = true;
             }
             Input::Tick => self.on_tick(now, &mut out),
+            Input::Keep(keep) => self.on_keep(now, keep),
             Input::OperatorPin { record } => self.on_operator_pin(now, record, &mut out),
             Input::OperatorUnpin { name, record } => {
                 let record = record.filter(|r| r.name == name);
@@ -336,7 +347,11 @@ impl Engine {
         if self.pins_in_flight.contains_key(name) {
             return;
         }
-        if !self.is_provided(name) {
+        if self.kept_by(name).is_some() {
+            // Kept by policy: restored at once, whatever the archives (contract rule 9).
+            self.awaiting_k3s.remove(name);
+            self.pin(name, RestoreReason::Policy, out);
+        } else if !self.is_provided(name) {
             self.awaiting_k3s.remove(name);
             self.pin(name, RestoreReason::ArchiveGone, out);
         } else if self.verifying {
@@ -422,6 +437,8 @@ impl Engine {
         self.tie_aliases(name, out);
         let detail = if origin == Origin::Operator {
             "an operator ran `pinkeeper pin`"
+        } else if origin == Origin::Policy {
+            RestoreReason::Policy.explain()
         } else if intent.pins.cri {
             "seen carrying io.cri-containerd.pinned=pinned"
         } else {
@@ -580,7 +597,16 @@ impl Engine {
             return;
         };
         match result {
-            Ok(()) if reason == RestoreReason::Operator => {
+            // A first pin, not a restore: an operator's, or the policy's on an image that
+            // was not swept (it appeared, or someone else removed its pin).
+            Ok(())
+                if reason == RestoreReason::Operator
+                    || (reason == RestoreReason::Policy
+                        && self
+                            .intents
+                            .get(name.as_str())
+                            .is_some_and(|i| i.state == IntentState::Held)) =>
+            {
                 self.update_intent(&name, out, |i| {
                     i.state = IntentState::Held;
                     i.pins.cri = true;
@@ -712,10 +738,12 @@ impl Engine {
 mod archives;
 mod digest;
 mod feed;
+mod kubelet;
 mod labels;
 mod model;
 mod name;
 mod operator;
+mod policy;
 mod provided;
 mod reading;
 mod retention;
@@ -724,10 +752,12 @@ mod views;
 pub use digest::Digest;
 use feed::ListingFeed;
 pub use feed::{Outputs, LISTING_PART};
+pub use kubelet::CriView;
 pub use labels::Labels;
 pub use model::*;
 pub use name::Name;
 pub use operator::UnpinPlan;
+pub use policy::{check_pattern, Keep};
 pub use provided::{FileNames, Provided};
 pub use views::{risk, ArchiveState, IntentView, Risk, Summary, Tally};
 

@@ -109,6 +109,9 @@ pub struct Config {
     /// [`Intent::since`] by the wall clock, clamped to `0..=retention` (a `since` in the future,
     /// written before the clock was stepped back, counts as a release just now).
     pub retention: Millis,
+    /// The config's `keep` patterns (contract rule 9): an image whose name matches one is
+    /// pinned whenever it appears and after every sweep, archive or not.
+    pub keep: super::Keep,
 }
 
 /// [`Config::retention`] by default: an hour. Forgetting changes no decision
@@ -126,6 +129,7 @@ impl Default for Config {
             settle_max: 120_000,
             churn_window: 3_000,
             retention: DEFAULT_RETENTION,
+            keep: super::Keep::default(),
         }
     }
 }
@@ -238,6 +242,10 @@ pub enum Input {
     },
     /// Time passed (see [`Engine::next_wakeup`](super::Engine::next_wakeup)).
     Tick,
+    /// The config was read again (SIGHUP): these are the `keep` patterns now. Intents only a
+    /// removed pattern held are released and their CRI pin removed; images a new pattern
+    /// matches are found by a listing.
+    Keep(super::Keep),
 }
 
 /// Why pinkeeper restores a pin.
@@ -251,6 +259,8 @@ pub enum RestoreReason {
     NotRepinned,
     /// An operator ran `pinkeeper pin`.
     Operator,
+    /// A `keep` pattern of the config matches its name (contract rule 9).
+    Policy,
 }
 
 impl RestoreReason {
@@ -261,6 +271,7 @@ impl RestoreReason {
             RestoreReason::ArchiveGone => "archive-gone",
             RestoreReason::NotRepinned => "not-repinned",
             RestoreReason::Operator => "operator",
+            RestoreReason::Policy => "policy",
         }
     }
 
@@ -274,6 +285,7 @@ impl RestoreReason {
                 "K3s's startup sweep removed its pins and K3s did not pin it again after the start-up settled"
             }
             RestoreReason::Operator => "an operator ran `pinkeeper pin`",
+            RestoreReason::Policy => "a keep pattern of the config matches its name",
         }
     }
 }
@@ -368,6 +380,9 @@ pub enum Origin {
     SeenPinned,
     /// An operator ran `pinkeeper pin`.
     Operator,
+    /// A `keep` pattern of the config matched its name, which had no CRI pin: pinkeeper put it
+    /// on. Removing the pattern releases it ([`Input::Keep`]).
+    Policy,
 }
 
 /// One image name pinkeeper means to keep pinned: the ledger's record.

@@ -163,6 +163,10 @@ impl Engine {
         record: Option<ImageRecord>,
         out: &mut Vec<Output>,
     ) {
+        if self.kept_by(name).is_some() {
+            // The daemon refuses it first (naming the pattern): the policy decides.
+            return;
+        }
         let pinned = record.as_ref().is_some_and(|r| self.pins(&r.labels).cri);
         // What the record carries once the unpin is done: its own event then changes nothing.
         let after = record.as_ref().map(|r| {

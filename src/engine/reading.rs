@@ -45,8 +45,10 @@ impl Engine {
             }
             EventKind::Create => {
                 let recreated = self.deleted.remove(event.name.as_str()).is_some();
-                if recreated && !self.pins(&event.labels).any() {
-                    // K3s re-creates its aliases with both pins; this is someone else's record.
+                let kept = self.kept_by(&event.name).is_some();
+                if recreated && !self.pins(&event.labels).any() && !kept {
+                    // K3s re-creates its aliases with both pins; this is someone else's record
+                    // (a kept one is pinned by the policy, whoever made it).
                     self.release(
                         now,
                         &event.name,
@@ -93,11 +95,15 @@ impl Engine {
             self.learn_digest(name, digest, out);
         }
         let new = self.pins(&labels);
-        let Some(intent) = self
-            .intents
-            .get(name)
-            .filter(|i| i.state != IntentState::Released)
-        else {
+        if !self.holds(name) {
+            if !new.cri && self.kept_by(name).is_some() {
+                // Kept by policy: pinned whenever it appears, a release undone (contract
+                // rule 9). A late delivery pins a record that has the pin already, or is gone:
+                // both harmless.
+                self.record(now, name, labels, listed.flatten(), Origin::Policy, out);
+                self.pin(name, RestoreReason::Policy, out);
+                return true;
+            }
             // A released intent comes back only when the CRI pin is put on again (K3s
             // re-importing the archive, someone pinning it): K3s's label alone, as an operator
             // leaves it when removing the CRI pin, is no reason to undo the unpin.
@@ -132,7 +138,7 @@ impl Engine {
                 _ => {}
             }
             return false;
-        };
+        }
         if self.unpins_to_confirm.contains(name) {
             if live && new.cri {
                 // The CRI pin is on again after the unpin seen: that one was a late delivery
@@ -155,9 +161,21 @@ impl Engine {
             // or the sweep that ran since: seeds 148119, 546224).
             self.unpins_to_confirm.remove(name);
         }
+        if self.observe_policy(now, name, &labels, out) {
+            return false;
+        }
+        let Some(intent) = self.intents.get(name) else {
+            return false;
+        };
         let old = intent.pins;
         let was_swept = intent.state == IntentState::Swept;
-        let operator_pin = intent.origin == Origin::Operator;
+        // Who pinned it first, when it was pinkeeper (an operator's `pinkeeper pin`, or the
+        // policy's).
+        let first_pin = match intent.origin {
+            Origin::Operator => Some(RestoreReason::Operator),
+            Origin::Policy => Some(RestoreReason::Policy),
+            Origin::SeenPinned => None,
+        };
         let k3s_pinned = intent.k3s_pinned || intent.source.is_some();
         let digest = intent.digest.clone();
         let pins_changed = intent.pins != new;
@@ -166,6 +184,11 @@ impl Engine {
             // away would read as an operator's unpin.
             self.update_intent(name, out, |i| i.k3s_pinned = true);
             out.push(Output::Commit);
+        }
+        if new.program && first_pin == Some(RestoreReason::Policy) {
+            // K3s pins it too: the policy no longer holds it alone (a pattern removed later
+            // leaves it held, as any image K3s pinned).
+            self.update_intent(name, out, |i| i.origin = Origin::SeenPinned);
         }
         if live && new.cri && old.program && !new.program && !was_swept {
             // K3s's label gone and the CRI pin kept: K3s never does that, and pinkeeper's own
@@ -214,6 +237,19 @@ impl Engine {
             && !old.program
             && !was_swept
             && (k3s_pinned || self.digest_pinned_by_k3s(digest.as_ref()));
+        // Both pins gone from a record K3s pinned (or a missed sweep): K3s's sweep.
+        let sweep = !new.program && (old.program || missed_sweep) && !was_swept;
+        if !sweep && self.kept_by(name).is_some() {
+            // A `keep` pattern holds it, and it is seen without the CRI pin: someone removed
+            // it, or a pin of pinkeeper's failed (and pinkeeper may have restarted since).
+            // Put back: the policy decides (contract rule 9; `pinkeeper unpin` refuses it,
+            // naming the pattern). The sweep's signature is read as a sweep below.
+            if pins_changed {
+                self.update_intent(name, out, |i| i.pins = new);
+            }
+            self.pin(name, RestoreReason::Policy, out);
+            return true;
+        }
         if new.program || (old.cri && !old.program && !missed_sweep) {
             // An event may be a late or duplicate delivery (FACTS.md section 3): a live one is
             // confirmed with a Get before the intent is released.
@@ -227,7 +263,7 @@ impl Engine {
             }
             return false;
         }
-        if (old.program || missed_sweep) && !was_swept {
+        if sweep {
             // The sweep's signature: both pins removed at once from an image with K3s's label.
             self.update_intent(name, out, |i| {
                 i.pins = new;
@@ -249,14 +285,15 @@ impl Engine {
             // The episode ends with a verification, whatever the archives.
             self.schedule_verify(now.mono);
             self.settle(name, now, out);
-        } else if !live && operator_pin && !old.cri && !was_swept {
-            // An operator's `pinkeeper pin` recorded and never seen carried out (pinkeeper
-            // was killed between the commit and the write): the intent says pinned, so it is
-            // done now. Found by the simulation (seed 883).
+        } else if let Some(reason) = first_pin.filter(|_| !live && !old.cri && !was_swept) {
+            // An operator's `pinkeeper pin` (or the policy's pin) recorded and never seen
+            // carried out (pinkeeper was killed between the commit and the write, or the write
+            // failed): the intent says pinned, so it is done now. Found by the simulation
+            // (seeds 883, and 3272 for a pattern removed before the pin was done).
             if pins_changed {
                 self.update_intent(name, out, |i| i.pins = new);
             }
-            self.pin(name, RestoreReason::Operator, out);
+            self.pin(name, reason, out);
         } else if pins_changed {
             self.update_intent(name, out, |i| i.pins = new);
         }

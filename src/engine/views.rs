@@ -44,6 +44,8 @@ pub struct IntentView {
     pub pinned_now: bool,
     /// The record exists (as last seen).
     pub exists: bool,
+    /// The `keep` pattern that holds it, if any (contract rule 9).
+    pub kept_by: Option<String>,
 }
 
 impl IntentView {
@@ -121,6 +123,7 @@ impl Engine {
         };
         let exists = self.exists(name, &intent);
         Some(IntentView {
+            kept_by: self.kept_by(name).map(str::to_string),
             pinned_now: intent.pins.cri,
             exists,
             archive,

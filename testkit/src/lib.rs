@@ -19,11 +19,13 @@ pub mod client;
 pub mod daemon;
 pub mod k3s;
 pub mod reference;
+pub mod registry;
 
 pub use archive::{Compression, Layout, OciNames, TestImage};
 pub use client::{Client, ImageInfo};
 pub use daemon::{Containerd, Cri, Options, Version};
 pub use k3s::{ImportReport, K3s, K3sConfig, StartReport};
+pub use registry::Registry;
 
 /// K3s's own pin label (`io.cattle.<program>.pinned`, FACTS.md 1).
 pub const K3S_PIN_LABEL: &str = "io.cattle.k3s.pinned";

@@ -116,7 +116,18 @@ impl Node {
         cache_json: bool,
         settle_ms: u64,
     ) -> Result<Node> {
-        let containerd = Containerd::start(version).await?;
+        Node::with_options(version, archives, cache_json, settle_ms, Default::default()).await
+    }
+
+    /// [`Node::new`] with containerd configured by `options` (CRI off, ...).
+    pub async fn with_options(
+        version: Version,
+        archives: &[Archive<'_>],
+        cache_json: bool,
+        settle_ms: u64,
+        options: pinkeeper_testkit::Options,
+    ) -> Result<Node> {
+        let containerd = Containerd::start_with(version, options).await?;
         let dir = tempfile::Builder::new().prefix("pkit").tempdir_in("/tmp")?;
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images)?;

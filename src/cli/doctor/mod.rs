@@ -48,7 +48,7 @@ pub(crate) const JSON_VERSION: u32 = 1;
 const K3S_SOCKET: &str = crate::config::DEFAULT_CONTAINERD_SOCKET;
 
 /// What the running daemon says about itself, via its control socket.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct DaemonView {
     /// The daemon is subscribed to containerd.
     pub connected: bool,
@@ -64,6 +64,8 @@ pub(crate) struct DaemonView {
     pub ledger_problem: String,
     /// A damaged ledger the daemon moved aside at start; empty if none.
     pub ledger_recovered: String,
+    /// The daemon's last check of CRI's view.
+    pub cri: kubelet::DaemonCri,
 }
 
 /// Where the doctor looks: the same settings as `pinkeeper run`.
@@ -151,6 +153,8 @@ async fn examine_on(
         &detect_programs(&host.root, host.path_var.as_deref()),
     );
     let at_risk = check_at_risk(&daemon, &probe, &ledger).await;
+    let kubelet = kubelet::check_kubelet(&daemon, &probe, &ledger).await;
+    let disk = kubelet::check_disk(&daemon);
     Report {
         checks: vec![
             control,
@@ -159,6 +163,8 @@ async fn examine_on(
             ledger_check,
             program,
             at_risk,
+            kubelet,
+            disk,
         ],
     }
 }
@@ -205,6 +211,13 @@ pub(crate) async fn ask_daemon(socket: &Path) -> Result<DaemonView, String> {
         at_risk: status.at_risk,
         ledger_problem: status.ledger_problem,
         ledger_recovered: status.ledger_recovered,
+        cri: kubelet::DaemonCri {
+            checked_ms: status.cri_checked_ms,
+            problem: status.cri_problem,
+            unpinned: status.cri_unpinned,
+            disk: status.disk,
+            disk_problem: status.disk_problem,
+        },
     })
 }
 
@@ -234,6 +247,7 @@ pub(crate) fn main(args: DoctorArgs) -> ExitCode {
 }
 
 mod checks;
+mod kubelet;
 mod ledger;
 mod program;
 mod report;

@@ -433,13 +433,16 @@ async fn a_bare_node_without_daemon_or_containerd() {
             "images-dir",
             "ledger",
             "program",
-            "at-risk"
+            "at-risk",
+            "kubelet",
+            "disk"
         ]
     );
     assert_eq!(status_of(&report, "control-socket"), Status::Warn);
     assert!(check(&report, "control-socket")
         .detail
         .contains("not wired"));
+    assert_eq!(status_of(&report, "kubelet"), Status::Warn);
     let containerd = check(&report, "containerd");
     assert_eq!(containerd.status, Status::Fail);
     assert!(
@@ -552,6 +555,7 @@ async fn the_daemons_view_is_used_when_it_answers() {
         at_risk: vec!["docker.io/library/db:2".into()],
         ledger_problem: String::new(),
         ledger_recovered: String::new(),
+        cri: Default::default(),
     };
     let report = examine_on(&s, Ok(view.clone()), &host(dir.path())).await;
     assert_eq!(status_of(&report, "control-socket"), Status::Ok);

@@ -752,6 +752,7 @@ fn an_alias_fetched_before_its_name_learns_its_archive() {
 }
 
 mod deliveries;
+mod policy;
 mod verification;
 mod vocabulary;
 
