@@ -422,7 +422,7 @@ impl Settings {
 /// Reads a config file that must be a regular file, without ever blocking: opened with
 /// `O_NONBLOCK` (a FIFO's open does not wait for a writer), its type checked on the open file
 /// (`fstat`, so nothing can be swapped in between), and at most [`MAX_CONFIG_BYTES`] read.
-fn read_regular(path: &Path) -> Result<String, ConfigError> {
+pub(crate) fn read_regular(path: &Path) -> Result<String, ConfigError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let read_error = |source| ConfigError::Read {

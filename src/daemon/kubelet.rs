@@ -63,6 +63,9 @@ pub(crate) struct DiskFacts {
 /// A held image whose bytes count: name, target digest, why it is held.
 type Root = (String, String, String);
 
+/// How long the content store's listing, and the filesystem and files, may take.
+const DISK_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The largest images named in a warning.
 const LARGEST: usize = 5;
 
@@ -96,18 +99,6 @@ impl Default for CriFacts {
             disk: Err("not checked yet".into()),
             disk_logged: None,
         }
-    }
-}
-
-/// The next check's result, or never while none runs.
-pub(super) async fn cri_finished(task: &mut Option<CriTask>) -> CriDone {
-    match task {
-        Some(handle) => {
-            let done = handle.await;
-            *task = None;
-            done
-        }
-        None => std::future::pending().await,
     }
 }
 
@@ -266,9 +257,6 @@ pub(super) fn disk_warning(d: &DiskFacts) -> Option<String> {
     ))
 }
 
-/// The most a thresholds file may be: K3s's config and kubelet's drop-ins are a few KiB.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
 /// Reads what the disk report needs: the content store, the image filesystem, kubelet's
 /// thresholds. Off the loop.
 async fn disk_facts(
@@ -287,9 +275,17 @@ async fn disk_facts(
         Ok(m) => m,
         Err(_) => data_dir.join("agent/containerd").display().to_string(),
     };
-    let blobs = client.content_blobs().await.map_err(|e| e.to_string())?;
+    let blobs = match tokio::time::timeout(DISK_TIMEOUT, client.content_blobs()).await {
+        Ok(listed) => listed.map_err(|e| e.to_string())?,
+        Err(_) => {
+            return Err(format!(
+                "containerd did not list its content within {DISK_TIMEOUT:?}"
+            ))
+        }
+    };
     let etc = std::path::PathBuf::from(format!("/etc/rancher/{}", program.as_str()));
-    tokio::task::spawn_blocking(move || {
+    // A filesystem that hangs (a dead network mount) must not hold every later check.
+    let work = tokio::task::spawn_blocking(move || {
         let fs = match rustix::fs::statvfs(mountpoint.as_str()) {
             Ok(s) => disk::Filesystem {
                 size: s.f_blocks.saturating_mul(s.f_frsize),
@@ -348,23 +344,61 @@ async fn disk_facts(
             floor,
             largest,
         })
-    })
-    .await
-    .map_err(|e| format!("the disk report failed: {e}"))?
+    });
+    match tokio::time::timeout(DISK_TIMEOUT, work).await {
+        Ok(done) => done.map_err(|e| format!("the disk report failed: {e}"))?,
+        Err(_) => Err(format!(
+            "the image filesystem or kubelet's config files did not answer within {DISK_TIMEOUT:?}"
+        )),
+    }
 }
 
-/// A file of at most [`MAX_CONFIG_BYTES`]; `None` when it does not exist.
+/// A thresholds file's text; `None` when it does not exist. Read as pinkeeper's own config is
+/// (`config::read_regular`): a FIFO, a device or a huge file is an error, never a wait.
 fn read_small(path: &std::path::Path) -> Result<Option<String>, String> {
-    use std::io::Read;
-    let shown = crate::escape::path(path);
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read {shown}: {e}")),
-    };
-    let mut text = String::new();
-    file.take(MAX_CONFIG_BYTES)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    Ok(Some(text))
+    match crate::config::read_regular(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(crate::config::ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(crate::config::ConfigError::NotAFile { path, what }) => {
+            Err(format!("{} {what}: not read", crate::escape::path(&path)))
+        }
+        Err(crate::config::ConfigError::Parse { path, message }) => Err(format!(
+            "{} {message}: not read",
+            crate::escape::path(&path)
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_small;
+
+    /// A FIFO where K3s's config should be is an error at once, never a read that waits for a
+    /// writer (which would hold every later check of what kubelet sees).
+    #[test]
+    fn a_thresholds_file_that_is_a_fifo_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config.yaml");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let err = read_small(&fifo).unwrap_err();
+        assert!(err.contains("FIFO") && err.ends_with("not read"), "{err}");
+        assert_eq!(read_small(&dir.path().join("none.yaml")), Ok(None));
+        std::fs::write(dir.path().join("a.yaml"), "kubelet-arg: []\n").unwrap();
+        assert_eq!(
+            read_small(&dir.path().join("a.yaml")),
+            Ok(Some("kubelet-arg: []\n".to_string()))
+        );
+    }
 }

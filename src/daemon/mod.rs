@@ -37,7 +37,7 @@ use crate::inventory::Scanner;
 use crate::ledger::{Ledger, OwnedChange, Writer};
 use executor::{Clock, Executor, Report};
 use inbox::{lock, watchdog_due, EventInbox, ListingStart, Shared, DRAIN_TIME};
-use scan::{scan_finished, ScanOutcome, SCAN_WAIT};
+use scan::{finished, ScanOutcome, SCAN_WAIT};
 
 /// The wall clock, in the engine's unit.
 pub fn now_ms() -> Millis {
@@ -395,7 +395,7 @@ impl Daemon {
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = images_dir_changed(&mut self.watch) => self.start_scan(),
-                done = scan_finished(&mut self.scan_task) => {
+                done = finished(&mut self.scan_task) => {
                     self.scanned(done).await;
                     continue;
                 }
@@ -446,9 +446,9 @@ impl Daemon {
                 _ = sleep_until(wakeup) => Wake::Timer,
                 _ = sleep_until(self.verify_wait_until) => Wake::VerifyOverdue,
                 _ = sleep_until(self.cri_recheck_at) => Wake::CriRecheck,
-                done = kubelet::cri_finished(&mut self.cri_task) => Wake::Cri(Box::new(done)),
+                done = finished(&mut self.cri_task) => Wake::Cri(Box::new(done)),
                 _ = images_dir_changed(&mut self.watch) => Wake::ImagesDir,
-                done = scan_finished(&mut self.scan_task) => Wake::Scanned(Box::new(done)),
+                done = finished(&mut self.scan_task) => Wake::Scanned(Box::new(done)),
                 Some(request) = self.control.recv() => Wake::Control(request),
                 _ = watchdog_due(&mut self.watchdog) => Wake::Watchdog,
                 _ = self.metrics.due() => Wake::Metrics,

@@ -36,10 +36,11 @@ pub(super) type ScanOutcome = (
     crate::inventory::CacheChanges,
 );
 
-/// Resolves when the scan in flight ends; never without one. Cancel-safe: the task stays.
-pub(super) async fn scan_finished(
-    task: &mut Option<tokio::task::JoinHandle<ScanOutcome>>,
-) -> Result<ScanOutcome, tokio::task::JoinError> {
+/// Resolves when the task in flight (a scan, a check of what kubelet sees) ends; never
+/// without one. Cancel-safe: the task stays.
+pub(super) async fn finished<T>(
+    task: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
     match task {
         Some(handle) => {
             let done = handle.await;

@@ -184,18 +184,9 @@ fn retention_runs_on_the_monotonic_clock() {
 
 fn released(name: &str, since: Millis) -> Intent {
     Intent {
-        name: name.into(),
-        digest: None,
-        source: None,
-        pins: Pins::default(),
-        legacy_labels: None,
-        state: IntentState::Released,
-        origin: Origin::SeenPinned,
         since,
-        restores: 0,
-        last_restored: None,
         released_because: Some(DELETED.to_string()),
-        k3s_pinned: false,
+        ..Intent::bare(name, IntentState::Released, Origin::SeenPinned)
     }
 }
 

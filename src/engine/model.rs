@@ -429,6 +429,27 @@ pub struct Intent {
     pub k3s_pinned: bool,
 }
 
+#[cfg(test)]
+impl Intent {
+    /// An intent with nothing known but its name, state and origin (for the tests).
+    pub(crate) fn bare(name: &str, state: IntentState, origin: Origin) -> Intent {
+        Intent {
+            name: name.into(),
+            digest: None,
+            source: None,
+            pins: Pins::default(),
+            legacy_labels: None,
+            state,
+            origin,
+            since: 0,
+            restores: 0,
+            last_restored: None,
+            released_because: None,
+            k3s_pinned: false,
+        }
+    }
+}
+
 /// One line of the ledger's history: what pinkeeper decided and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {

@@ -115,18 +115,8 @@ fn someone_elses_unpin_of_a_kept_image_is_put_back_and_pinkeepers_is_refused() {
 fn a_listing_pins_kept_images_it_finds_unpinned_and_released_ones_come_back() {
     let mut e = kept(&["*/critical/*"]);
     let released = Intent {
-        name: CRITICAL.into(),
-        digest: None,
-        source: None,
-        pins: Pins::default(),
-        legacy_labels: None,
-        state: IntentState::Released,
-        origin: Origin::SeenPinned,
-        since: 0,
-        restores: 0,
-        last_restored: None,
         released_because: Some("an operator ran `pinkeeper unpin`".into()),
-        k3s_pinned: false,
+        ..Intent::bare(CRITICAL, IntentState::Released, Origin::SeenPinned)
     };
     e = Engine::new(e.config().clone(), [released]);
     let out = e.handle(
@@ -251,20 +241,7 @@ fn a_start_with_the_pattern_gone_keeps_what_the_policy_held() {
     // The ledger says the policy held CRITICAL, and its pin was never seen done; the config
     // read at this start has no pattern. Only a reload releases: the ledger may be older
     // than the record (simulation seeds 4499, 3272).
-    let held = Intent {
-        name: CRITICAL.into(),
-        digest: None,
-        source: None,
-        pins: Pins::default(),
-        legacy_labels: None,
-        state: IntentState::Held,
-        origin: Origin::Policy,
-        since: 0,
-        restores: 0,
-        last_restored: None,
-        released_because: None,
-        k3s_pinned: false,
-    };
+    let held = Intent::bare(CRITICAL, IntentState::Held, Origin::Policy);
     let mut e = Engine::new(Config::default(), [held]);
     let out = e.handle(
         1,
