@@ -459,16 +459,17 @@ pub fn describe(at: Millis, output: &Output) -> Option<String> {
         ),
         Output::SweepSummary(s) => format!(
             "{at} sweep: {} pinned image(s) swept ({}), {} restored by pinkeeper ({} archive \
-             gone, {} not re-pinned), {} pinned again by K3s",
+             gone, {} not re-pinned{}), {} pinned again by K3s",
             s.swept,
             if s.seen_live {
                 "seen live"
             } else {
                 "found after reconnecting"
             },
-            s.restored_archive_gone + s.restored_not_repinned,
+            s.restored(),
             s.restored_archive_gone,
             s.restored_not_repinned,
+            s.policy_words(),
             s.repinned_by_k3s
         ),
         Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } | Output::Commit => {
@@ -501,6 +502,7 @@ pub fn decision_json(at: Millis, output: &Output) -> Option<serde_json::Value> {
             "seen_live": s.seen_live, "swept": s.swept,
             "restored_archive_gone": s.restored_archive_gone,
             "restored_not_repinned": s.restored_not_repinned,
+            "restored_policy": s.restored_policy,
             "repinned_by_k3s": s.repinned_by_k3s,
         }),
         Output::Fetch { .. } | Output::Save { .. } | Output::Forget { .. } | Output::Commit => {

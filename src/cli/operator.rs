@@ -231,13 +231,18 @@ fn show_status(s: &pb::StatusResponse) -> String {
     let sweep = match &s.last_sweep {
         None => "none seen since pinkeeper started".to_string(),
         Some(w) => format!(
-            "{} ({}): {} swept, {} restored by pinkeeper ({} archive gone, {} not re-pinned), {} left to K3s",
+            "{} ({}): {} swept, {} restored by pinkeeper ({} archive gone, {} not re-pinned{}), {} left to K3s",
             when(w.started_ms),
             if w.seen_live { "seen live" } else { "found after reconnecting" },
             w.swept,
-            w.restored_archive_gone + w.restored_not_repinned,
+            w.restored_archive_gone + w.restored_not_repinned + w.restored_policy,
             w.restored_archive_gone,
             w.restored_not_repinned,
+            if w.restored_policy == 0 {
+                String::new()
+            } else {
+                format!(", {} kept by policy", w.restored_policy)
+            },
             w.repinned_by_k3s
         ),
     };

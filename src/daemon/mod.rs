@@ -655,14 +655,16 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 fn log_sweep(s: &SweepSummary) {
     info!(
                 swept = s.swept,
-                restored = s.restored_archive_gone + s.restored_not_repinned,
+                restored = s.restored(),
                 archive_gone = s.restored_archive_gone,
                 not_repinned = s.restored_not_repinned,
+                policy = s.restored_policy,
                 repinned_by_k3s = s.repinned_by_k3s,
                 seen = if s.seen_live { "live" } else { "after reconnecting" },
-                "K3s startup sweep: {} pinned image(s) swept, {} restored by pinkeeper, {} pinned again by K3s",
+                "K3s startup sweep: {} pinned image(s) swept, {} restored by pinkeeper{}, {} pinned again by K3s",
                 s.swept,
-                s.restored_archive_gone + s.restored_not_repinned,
+                s.restored(),
+                s.policy_words(),
                 s.repinned_by_k3s
     );
 }

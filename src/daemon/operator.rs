@@ -58,6 +58,7 @@ impl Daemon {
                 swept: s.swept as u32,
                 restored_archive_gone: s.restored_archive_gone as u32,
                 restored_not_repinned: s.restored_not_repinned as u32,
+                restored_policy: s.restored_policy as u32,
                 repinned_by_k3s: s.repinned_by_k3s as u32,
             }),
             intents_held: summary.tally.held as u32,

@@ -105,6 +105,7 @@ impl Episode {
             restored_archive_gone: count(Outcome::Restored(RestoreReason::ArchiveGone)),
             restored_not_repinned: count(Outcome::Restored(RestoreReason::NotRepinned)),
             repinned_by_k3s: count(Outcome::RepinnedByK3s),
+            restored_policy: count(Outcome::Restored(RestoreReason::Policy)),
         }
     }
 }

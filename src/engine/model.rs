@@ -590,4 +590,24 @@ pub struct SweepSummary {
     pub restored_not_repinned: usize,
     /// Of those, pinned again by K3s itself.
     pub repinned_by_k3s: usize,
+    /// Of those, restored because a `keep` pattern holds them (archive or not).
+    #[serde(default)]
+    pub restored_policy: usize,
+}
+
+impl SweepSummary {
+    /// Restored by pinkeeper, whatever the reason.
+    pub fn restored(&self) -> usize {
+        self.restored_archive_gone + self.restored_not_repinned + self.restored_policy
+    }
+
+    /// `, N kept by policy` when there are any (the words of the log line, `status` and
+    /// `pinkeeper replay`).
+    pub fn policy_words(&self) -> String {
+        if self.restored_policy == 0 {
+            String::new()
+        } else {
+            format!(", {} kept by policy", self.restored_policy)
+        }
+    }
 }

@@ -85,6 +85,25 @@ fn a_kept_image_is_restored_after_the_sweep_even_while_its_archive_is_there() {
     // K3s's re-import pins it again, both labels: nothing more to do.
     let out = e.handle(1200, update(APP, both()));
     assert!(pins(&out).is_empty());
+    // The episode's summary counts it as kept by policy.
+    let due = e.next_wakeup().expect("the verification");
+    assert_eq!(e.handle(due, Input::Tick), [Output::Verify]);
+    let out = e.handle(
+        due + 1,
+        Input::Listing {
+            images: vec![record(APP, both(), "sha256:aaaa")],
+            cause: ListCause::Verify,
+        },
+    );
+    let summary = out.iter().find_map(|o| match o {
+        Output::SweepSummary(s) => Some(s.clone()),
+        _ => None,
+    });
+    let summary = summary.expect("a summary");
+    assert_eq!(
+        (summary.swept, summary.restored_policy, summary.restored()),
+        (1, 1, 1)
+    );
 }
 
 #[test]
