@@ -7,8 +7,10 @@
 //! containerd or the ledger. [`client`] is the CLI's side.
 
 pub(crate) mod client;
+mod list;
 
-use std::cell::Cell;
+pub use list::{matches, ListPage, LIST_PAGE, LIST_PAGE_BYTES, LIST_PAGE_MAX};
+
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -17,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use pinkeeper_proto::prost::Message as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{info, warn};
@@ -169,13 +170,6 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// within a second of fds being free again.
 const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// `List` pages: at most this many intents per answer (the CLI asks for this many)...
-pub const LIST_PAGE: u32 = 1000;
-/// ... and the daemon never gives more than this many, whatever is asked...
-pub const LIST_PAGE_MAX: u32 = 5000;
-/// ... nor more than about this many bytes (ttrpc refuses answers over 4 MiB).
-pub const LIST_PAGE_BYTES: usize = 1 << 20;
 
 /// The served control socket. Dropping it (or [`ControlServer::stop`]) stops serving; `stop`
 /// also removes the socket file if it is still this one.
@@ -609,75 +603,6 @@ impl AsyncWrite for Bounded {
     }
 }
 
-/// One page of `List`: which intents it takes and how it ends.
-///
-/// The daemon offers the intents that match the request to [`ListPage::takes`] in name order
-/// (the engine's order), then gives what it built to [`ListPage::answer`]. A page continues
-/// after the last name of the previous one (`page_token`), so an intent added or released
-/// between two pages is listed at most once and the others exactly once. `page_size` 0 (a
-/// client from before paging) gets every intent in one answer, as before.
-#[derive(Debug)]
-pub struct ListPage<'a> {
-    after: &'a str,
-    limit: Option<usize>,
-    taken: Cell<usize>,
-}
-
-impl<'a> ListPage<'a> {
-    /// The page `req` asks for.
-    pub fn new(req: &'a pb::ListRequest) -> ListPage<'a> {
-        ListPage {
-            after: &req.page_token,
-            limit: (req.page_size > 0).then(|| req.page_size.min(LIST_PAGE_MAX) as usize),
-            taken: Cell::new(0),
-        }
-    }
-
-    /// Whether the intent `name` (one that matches the request) goes in this page. Takes one
-    /// more than the page size, to know whether another page follows.
-    pub fn takes(&self, name: &str) -> bool {
-        if !self.after.is_empty() && name <= self.after {
-            return false;
-        }
-        match self.limit {
-            Some(limit) if self.taken.get() > limit => false,
-            _ => {
-                self.taken.set(self.taken.get() + 1);
-                true
-            }
-        }
-    }
-
-    /// The answer, from the intents taken (in name order).
-    pub fn answer(&self, mut intents: Vec<pb::IntentInfo>) -> pb::ListResponse {
-        let Some(limit) = self.limit else {
-            return pb::ListResponse {
-                intents,
-                next_page_token: String::new(),
-            };
-        };
-        let mut keep = intents.len().min(limit);
-        let mut bytes = 0;
-        for (at, intent) in intents.iter().take(keep).enumerate() {
-            bytes += intent.encoded_len() + 8;
-            if bytes > LIST_PAGE_BYTES && at > 0 {
-                keep = at;
-                break;
-            }
-        }
-        let more = keep < intents.len();
-        intents.truncate(keep);
-        let next_page_token = match intents.last() {
-            Some(last) if more => last.name.clone(),
-            _ => String::new(),
-        };
-        pb::ListResponse {
-            intents,
-            next_page_token,
-        }
-    }
-}
-
 /// The pid of the process at the other end of `stream` (`SO_PEERCRED`; 0 when it is in a pid
 /// namespace this one cannot see). Through nix, not rustix: rustix 1.1's `UCred` holds the pid
 /// as a non-zero type, which a pid of 0 would break.
@@ -784,18 +709,6 @@ impl pb::Control for Service {
             _ => Err(mismatch()),
         }
     }
-}
-
-/// Whether `name` matches an operator's pattern: shell-style `*` and `?` when it has any,
-/// else a substring.
-pub fn matches(pattern: &str, name: &str) -> bool {
-    if pattern.is_empty() {
-        return true;
-    }
-    if !pattern.contains(['*', '?']) {
-        return name.contains(pattern);
-    }
-    wildmatch::WildMatch::new(pattern).matches(name)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Unit tests of `control`.
 
 use super::*;
+use pinkeeper_proto::prost::Message as _;
 
 #[test]
 fn patterns() {
