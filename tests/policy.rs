@@ -15,6 +15,8 @@ use pinkeeper_testkit::Version;
 const DB: &str = "registry.local/critical/db:5";
 const OTHER: &str = "registry.local/other/tool:1";
 const PATTERN: &str = "registry.local/critical/*";
+/// K3s imports app:1 from app.tar, which stays: kept, it is restored at the sweep itself.
+const KEPT_APP: &str = "docker.io/library/app:*";
 
 on_every_version!(keeps_images_by_policy_and_reloads_the_patterns);
 on_every_version!(keeps_an_image_pulled_through_cri_from_a_registry);
@@ -48,7 +50,7 @@ async fn reload(node: &Node, after_ms: u64) -> Result<String> {
 async fn keeps_images_by_policy_and_reloads_the_patterns(version: Version) -> Result<()> {
     let mut node = Node::new(version, common::APP_AND_WEB, false, SETTLE_MS).await?;
     let config = node.dir.path().join("config.toml");
-    write_config(&config, &[PATTERN])?;
+    write_config(&config, &[PATTERN, KEPT_APP])?;
     node.k3s.start().await?;
     let target = node.client.get(APP).await?.target.context("app's target")?;
     // Pulled while pinkeeper was not running: found by its first listing.
@@ -59,7 +61,10 @@ async fn keeps_images_by_policy_and_reloads_the_patterns(version: Version) -> Re
     node.wait_until("db pinned by the policy", |i| cri_pinned(i, DB))
         .await?;
     let status = node.status()?;
-    ensure!(status["keep"] == serde_json::json!([PATTERN]), "{status}");
+    ensure!(
+        status["keep"] == serde_json::json!([PATTERN, KEPT_APP]),
+        "{status}"
+    );
 
     // Pulled while it runs; an image no pattern matches stays as it is.
     node.client.delete_image(DB).await?;
@@ -92,16 +97,30 @@ async fn keeps_images_by_policy_and_reloads_the_patterns(version: Version) -> Re
     node.wait_until("db's removed pin put back", |i| cri_pinned(i, DB))
         .await?;
 
-    // A K3s restart: the record has no K3s label, the sweep leaves it alone, and it stays.
+    // A K3s restart: db's record has no K3s label, the sweep leaves it alone, and it stays.
+    // app:1 is swept and restored at once by its pattern, its archive still there (K3s pins
+    // it again too); the sweep's summary counts it.
+    let restarted = wall_ms();
     node.restart_k3s().await?;
     node.wait_until("db pinned after the restart", |i| cri_pinned(i, DB))
         .await?;
+    let sweep = node.wait_sweep_after(restarted).await?;
+    ensure!(sweep["restored_policy"].as_u64() >= Some(1), "{sweep}");
+    node.wait_history("app restored by its pattern", Some(APP), |h| {
+        h.iter().any(|e| {
+            common::action(e) == Action::Restored
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("keep pattern"))
+        })
+    })
+    .await?;
 
     // A config that does not read changes nothing.
     std::fs::write(&config, "keep = [\"db:5\"]\n")?;
     let error = reload(&node, wall_ms()).await?;
     ensure!(error.contains("docker.io/library/db:5"), "{error}");
-    ensure!(node.status()?["keep"] == serde_json::json!([PATTERN]));
+    ensure!(node.status()?["keep"] == serde_json::json!([PATTERN, KEPT_APP]));
 
     // The pattern removed: db is released and its pin removed; its history says why.
     write_config(&config, &[])?;
