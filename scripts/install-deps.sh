@@ -5,7 +5,9 @@
 # the compressors of K3s's archive formats, procps (`kill`, which the tests and the demo run to
 # stop daemons; not in a minimal bookworm), Debian's docker-registry (distribution 2.8: a
 # private registry on loopback that CRI pulls from in tests/policy.rs; its service is NOT
-# started), then the unpacked containerd 1.7 and 2.x
+# started), Debian's prometheus for `promtool` (tests/prometheus_rules.rs checks and unit-tests
+# packaging/prometheus/pinkeeper.rules.yaml; its service is NOT started), then the unpacked
+# containerd 1.7 and 2.x
 # (scripts/containerd-cache.sh). Idempotent, and quick when everything is there.
 set -eu
 
@@ -15,7 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 wanted="protobuf-compiler:/usr/bin/protoc containerd:/usr/bin/containerd containerd:/usr/bin/ctr
 zstd:/usr/bin/zstd lz4:/usr/bin/lz4 bzip2:/usr/bin/bzip2
 ca-certificates:/etc/ssl/certs/ca-certificates.crt procps:/bin/kill
-docker-registry:/usr/bin/docker-registry"
+docker-registry:/usr/bin/docker-registry prometheus:/usr/bin/promtool"
 
 missing=""
 for item in $wanted; do
@@ -59,7 +61,7 @@ if [ -n "$missing" ]; then
     # The package enables its unit for boot; the tests run their own private daemons instead.
     # (deb-systemd-helper refuses to run outside dpkg maintainer scripts; systemctl disable works
     # offline too, and keeps dpkg's state so upgrades do not re-enable the unit.)
-    for unit in containerd docker-registry; do
+    for unit in containerd docker-registry prometheus; do
         case " $missing " in
             *" $unit "*)
                 if command -v systemctl >/dev/null 2>&1; then

@@ -76,6 +76,8 @@ pub struct Report {
     pub restored: Vec<RestoreReason>,
     /// Unpins that failed: name, why.
     pub unpin_failures: Vec<(String, String)>,
+    /// Pins (restores and operators') containerd refused or could not take: each is retried.
+    pub pin_failures: usize,
     /// The history the engine wrote, in order, when [`Executor::keep_history`] is set (a
     /// repair of 100,000 restores would otherwise hold a copy of every entry until it ends).
     pub history: Vec<HistoryEntry>,
@@ -92,6 +94,7 @@ impl Report {
         self.sweeps.extend(later.sweeps);
         self.restored.extend(later.restored);
         self.unpin_failures.extend(later.unpin_failures);
+        self.pin_failures += later.pin_failures;
         self.history.extend(later.history);
         self.handled += later.handled;
         if later.not_durable.is_some() {
@@ -281,6 +284,7 @@ impl<J: Journal, C: Clock> Executor<J, C> {
                         info!(image = %name, "could not restore the pin: the image record is gone")
                     }
                     Err(ApplyError::Failed(why)) => {
+                        report.pin_failures += 1;
                         warn!(image = %name, "could not restore the pin: {why}; will retry")
                     }
                 }

@@ -73,6 +73,7 @@ pub(crate) struct Metrics {
     operator_pins: Counter,
     sweeps_seen: Family<Label, Counter>,
     images_at_risk: Gauge,
+    pin_failures: Counter,
     cri_unpinned: Gauge,
     pinned_bytes: Gauge,
     imagefs: Family<[(&'static str, &'static str); 1], Gauge>,
@@ -130,6 +131,12 @@ impl Metrics {
             "images_at_risk",
             "Images with an intent held that are unpinned or gone right now: kubelet's image GC may delete them",
             images_at_risk.clone(),
+        );
+        let pin_failures = Counter::default();
+        registry.register(
+            "pin_failures",
+            "Pins pinkeeper could not write (containerd refused, or was going away); each is retried at a verification or the next connection",
+            pin_failures.clone(),
         );
         let cri_unpinned = Gauge::default();
         registry.register(
@@ -231,6 +238,7 @@ impl Metrics {
             operator_pins,
             sweeps_seen,
             images_at_risk,
+            pin_failures,
             cri_unpinned,
             pinned_bytes,
             imagefs,
@@ -296,6 +304,13 @@ impl Metrics {
     pub(crate) fn cri_checked(&self, unpinned: usize) {
         self.cri_unpinned
             .set(i64::try_from(unpinned).unwrap_or(i64::MAX));
+        self.touch();
+    }
+
+    /// Pins that could not be written.
+    pub(crate) fn pins_failed(&self, count: usize) {
+        self.pin_failures
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
         self.touch();
     }
 
@@ -384,6 +399,9 @@ impl Metrics {
     }
 }
 
+/// How old an unchanged textfile may get before the watchdog's ping rewrites it.
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(60);
+
 /// Publishes the metrics: counts the gauges and rewrites the textfile, throttled.
 #[derive(Debug)]
 pub(crate) struct Exporter {
@@ -391,6 +409,8 @@ pub(crate) struct Exporter {
     textfile: Option<PathBuf>,
     /// Whether anything reads the metrics (a textfile or the HTTP endpoint).
     enabled: bool,
+    /// When the textfile was last written.
+    last_written: Option<tokio::time::Instant>,
     last_published: Option<tokio::time::Instant>,
     /// What the textfile holds now: an unchanged text is not written again.
     written: Option<String>,
@@ -406,6 +426,7 @@ impl Exporter {
             enabled: served || textfile.is_some(),
             textfile,
             last_published: None,
+            last_written: None,
             written: None,
             reported: None,
         }
@@ -425,6 +446,21 @@ impl Exporter {
         self.metrics.changed.wait().await;
         if let Some(last) = self.last_published {
             tokio::time::sleep_until(last + MIN_INTERVAL).await;
+        }
+    }
+
+    /// Rewrites an unchanged textfile at most every [`HEARTBEAT`], so that its age tells a dead
+    /// pinkeeper from an idle one (node-exporter's `node_textfile_mtime_seconds`). Called with
+    /// systemd's watchdog ping, which wakes the loop anyway: no timer of its own.
+    pub(crate) fn heartbeat(&mut self) {
+        let (Some(path), Some(text)) = (&self.textfile, &self.written) else {
+            return;
+        };
+        if self.last_written.is_some_and(|t| t.elapsed() < HEARTBEAT) {
+            return;
+        }
+        if write_atomically(path, text.as_bytes()).is_ok() {
+            self.last_written = Some(tokio::time::Instant::now());
         }
     }
 
@@ -458,6 +494,7 @@ impl Exporter {
         match write_atomically(path, text.as_bytes()) {
             Ok(()) => {
                 debug!(file = %path.display(), "wrote the metrics textfile");
+                self.last_written = Some(tokio::time::Instant::now());
                 self.written = Some(text);
                 self.reported = None;
             }

@@ -461,6 +461,8 @@ impl Daemon {
                 }
                 Wake::Watchdog => {
                     crate::daemon::notify::watchdog();
+                    // The textfile's age says pinkeeper is alive (alert PinkeeperTextfileStale).
+                    self.metrics.heartbeat();
                     continue;
                 }
                 Wake::Timer => {
@@ -604,6 +606,9 @@ impl Daemon {
     fn after(&mut self, report: Report) {
         for reason in &report.restored {
             self.metrics.metrics().pinned(*reason);
+        }
+        if report.pin_failures > 0 {
+            self.metrics.metrics().pins_failed(report.pin_failures);
         }
         for s in report.sweeps {
             self.metrics.metrics().sweep_seen(s.seen_live);

@@ -294,3 +294,54 @@ fn every_metric_is_there_from_the_start() {
         assert!(text.contains(line), "{line} missing from\n{text}");
     }
 }
+
+/// Every pinkeeper metric the shipped alert rules name is one pinkeeper exports (a renamed
+/// metric would leave its alert silent for good).
+#[test]
+fn the_alert_rules_name_only_metrics_pinkeeper_exports() {
+    let rules = include_str!("../../../packaging/prometheus/pinkeeper.rules.yaml");
+    let text = Metrics::new().prometheus_text();
+    let mut named = 0;
+    for (i, _) in rules.match_indices("pinkeeper_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name.ends_with('_') {
+            continue;
+        }
+        named += 1;
+        assert!(
+            text.contains(&format!("\n{name} ")) || text.contains(&format!("\n{name}{{")),
+            "{name}, named in pinkeeper.rules.yaml, is not in pinkeeper's metrics:\n{text}"
+        );
+    }
+    assert!(named >= 3, "{named}");
+}
+
+/// An unchanged textfile is rewritten by the watchdog's ping once it is a minute old, never
+/// sooner: its age tells a stopped pinkeeper from an idle one (alert PinkeeperTextfileStale).
+#[tokio::test(start_paused = true)]
+async fn the_heartbeat_rewrites_an_unchanged_textfile_once_a_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pinkeeper.prom");
+    let mut exporter = Exporter::new(Arc::new(Metrics::new()), Some(path.clone()), false);
+    // Nothing written yet: nothing to keep fresh.
+    exporter.heartbeat();
+    assert!(!path.exists());
+    exporter.publish(Tally::default);
+    let ino = std::fs::metadata(&path).unwrap().ino();
+    tokio::time::advance(HEARTBEAT - Duration::from_secs(1)).await;
+    exporter.heartbeat();
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "too soon");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    exporter.heartbeat();
+    let rewritten = std::fs::metadata(&path).unwrap().ino();
+    assert_ne!(rewritten, ino, "a minute old: rewritten");
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .contains("pinkeeper_containerd_connected 0"));
+    // Idle without a textfile: nothing to do.
+    let mut off = Exporter::new(Arc::new(Metrics::new()), None, true);
+    off.heartbeat();
+}
