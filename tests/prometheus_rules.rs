@@ -59,3 +59,46 @@ fn each_alert_fires_when_it_should_and_not_otherwise() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every query of the Grafana dashboard (`packaging/grafana/pinkeeper.json`) parses: each is
+/// checked by `promtool check rules` as a recording rule. And the dashboard has the panels
+/// the README promises.
+#[test]
+fn every_dashboard_query_parses() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/grafana/pinkeeper.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let panels = dashboard["panels"].as_array().context("no panels")?;
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut count = 0;
+    for panel in panels {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().context("a target without expr")?;
+            count += 1;
+            rules.push_str(&format!(
+                "      - record: dashboard:query_{count}\n        expr: {}\n",
+                serde_json::to_string(expr)?
+            ));
+        }
+    }
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for want in [
+        "Intents by state",
+        "Images at risk",
+        "Restores by reason",
+        "Sweeps seen",
+        "containerd connection",
+        "Ledger write latency",
+    ] {
+        ensure!(titles.contains(&want), "no panel {want:?}: {titles:?}");
+    }
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("dashboard.rules.yaml");
+    std::fs::write(&file, rules)?;
+    let out = promtool(&["check", "rules", &file.to_string_lossy()])?;
+    ensure!(
+        out.contains(&format!("SUCCESS: {count} rules found")),
+        "{out}"
+    );
+    Ok(())
+}

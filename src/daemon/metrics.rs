@@ -231,6 +231,14 @@ impl Metrics {
         for seen in ["live", "after-reconnect"] {
             let _ = sweeps_seen.get_or_create(&[("seen", seen)]);
         }
+        // 0 until the first disk report (after connecting): exported from the start, so that a
+        // query over them always finds them.
+        for kind in ["size", "used"] {
+            let _ = imagefs.get_or_create(&[("kind", kind)]);
+        }
+        for threshold in ["high", "low"] {
+            let _ = gc_threshold.get_or_create(&[("threshold", threshold)]);
+        }
         Metrics {
             registry,
             intents,

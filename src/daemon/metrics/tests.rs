@@ -295,11 +295,17 @@ fn every_metric_is_there_from_the_start() {
     }
 }
 
-/// Every pinkeeper metric the shipped alert rules name is one pinkeeper exports (a renamed
-/// metric would leave its alert silent for good).
+/// Every pinkeeper metric the shipped alert rules and the dashboard name is one pinkeeper
+/// exports (a renamed metric would leave its alert silent, or its panel empty, for good).
 #[test]
-fn the_alert_rules_name_only_metrics_pinkeeper_exports() {
-    let rules = include_str!("../../../packaging/prometheus/pinkeeper.rules.yaml");
+fn the_alert_rules_and_the_dashboard_name_only_metrics_pinkeeper_exports() {
+    names_only_exported_metrics(include_str!(
+        "../../../packaging/prometheus/pinkeeper.rules.yaml"
+    ));
+    names_only_exported_metrics(include_str!("../../../packaging/grafana/pinkeeper.json"));
+}
+
+fn names_only_exported_metrics(rules: &str) {
     let text = Metrics::new().prometheus_text();
     let mut named = 0;
     for (i, _) in rules.match_indices("pinkeeper_") {
@@ -313,7 +319,7 @@ fn the_alert_rules_name_only_metrics_pinkeeper_exports() {
         named += 1;
         assert!(
             text.contains(&format!("\n{name} ")) || text.contains(&format!("\n{name}{{")),
-            "{name}, named in pinkeeper.rules.yaml, is not in pinkeeper's metrics:\n{text}"
+            "{name} is not in pinkeeper's metrics:\n{text}"
         );
     }
     assert!(named >= 3, "{named}");
