@@ -20,7 +20,7 @@ DROPINDIR := /etc/systemd/system
 DROPIN_UNITS := k3s k3s-agent rke2-server rke2-agent
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all deps build demo test fmt-check clippy unit-tests packaging-test install uninstall \
+.PHONY: all deps build demo image test fmt-check clippy unit-tests packaging-test install uninstall \
 	deb cargo-deb simulate
 
 all: build
@@ -34,6 +34,13 @@ build: deps
 
 demo: build
 	target/release/pinkeeper-demo --pinkeeper target/release/pinkeeper
+
+# pinkeeper's own image, offline (scripts/make-image.py): target/image/pinkeeper-VERSION-amd64.tar
+# and .tar.zst, for K3s's images directory on an air-gapped node.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+image: build
+	python3 scripts/make-image.py $(TARGET_DIR)/release/pinkeeper $(TARGET_DIR)/image $(VERSION) \
+		$$(git rev-parse HEAD 2>/dev/null || echo unknown)
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

@@ -91,8 +91,9 @@ def main():
     check("runs `pinkeeper run`",
           len(command) >= 2 and os.path.basename(command[0]) == "pinkeeper" and command[1] == "run",
           command)
-    check("image is the documented placeholder",
-          c.get("image") == "registry.example.com/pinkeeper:0.1.0", c.get("image"))
+    check("image is the one `make image` builds, never pulled",
+          c.get("image") == "docker.io/pinkeeper/pinkeeper:0.1.0"
+          and c.get("imagePullPolicy") == "IfNotPresent", c.get("image"))
     resources = c.get("resources", {})
     for kind in ("requests", "limits"):
         for res in ("cpu", "memory"):
