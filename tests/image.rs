@@ -106,32 +106,46 @@ async fn the_image_is_imported_pinned_and_runs(version: Version) -> Result<()> {
         "pinkeeper inventory: {inventory}"
     );
 
-    // `ctr images import` names it as the manifests do; `ctr run` starts it.
+    // `ctr images import` names it as the manifests do; `ctr run` starts it. runc keeps its
+    // state under /run/containerd/runc/<namespace>/<id> whatever the containerd, so the three
+    // versions' tests, run at once, each take a namespace and an id of their own.
     let socket = node.containerd.socket().to_path_buf();
+    let ns = format!(
+        "pkimage-{}-{}",
+        std::process::id(),
+        version.name().replace('.', "")
+    );
+    let result = import_and_run(version, &socket, &ns, &archive, &name);
+    // runc leaves the namespace's directory behind, empty.
+    let _ = std::fs::remove_dir(Path::new("/run/containerd/runc").join(&ns));
+    result
+}
+
+fn import_and_run(
+    version: Version,
+    socket: &Path,
+    ns: &str,
+    archive: &Path,
+    name: &str,
+) -> Result<()> {
     let imported = ctr(
         version,
-        &socket,
-        &[
-            "-n",
-            "ctr-test",
-            "images",
-            "import",
-            &archive.to_string_lossy(),
-        ],
+        socket,
+        &["-n", ns, "images", "import", &archive.to_string_lossy()],
     )?;
-    ensure!(imported.contains(&name), "{imported}");
-    let listed = ctr(version, &socket, &["-n", "ctr-test", "images", "ls", "-q"])?;
+    ensure!(imported.contains(name), "{imported}");
+    let listed = ctr(version, socket, &["-n", ns, "images", "ls", "-q"])?;
     ensure!(listed.lines().any(|l| l == name), "{listed}");
     let answer = ctr(
         version,
-        &socket,
+        socket,
         &[
             "-n",
-            "ctr-test",
+            ns,
             "run",
             "--rm",
-            &name,
-            "pinkeeper-image-test",
+            name,
+            ns,
             "/usr/bin/pinkeeper",
             "--version",
         ],
